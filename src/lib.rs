@@ -1,0 +1,1 @@
+//! cairn: a remote build cache and remote execution system.
