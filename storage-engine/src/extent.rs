@@ -221,16 +221,16 @@ impl ExtentWriter {
                 }
             )));
         }
-        let last = std::mem::replace(&mut self.chunk_crc, crc32fast::Hasher::new()).finalize();
+        if self.chunk_fill > 0 {
+            let last = std::mem::replace(&mut self.chunk_crc, crc32fast::Hasher::new());
+            self.crcs.push(last.finalize());
+        }
         let payload_crc = if self.payload_len > CRC_CHUNK {
-            if self.chunk_fill > 0 {
-                self.crcs.push(last);
-            }
             let table = encode_chunk_table(&self.crcs);
             self.push(&table).await?;
             crate::format::crc(&table)
         } else {
-            last
+            self.crcs.first().copied().unwrap_or(0)
         };
         let seq = self.part.next_seq();
         let header = Header {
