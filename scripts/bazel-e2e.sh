@@ -200,12 +200,12 @@ workspace() { # salt -> sets WS
 remote_flags() { # mode url -> REMOTE_FLAGS
   local mode=$1 url=$2
   REMOTE_FLAGS=()
-  [ "$mode" = none ] && return
+  if [ "$mode" = none ]; then return 0; fi
   case $url in
     grpc://*|grpcs://*|http://*|https://*) ;;
     disk://*) REMOTE_FLAGS=(--disk_cache="${url#disk://}")
-              [ "$mode" = exec ] && die "exec phases need a grpc:// URL"
-              return ;;
+              if [ "$mode" = exec ]; then die "exec phases need a grpc:// URL"; fi
+              return 0 ;;
     *) die "unsupported URL '$url' (grpc://HOST:PORT, http://HOST:PORT or disk:///PATH)" ;;
   esac
   case $mode in
@@ -243,7 +243,7 @@ run_bazel() {
   wait "$BZ_PID" || rc=$?
   BZ_PID=""
   LAST_SECS=$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
-  [ "$rc" -eq 124 ] && log "$name: Bazel killed after ${TIMEOUT}s"
+  if [ "$rc" -eq 124 ]; then log "$name: Bazel killed after ${TIMEOUT}s"; fi
   return "$rc"
 }
 
@@ -261,9 +261,13 @@ stop_bazel() {
   for i in $kids; do kill -KILL "$i" 2>/dev/null || true; done
   BZ_PID=""
 }
-trap 'stop_bazel' EXIT
-trap 'stop_bazel; exit 130' INT
-trap 'stop_bazel; exit 143' TERM
+cleanup() {
+  stop_bazel
+  if [ -n "$LAST_OB" ]; then done_with_ob; fi
+}
+trap 'cleanup' EXIT
+trap 'cleanup; exit 130' INT
+trap 'cleanup; exit 143' TERM
 
 rm_tree() { [ -e "$1" ] || return 0; chmod -R u+w "$1" 2>/dev/null || true; rm -rf "$1"; }
 
@@ -301,11 +305,12 @@ grpc_debug_rerun() { # name mode url flags...
   log "$name: debug build: $(grep -E '^INFO: [0-9]+ process' "$LAST_LOG" | tail -1) (log $LAST_LOG)"
   if [ -s "$glog" ]; then
     log "$name: calls in $glog:"
-    strings -n 8 "$glog" | grep -oE '(build\.bazel\.remote\.execution\.v2|google\.bytestream|google\.longrunning)\.[A-Za-z]+/[A-Za-z]+' \
+    grep -aoE '(build\.bazel\.remote\.execution\.v2|google\.bytestream|google\.longrunning)\.[A-Za-z]+/[A-Za-z]+' "$glog" \
       | sort | uniq -c >&2 || true
   fi
   done_with_ob
   LAST_LOG=$flog
+  LAST_OB=""
 }
 
 # build_and_expect NAME MODE URL KIND [extra flags...]
@@ -313,20 +318,22 @@ build_and_expect() {
   local name=$1 mode=$2 url=$3 kind=$4; shift 4
   remote_flags "$mode" "$url"
   local flags=(${REMOTE_FLAGS[@]+"${REMOTE_FLAGS[@]}"} "$@")
-  [ "$GRPC_LOG_MODE" = always ] && case $url in grpc*) flags+=(--experimental_remote_grpc_log="$STATE/logs/$name-$$-$((BUILD_N + 1)).grpc.log") ;; esac
+  if [ "$GRPC_LOG_MODE" = always ]; then
+    case $url in grpc*) flags+=(--experimental_remote_grpc_log="$STATE/logs/$name-$$-$((BUILD_N + 1)).grpc.log") ;; esac
+  fi
   log "$name: bazel build //... ${flags[*]} (salt $(cat "$WS/SALT"), $EXPECTED actions)"
   local rc=0 verdict
   run_bazel "$name" "${flags[@]}" || rc=$?
   if [ "$rc" -ne 0 ]; then
     show_failure "$name: Bazel exited with $rc after ${LAST_SECS}s"
-    grpc_debug_rerun "$name" "$mode" "$url" "${flags[@]}"
     done_with_ob
+    grpc_debug_rerun "$name" "$mode" "$url" "${flags[@]}"
     die "$name: build failed"
   fi
   if ! verdict=$(expect_counts "$kind" "$EXPECTED" <"$LAST_LOG"); then
     show_failure "$name: $verdict"
-    grpc_debug_rerun "$name" "$mode" "$url" "${flags[@]}"
     done_with_ob
+    grpc_debug_rerun "$name" "$mode" "$url" "${flags[@]}"
     die "$name: $verdict"
   fi
   if [ "$url" != "" ] && ! check_remote_warnings; then
@@ -385,8 +392,18 @@ phase_exec_cold() { # url
   salt=$(new_salt)
   workspace "$salt"
   build_and_expect "exec-cold" exec "$url" remote
+  local got="$STATE/outputs-$salt.remote.sha256"
+  output_sums >"$got"
+  done_with_ob
+  # What the executor produced must be byte-identical to a local build.
+  build_and_expect "exec-reference" none "" local
   output_sums >"$STATE/outputs-$salt.sha256"
   done_with_ob
+  if ! cmp -s "$got" "$STATE/outputs-$salt.sha256"; then
+    diff "$STATE/outputs-$salt.sha256" "$got" | head -20 >&2 || true
+    die "exec-cold: remotely built outputs differ from a local build's"
+  fi
+  log "exec-cold: all $(wc -l <"$got") remotely built outputs match a local build byte for byte"
   record_salt "$url" "$salt"
 }
 
