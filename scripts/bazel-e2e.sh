@@ -18,6 +18,7 @@
 #   cache-all GRPC_URL HTTP_URL
 #                             cold-warm GRPC_URL, warm-minimal GRPC_URL,
 #                             cold-warm HTTP_URL, warm-minimal HTTP_URL
+#   clean                     delete the state directory
 #
 # URL is grpc://HOST:PORT or http://HOST:PORT; disk:///ABS/PATH uses Bazel's
 # --disk_cache instead (same cache-hit code path in Bazel, no server needed:
@@ -439,6 +440,7 @@ main() {
   local t0=$SECONDS
   case $phase in
     selftest) selftest; return ;;
+    clean) rm_tree "$STATE"; log "removed $STATE"; return ;;
     local) need_bazel; phase_local ;;
     cold) need_bazel; phase_cold "${1:?URL}" ;;
     warm) need_bazel; phase_warm "${1:?URL}" ;;
