@@ -139,7 +139,10 @@ pub async fn recover(
     let packed = match packed {
         Some((seg, file, head)) => {
             let tail_base = align_down(head);
-            let tail = file.read(tail_base, (head - tail_base) as usize).await?.to_vec();
+            let mut tail = file.read(tail_base, (head - tail_base) as usize).await?.to_vec();
+            // A truncated file reads short; the missing bytes belonged to records that
+            // are lost anyway, and the tail must stay aligned with the segment.
+            tail.resize((head - tail_base) as usize, 0);
             Some(Packed { seg, head, flushed: head, tail_base, tail, pending: Vec::new(), sealed: false })
         }
         None => None,
