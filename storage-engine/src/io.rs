@@ -5,9 +5,9 @@
 //! unlink) keeps a move to another io_uring runtime a contained change.
 
 use crate::error::{Error, Result};
+use crate::format::ALIGN;
 use bytes::Bytes;
 use glommio::io::{DmaBuffer, DmaFile, OpenOptions};
-use crate::format::ALIGN;
 use std::path::{Path, PathBuf};
 
 /// An aligned buffer suitable for O_DIRECT writes.
@@ -99,14 +99,10 @@ impl SegFile {
 
     /// Reads `len` bytes at any position; fewer bytes come back only at end of file.
     pub async fn read(&self, pos: u64, len: usize) -> Result<Bytes> {
-        let rr = self
-            .file
-            .read_at(pos, len)
-            .await
-            .map_err(|e| {
-                let what = format!("reading {len} bytes at {pos} of {}", self.path.display());
-                Error::io(what, e)
-            })?;
+        let rr = self.file.read_at(pos, len).await.map_err(|e| {
+            let what = format!("reading {len} bytes at {pos} of {}", self.path.display());
+            Error::io(what, e)
+        })?;
         Ok(Bytes::copy_from_slice(&rr))
     }
 
@@ -186,5 +182,10 @@ where
         .name(name)
         .spawn(f)
         .map(ExecutorThread)
-        .map_err(|e| Error::io("starting a storage shard", std::io::Error::other(e.to_string())))
+        .map_err(|e| {
+            Error::io(
+                "starting a storage shard",
+                std::io::Error::other(e.to_string()),
+            )
+        })
 }

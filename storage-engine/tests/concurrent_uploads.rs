@@ -16,13 +16,17 @@ fn interleaved_uploads_into_one_partition_stay_intact() {
     });
     let sizes: Vec<usize> = (0..64)
         .map(|i| match i % 4 {
-            0 => 3000 + i,            // packed
-            1 => 40_000 + i,          // packed, several chunks
-            2 => 300_000 + i * 7,     // extent
-            _ => 1_200_000 + i * 13,  // extent with a chunk table
+            0 => 3000 + i,           // packed
+            1 => 40_000 + i,         // packed, several chunks
+            2 => 300_000 + i * 7,    // extent
+            _ => 1_200_000 + i * 13, // extent with a chunk table
         })
         .collect();
-    let blobs: Vec<Bytes> = sizes.iter().enumerate().map(|(i, &s)| blob(1000 + i as u64, s)).collect();
+    let blobs: Vec<Bytes> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &s)| blob(1000 + i as u64, s))
+        .collect();
     let digests: Vec<_> = blobs.iter().map(|b| digest(b)).collect();
     block_on(async {
         let mut uploads = Vec::new();

@@ -43,8 +43,13 @@ fn size_for(seed: u64) -> usize {
 #[test]
 #[ignore = "run by crash_consistency_under_repeated_sigkill in a child process"]
 fn crash_child() {
-    let Ok(dir) = std::env::var(CHILD_ENV) else { return };
-    let first: u64 = std::env::var("CAIRN_CRASH_FIRST_SEED").unwrap().parse().unwrap();
+    let Ok(dir) = std::env::var(CHILD_ENV) else {
+        return;
+    };
+    let first: u64 = std::env::var("CAIRN_CRASH_FIRST_SEED")
+        .unwrap()
+        .parse()
+        .unwrap();
     let engine = start(crash_config(Path::new(&dir)));
     let out = std::sync::Mutex::new(std::io::stdout());
     std::thread::scope(|s| {
@@ -80,7 +85,13 @@ fn crash_consistency_under_repeated_sigkill() {
         rng ^= rng << 17;
         let kill_after = 5 + rng % 120;
         let mut child = Command::new(&exe)
-            .args(["--exact", "crash_child", "--ignored", "--nocapture", "--test-threads=1"])
+            .args([
+                "--exact",
+                "crash_child",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
             .env(CHILD_ENV, dir.path())
             .env("CAIRN_CRASH_FIRST_SEED", (round * 10_000_000).to_string())
             .stdout(Stdio::piped())
@@ -107,7 +118,11 @@ fn crash_consistency_under_repeated_sigkill() {
         child.wait().unwrap();
         assert_eq!(acks, kill_after, "child exited before it was killed");
         for (seed, done) in state {
-            if done { acked.push(seed) } else { cut_short.push(seed) }
+            if done {
+                acked.push(seed)
+            } else {
+                cut_short.push(seed)
+            }
         }
 
         let engine = start(crash_config(dir.path()));
@@ -116,12 +131,18 @@ fn crash_consistency_under_repeated_sigkill() {
             let d = digest(&data);
             let got = block_on(engine.get_bytes(d))
                 .unwrap_or_else(|e| panic!("round {round}: acknowledged blob {seed} lost: {e}"));
-            assert!(got == data, "round {round}: acknowledged blob {seed} corrupted");
+            assert!(
+                got == data,
+                "round {round}: acknowledged blob {seed} corrupted"
+            );
         }
         for &seed in &cut_short {
             let d: Digest = digest(&blob(seed, size_for(seed)));
             match block_on(engine.get_bytes(d)) {
-                Ok(got) => assert!(digest(&got) == d, "round {round}: blob {seed} has wrong bytes"),
+                Ok(got) => assert!(
+                    digest(&got) == d,
+                    "round {round}: blob {seed} has wrong bytes"
+                ),
                 Err(e) => assert_eq!(e.kind(), ErrorKind::NotFound, "round {round}: {e}"),
             }
         }

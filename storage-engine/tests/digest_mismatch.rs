@@ -19,7 +19,10 @@ fn mismatching_content_is_refused_and_never_visible() {
         let err = block_on(engine.put(claimed, data.clone())).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
         assert!(!block_on(engine.contains(claimed)).unwrap());
-        assert_eq!(block_on(engine.get_bytes(claimed)).unwrap_err().kind(), ErrorKind::NotFound);
+        assert_eq!(
+            block_on(engine.get_bytes(claimed)).unwrap_err().kind(),
+            ErrorKind::NotFound
+        );
     }
     block_on(engine.shutdown()).unwrap();
     // Not after a restart either.
@@ -58,7 +61,10 @@ fn short_and_long_streams_are_refused() {
             u.write(data.slice(..size / 2)).await.unwrap();
             drop(u);
         });
-        assert!(!block_on(engine.contains(d)).unwrap(), "partial {d} visible");
+        assert!(
+            !block_on(engine.contains(d)).unwrap(),
+            "partial {d} visible"
+        );
         // The same blob uploaded properly afterwards is fine.
         block_on(engine.put(d, data.clone())).unwrap();
         assert!(block_on(engine.get_bytes(d)).unwrap() == data);
@@ -100,7 +106,11 @@ fn space_of_failed_uploads_is_reclaimed() {
         assert!(disk_usage(dir.path()) <= budget);
     }
     for f in &failed_segments {
-        assert!(!f.exists(), "{} holding dead extents was never reclaimed", f.display());
+        assert!(
+            !f.exists(),
+            "{} holding dead extents was never reclaimed",
+            f.display()
+        );
     }
     block_on(engine.shutdown()).unwrap();
 }

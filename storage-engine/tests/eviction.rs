@@ -35,14 +35,20 @@ fn disk_usage_stays_under_budget_through_ten_budgets_of_writes() {
         }
         written += size as u64;
         i += 1;
-        if i % 20 == 0 {
+        if i.is_multiple_of(20) {
             let on_disk = disk_usage(dir.path());
-            assert!(on_disk <= budget, "{on_disk} bytes on disk, budget {budget}");
+            assert!(
+                on_disk <= budget,
+                "{on_disk} bytes on disk, budget {budget}"
+            );
             assert!(block_on(engine.stats()).unwrap().used_bytes() <= budget);
         }
     }
     for d in recent {
-        assert!(block_on(engine.contains(d)).unwrap(), "recent blob {d} evicted");
+        assert!(
+            block_on(engine.contains(d)).unwrap(),
+            "recent blob {d} evicted"
+        );
     }
     let stats = block_on(engine.stats()).unwrap();
     assert!(stats.evictions() > 0);

@@ -14,8 +14,8 @@ fn blobs_of_every_size_class_read_back_intact() {
         4095,
         4096,
         4097,
-        (64 << 10) + 1, // just past the packed path: an extent
-        MIB as usize,   // an extent spanning two write units
+        (64 << 10) + 1,         // just past the packed path: an extent
+        MIB as usize,           // an extent spanning two write units
         (3 * MIB / 2) as usize, // an extent with a chunk table
         (9 * MIB) as usize,     // larger than a segment: a huge segment of its own
     ];
@@ -36,7 +36,10 @@ fn blobs_of_every_size_class_read_back_intact() {
     // And again after a restart, from the checkpoint.
     let engine = start(config(dir.path()));
     for (d, data) in &stored {
-        assert!(block_on(engine.get_bytes(*d)).unwrap() == *data, "{d} after restart");
+        assert!(
+            block_on(engine.get_bytes(*d)).unwrap() == *data,
+            "{d} after restart"
+        );
     }
     block_on(engine.shutdown()).unwrap();
 }
@@ -61,10 +64,15 @@ fn ranged_reads_return_exactly_the_range() {
             if offset > size as u64 {
                 continue;
             }
-            let got = block_on(async { engine.get(d, offset, limit).await?.collect_bytes().await }).unwrap();
+            let got = block_on(async { engine.get(d, offset, limit).await?.collect_bytes().await })
+                .unwrap();
             let end = limit.map_or(size as u64, |l| (offset + l).min(size as u64));
             let limit_means_all = limit == Some(0);
-            let want = if limit_means_all { &data[offset as usize..] } else { &data[offset as usize..end as usize] };
+            let want = if limit_means_all {
+                &data[offset as usize..]
+            } else {
+                &data[offset as usize..end as usize]
+            };
             if limit_means_all {
                 // A zero limit is the caller's "no limit" in REAPI, translated by the node;
                 // the engine reads zero bytes.
@@ -73,7 +81,9 @@ fn ranged_reads_return_exactly_the_range() {
                 assert!(got == *want, "size {size} offset {offset} limit {limit:?}");
             }
         }
-        let err = block_on(engine.get(d, size as u64 + 1, None)).err().unwrap();
+        let err = block_on(engine.get(d, size as u64 + 1, None))
+            .err()
+            .unwrap();
         assert_eq!(err.kind(), ErrorKind::OutOfRange);
     }
     block_on(engine.shutdown()).unwrap();
@@ -93,8 +103,14 @@ fn empty_blob_is_always_present_and_functions_are_separate_keys() {
     block_on(engine.put(b3, data.clone())).unwrap();
     assert!(block_on(engine.get_bytes(b3)).unwrap() == data);
     let sha = digest(&data);
-    assert_eq!(block_on(engine.get_bytes(sha)).unwrap_err().kind(), ErrorKind::NotFound);
-    assert_eq!(block_on(engine.find_missing(vec![sha, b3])).unwrap(), vec![sha]);
+    assert_eq!(
+        block_on(engine.get_bytes(sha)).unwrap_err().kind(),
+        ErrorKind::NotFound
+    );
+    assert_eq!(
+        block_on(engine.find_missing(vec![sha, b3])).unwrap(),
+        vec![sha]
+    );
     block_on(engine.put(sha, Bytes::new())).unwrap_err();
     block_on(engine.shutdown()).unwrap();
 }

@@ -104,3 +104,32 @@ pub fn segment_files(dir: &Path) -> Vec<PathBuf> {
     out.sort();
     out
 }
+
+/// The header-checksum nonce of a data directory, from its MANIFEST.
+pub fn nonce(dir: &Path) -> u64 {
+    let text = std::fs::read_to_string(dir.join("MANIFEST")).unwrap();
+    let hex = text
+        .lines()
+        .find_map(|l| l.strip_prefix("nonce="))
+        .expect("manifest names a nonce");
+    u64::from_str_radix(hex, 16).unwrap()
+}
+
+/// Where a blob's record sits: (segment file, offset of its header).
+pub fn locate(dir: &Path, d: &Digest) -> (PathBuf, usize) {
+    let nonce = nonce(dir);
+    for f in segment_files(dir) {
+        let bytes = std::fs::read(&f).unwrap();
+        let (found, _) = cairn_storage::format::scan_records(&bytes, 0, nonce);
+        if let Some((pos, _)) = found.iter().find(|(_, h)| h.key.hash == d.hash) {
+            return (f, *pos);
+        }
+    }
+    panic!("{d} not found on disk");
+}
+
+pub fn flip_byte(path: &Path, at: usize) {
+    let mut bytes = std::fs::read(path).unwrap();
+    bytes[at] ^= 0x5a;
+    std::fs::write(path, bytes).unwrap();
+}
