@@ -281,13 +281,12 @@ impl ExtentWriter {
                 "the segment holding this upload was reclaimed before it finished; retry",
             ));
         }
-        let len = record_len(self.payload_len).min(u64::from(u32::MAX)) as u32;
-        let loc = Loc {
-            seg: self.seg,
-            off: self.base as u32,
-            len,
-            flags: 0,
-        };
+        let loc = Loc::new(
+            self.seg,
+            self.base as u32,
+            record_len(self.payload_len),
+            false,
+        );
         if let Some(s) = self.part.st.borrow_mut().segments.get_mut(&self.seg) {
             s.dirty = true;
         }
