@@ -69,6 +69,14 @@ pub(crate) struct PartitionLimits {
     pub reinsert_budget: u64,
 }
 
+impl PartitionLimits {
+    /// The largest blob accepted: half a partition's budget, so that storing one never
+    /// reclaims more than half of what the partition holds.
+    pub fn max_blob_size(&self) -> u64 {
+        self.budget / 2
+    }
+}
+
 /// Segments a partition needs at least: the packed one, the extent one, and room to
 /// roll either over while the oldest is reclaimed.
 const MIN_SEGMENTS: u64 = 4;

@@ -32,6 +32,7 @@ struct Inner {
     shards: Vec<flume::Sender<Request>>,
     partitions: u32,
     max_ac_value: u64,
+    max_blob_size: u64,
     ready: Mutex<Option<(flume::Receiver<Result<()>>, usize)>>,
     threads: Mutex<Vec<io::ExecutorThread>>,
 }
@@ -78,6 +79,7 @@ impl Engine {
                 shards: senders,
                 partitions: manifest.partitions,
                 max_ac_value: limits.max_ac_value,
+                max_blob_size: limits.max_blob_size(),
                 ready: Mutex::new(Some((ready_rx, config.shards))),
                 threads: Mutex::new(Vec::new()),
             }),
@@ -128,6 +130,16 @@ impl Engine {
         self.inner.partitions
     }
 
+    /// The largest CAS blob `begin_put` accepts (half of one partition's budget).
+    pub fn max_blob_size(&self) -> u64 {
+        self.inner.max_blob_size
+    }
+
+    /// The largest action-cache value `ac_put` accepts.
+    pub fn max_ac_value(&self) -> u64 {
+        self.inner.max_ac_value
+    }
+
     fn route(&self, key: &Key) -> (u32, &flume::Sender<Request>) {
         let part = partition_of(key, self.inner.partitions);
         let shard = part as usize % self.inner.shards.len();
@@ -151,6 +163,15 @@ impl Engine {
     pub async fn begin_put(&self, digest: Digest) -> Result<Upload> {
         if digest.is_empty_blob() {
             return Ok(Upload::already_stored());
+        }
+        if digest.size > self.inner.max_blob_size {
+            return Err(Error::new(
+                ErrorKind::ResourceExhausted,
+                format!(
+                    "blob {digest} is larger than the {}-byte limit of this cache",
+                    self.inner.max_blob_size
+                ),
+            ));
         }
         let key = cas_key(&digest);
         let (part, tx) = self.route(&key);
