@@ -11,6 +11,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::format::Key;
 use crate::key::{ac_key, cas_key, partition_of};
 use crate::manifest::Manifest;
+use crate::replication::ReplicationBatch;
 use crate::shard::{Request, ShardRunner, Shared, UploadMsg};
 use crate::stream::BlobStream;
 use crate::{checks, io, PartitionStats, Stats};
@@ -327,6 +328,47 @@ impl Engine {
             partitions,
             queue_depths,
         })
+    }
+
+    /// The next finished records of `partition` that have not reached the slow tier,
+    /// about `max_bytes` of them (requires `EngineConfig::replicate`).
+    pub async fn replication_batch(
+        &self,
+        partition: u32,
+        max_bytes: u64,
+    ) -> Result<ReplicationBatch> {
+        let tx = self.shard_of_partition(partition)?;
+        self.call(tx, |reply| Request::ReplicationBatch {
+            part: partition,
+            max_bytes,
+            reply,
+        })
+        .await?
+    }
+
+    /// Confirms that every record of `batch` reached the slow tier: they may now be
+    /// evicted locally, and a restart will not offer them again.
+    pub async fn replication_done(&self, batch: &ReplicationBatch) -> Result<()> {
+        let tx = self.shard_of_partition(batch.partition)?;
+        self.call(tx, |reply| Request::ReplicationDone {
+            part: batch.partition,
+            next: batch.next.clone(),
+            reply,
+        })
+        .await?
+    }
+
+    /// The key under which the action-cache value of `action` in `instance` is
+    /// replicated: the same on every node.
+    pub fn ac_object_key(instance: &str, action: &Digest) -> [u8; 32] {
+        ac_key(instance, action).hash
+    }
+
+    fn shard_of_partition(&self, partition: u32) -> Result<&flume::Sender<Request>> {
+        if partition >= self.inner.partitions {
+            return Err(Error::invalid(format!("no partition {partition}")));
+        }
+        Ok(&self.inner.shards[partition as usize % self.inner.shards.len()])
     }
 
     /// Writes every partition's index checkpoint now.
