@@ -25,10 +25,12 @@ use std::time::{Duration, Instant};
 #[global_allocator]
 static ALLOC: CountingAlloc = CountingAlloc;
 
-fn config(dir: &Path) -> EngineConfig {
+/// 1 MiB segments, and a budget of at least 1 GiB with room for every object twice
+/// over (nothing is evicted).
+fn config(dir: &Path, objects: u64) -> EngineConfig {
     EngineConfig {
         dir: dir.to_path_buf(),
-        max_size: 1 << 30,
+        max_size: (1 << 30u64).max(objects * 256),
         partitions: 16,
         segment_size: Some(MIB as u64),
         small_blob_max: 64 * KIB as u64,
@@ -74,10 +76,10 @@ fn main() {
         .configure_from_args();
 
     let empty_dir = scratch_dir();
-    let (_, _, empty_heap) = start_once(&config(empty_dir.path()));
+    let (_, _, empty_heap) = start_once(&config(empty_dir.path(), objects));
 
     let dir = scratch_dir();
-    let config = config(dir.path());
+    let config = config(dir.path(), objects);
     let t = Instant::now();
     let engine = Engine::start(config.clone()).expect("engine starts");
     fill(&engine, 40, objects, 32, 256).expect("filling the data directory");
