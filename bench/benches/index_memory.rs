@@ -71,9 +71,7 @@ fn main() {
     // `cargo test --benches` runs every bench binary with `--test`: keep that quick.
     let quick = std::env::args().any(|a| a == "--test");
     let counts = std::env::var("CAIRN_BENCH_INDEX_COUNTS")
-        .unwrap_or_else(|_| {
-            if quick { "100000" } else { "1000000,10000000" }.to_string()
-        });
+        .unwrap_or_else(|_| if quick { "100000" } else { "1000000,10000000" }.to_string());
     for c in counts.split(',').filter(|s| !s.is_empty()) {
         let count: u64 = c
             .trim()

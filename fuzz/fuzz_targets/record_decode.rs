@@ -63,7 +63,11 @@ fuzz_target!(|data: &[u8]| {
     for (pos, header) in found {
         assert!(pos >= last_end, "records overlap or go backwards");
         let decoded = Header::decode(&image[pos..], nonce);
-        assert_eq!(decoded, Ok(header), "reported header does not decode in place");
+        assert_eq!(
+            decoded,
+            Ok(header),
+            "reported header does not decode in place"
+        );
         let end = pos + header.record_len() as usize;
         assert!(end <= image.len(), "record runs past the image");
         assert!(verify_body(&header, &image[pos + HEADER_LEN..end]));

@@ -75,7 +75,9 @@ fn run(args: &Args) -> cairn_storage::Result<()> {
         futures::stream::iter(blobs.iter())
             .map(|(d, data)| put_chunked(&engine, *d, data))
             .buffer_unordered(args.concurrency)
-            .fold(Ok(()), |acc: cairn_storage::Result<()>, r| async move { acc.and(r) }),
+            .fold(Ok(()), |acc: cairn_storage::Result<()>, r| async move {
+                acc.and(r)
+            }),
     )?;
     let write = bytes / MIB as f64 / t.elapsed().as_secs_f64();
 
