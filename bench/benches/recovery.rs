@@ -4,9 +4,10 @@
 //!
 //! The directory is built once: N distinct 32-byte blobs written with 256 uploads in
 //! flight into 1 MiB segments, then `shutdown()`, which writes the checkpoints. Each
-//! timed iteration is one `Engine::start` (recovery of every partition, then ready);
-//! the untimed `shutdown()` after it writes the checkpoints again, and the
-//! no-checkpoint variant deletes every `p*/checkpoint` before each start.
+//! timed iteration is one `Engine::start` (recovery of every partition, then ready) in
+//! a fresh child process, which times it and reports back; the untimed `shutdown()`
+//! after it writes the checkpoints again, and the no-checkpoint variant deletes every
+//! `p*/checkpoint` before each start.
 //!
 //! It also prints the engine's heap per object after recovery (allocator-counted
 //! growth over an empty engine's), which includes everything the engine keeps per
@@ -50,17 +51,49 @@ fn remove_checkpoints(dir: &Path) {
     }
 }
 
-/// Starts the engine once, returning the time `start` took, its object count, and
-/// the heap it holds once ready.
-fn start_once(config: &EngineConfig) -> (Duration, u64, usize) {
+/// Set in the child process that performs one timed start.
+const CHILD_ENV: &str = "CAIRN_BENCH_RECOVERY_CHILD";
+
+/// Starts the engine once in a fresh child process (a restart is a new process, and
+/// nothing one engine leaves behind can affect the next), returning the time
+/// `Engine::start` took, the object count it recovered, and the heap it held.
+fn start_once(dir: &Path, objects: u64) -> (Duration, u64, usize) {
+    let exe = std::env::current_exe().expect("locating the bench binary");
+    let out = std::process::Command::new(exe)
+        .env(CHILD_ENV, dir)
+        .env("CAIRN_BENCH_RECOVERY_OBJECTS", objects.to_string())
+        .output()
+        .expect("running a recovery child");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "recovery child failed: {}{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let fields: Vec<u64> = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("CHILD "))
+        .expect("the child reports its numbers")
+        .split_whitespace()
+        .map(|f| f.parse().expect("a number"))
+        .collect();
+    (
+        Duration::from_nanos(fields[0]),
+        fields[1],
+        fields[2] as usize,
+    )
+}
+
+/// The child's side of `start_once`.
+fn child(dir: &Path, objects: u64) {
     let before = live_heap_bytes();
     let t = Instant::now();
-    let engine = Engine::start(config.clone()).expect("engine starts");
+    let engine = Engine::start(config(dir, objects)).expect("engine starts");
     let elapsed = t.elapsed();
     let heap = live_heap_bytes().saturating_sub(before);
-    let objects = block_on(engine.stats()).expect("stats").objects();
+    let found = block_on(engine.stats()).expect("stats").objects();
     block_on(engine.shutdown()).expect("engine shuts down");
-    (elapsed, objects, heap)
+    println!("CHILD {} {found} {heap}", elapsed.as_nanos());
 }
 
 fn main() {
@@ -69,6 +102,10 @@ fn main() {
         "CAIRN_BENCH_RECOVERY_OBJECTS",
         if quick { 10_000 } else { 1_000_000 },
     );
+    if let Some(dir) = std::env::var_os(CHILD_ENV) {
+        child(Path::new(&dir), objects);
+        return;
+    }
     let mut c = Criterion::default()
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3))
@@ -76,12 +113,11 @@ fn main() {
         .configure_from_args();
 
     let empty_dir = scratch_dir();
-    let (_, _, empty_heap) = start_once(&config(empty_dir.path(), objects));
+    let (_, _, empty_heap) = start_once(empty_dir.path(), objects);
 
     let dir = scratch_dir();
-    let config = config(dir.path(), objects);
     let t = Instant::now();
-    let engine = Engine::start(config.clone()).expect("engine starts");
+    let engine = Engine::start(config(dir.path(), objects)).expect("engine starts");
     fill(&engine, 40, objects, 32, 256).expect("filling the data directory");
     block_on(engine.shutdown()).expect("engine shuts down");
     let build = t.elapsed();
@@ -97,7 +133,7 @@ fn main() {
         "puts/s",
     );
 
-    let (_, found, heap) = start_once(&config);
+    let (_, found, heap) = start_once(dir.path(), objects);
     assert_eq!(found, objects, "every object recovered from the checkpoint");
     result(
         "recovery.engine_heap_per_object",
@@ -117,7 +153,7 @@ fn main() {
                     if !with_checkpoint {
                         remove_checkpoints(dir.path());
                     }
-                    let (elapsed, found, _) = start_once(&config);
+                    let (elapsed, found, _) = start_once(dir.path(), objects);
                     assert_eq!(found, objects, "every object recovered ({variant})");
                     times.push(elapsed);
                     total += elapsed;
