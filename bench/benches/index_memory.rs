@@ -68,8 +68,8 @@ fn measure(count: u64) {
 }
 
 fn main() {
-    // `cargo test --benches` runs every bench binary with `--test`: keep that quick.
-    let quick = std::env::args().any(|a| a == "--test");
+    // `cargo bench` passes `--bench`; without it (`cargo test --benches`), stay quick.
+    let quick = !std::env::args().any(|a| a == "--bench");
     let counts = std::env::var("CAIRN_BENCH_INDEX_COUNTS")
         .unwrap_or_else(|_| if quick { "100000" } else { "1000000,10000000" }.to_string());
     for c in counts.split(',').filter(|s| !s.is_empty()) {

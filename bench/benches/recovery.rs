@@ -13,8 +13,8 @@
 //! growth over an empty engine's), which includes everything the engine keeps per
 //! object: the index and the per-segment key lists.
 //!
-//! `CAIRN_BENCH_RECOVERY_OBJECTS` sets N (default 1000000; 10000 under `--test`, as
-//! `cargo test --benches` runs it).
+//! `CAIRN_BENCH_RECOVERY_OBJECTS` sets N (default 1000000 under `cargo bench`, 10000
+//! without `--bench`, as `cargo test --benches` runs it).
 
 use cairn_bench::{env_u64, fill, live_heap_bytes, result, scratch_dir, CountingAlloc, KIB, MIB};
 use cairn_storage::{Engine, EngineConfig};
@@ -97,7 +97,7 @@ fn child(dir: &Path, objects: u64) {
 }
 
 fn main() {
-    let quick = std::env::args().any(|a| a == "--test");
+    let quick = !std::env::args().any(|a| a == "--bench");
     let objects = env_u64(
         "CAIRN_BENCH_RECOVERY_OBJECTS",
         if quick { 10_000 } else { 1_000_000 },
