@@ -38,6 +38,14 @@ mod replication;
 mod shard;
 mod stream;
 
+/// The in-memory index type, for `bench/benches/index_memory.rs` only (feature
+/// `bench-internals`). Not a stable API.
+#[cfg(feature = "bench-internals")]
+#[doc(hidden)]
+pub mod internals {
+    pub use crate::index::{Index, Loc};
+}
+
 pub use config::EngineConfig;
 pub use digest::{Digest, DigestFunction, Hasher};
 pub use engine::{Engine, Upload};

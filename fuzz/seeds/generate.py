@@ -1,0 +1,62 @@
+#!/usr/bin/env python3
+"""Regenerates the committed seed inputs of the fuzz targets (a few hundred bytes each).
+
+Records follow storage-engine/src/format.rs (`Header::encode`): a 72-byte header whose CRC32 covers the
+8-byte little-endian nonce followed by header bytes 0..68, then the payload, whose
+CRC32 is stored at header bytes 64..68. zlib.crc32 is the same CRC-32 as crc32fast.
+Input layouts are described at the top of each target in fuzz_targets/.
+"""
+import os
+import struct
+import zlib
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+NONCE = 0x0123_4567_89AB_CDEF
+MAGIC = b"CRNR"
+
+
+def record(seq, kind, function, hash_byte, payload, nonce=NONCE):
+    head = MAGIC + bytes([1, kind, function, 0]) + struct.pack("<Q", seq)
+    head += bytes([hash_byte]) * 32 + struct.pack("<QQI", len(payload), len(payload),
+                                                  zlib.crc32(payload))
+    crc = zlib.crc32(struct.pack("<Q", nonce) + head)
+    return head + struct.pack("<I", crc) + payload
+
+
+def record_input(image, start=0, mode=0, nonce=NONCE):
+    return struct.pack("<QIB", nonce, start, mode) + image
+
+
+def write(target, name, data):
+    d = os.path.join(HERE, target)
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, name), "wb") as f:
+        f.write(data)
+
+
+def main():
+    recs = [record(i, 1 + i % 2, 1 + (i // 2) % 2, i, bytes([i]) * (i * 7)) for i in range(4)]
+    packed = b"".join(recs)
+    write("record_decode", "packed", record_input(packed))
+    write("record_decode", "zeros-then-record", record_input(bytes(100) + recs[1] + bytes(40)))
+    damaged = bytearray(packed)
+    damaged[len(recs[0]) + 20] ^= 1  # header of the second record
+    damaged[len(recs[0]) + len(recs[1]) + len(recs[2]) - 1] ^= 1  # payload of the third
+    write("record_decode", "damaged", record_input(bytes(damaged)))
+    write("record_decode", "torn-tail", record_input(packed[:-5]))
+    write("record_decode", "start-mid", record_input(packed, start=len(recs[0]) + 3))
+    stale = bytearray(record(9, 1, 2, 9, b"abc"))
+    stale[64:72] = bytes(8)  # both CRCs wrong: only mode 1 (repair) makes it decode
+    write("record_decode", "repair-mode", record_input(bytes(stale), mode=1))
+
+    empty = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+    write("digest_parse", "sha256-empty", bytes([0]) + struct.pack("<Q", 0) + empty.encode())
+    write("digest_parse", "blake3-upper",
+          bytes([1]) + struct.pack("<Q", 3) + empty.upper().encode())
+    write("digest_parse", "short", bytes([0]) + struct.pack("<Q", 1) + b"abc")
+    write("digest_parse", "non-hex", bytes([0]) + struct.pack("<Q", 1) + b"g" * 64)
+    write("digest_parse", "multibyte", bytes([1]) + struct.pack("<Q", 1) + ("\u00e9" * 32).encode())
+
+
+if __name__ == "__main__":
+    main()
