@@ -13,7 +13,7 @@
 //! `CAIRN_BENCH_INDEX_COUNTS` (comma-separated, default `1000000,10000000`) sets N.
 
 use cairn_bench::{live_heap_bytes, result, rss_bytes, CountingAlloc};
-use cairn_storage::internals::{Index, Loc};
+use cairn_storage::internals::{Index, Loc, Prefix};
 use std::hint::black_box;
 
 #[global_allocator]
@@ -28,13 +28,8 @@ fn measure(count: u64) {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
-        let loc = Loc {
-            seg: (i >> 16) as u32,
-            off: (i as u32).wrapping_mul(104),
-            len: 104,
-            flags: 0,
-        };
-        index.insert(x, loc);
+        let loc = Loc::new((i >> 16) as u32, (i as u32).wrapping_mul(104), 104, false);
+        index.insert(Prefix::new(x), loc);
     }
     let heap = live_heap_bytes() - heap_before;
     let rss = rss_bytes()

@@ -43,7 +43,7 @@ mod stream;
 #[cfg(feature = "bench-internals")]
 #[doc(hidden)]
 pub mod internals {
-    pub use crate::index::{Index, Loc};
+    pub use crate::index::{Index, Loc, Prefix};
 }
 
 pub use config::EngineConfig;
