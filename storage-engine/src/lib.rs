@@ -1,1 +1,85 @@
-//! cairn storage engine
+//! cairn's storage engine: a shard-per-core, log-structured blob store.
+//!
+//! It stores CAS blobs (keyed by digest) and action-cache entries (keyed by instance
+//! name and action digest) on local NVMe, and knows nothing of gRPC. The cache node is
+//! its first user; benchmarks and tests drive it directly.
+//!
+//! The pieces, each in its own module, in the order data flows through them:
+//!
+//! - [`engine`]: the `Send + Sync` handle that routes requests to shards;
+//! - `shard`: one executor thread owning a fixed set of partitions, no locks;
+//! - `partition`: a directory of segment files and the in-memory `index` over them;
+//! - `flusher`: small records, packed and group-committed with O_DIRECT;
+//! - `extent`: large uploads streaming into reserved, aligned extents;
+//! - `reader`: reads, every byte checked against its CRC before it leaves;
+//! - `reclaimer`: the byte budget, FIFO segment reclaim with reinsertion of hot records;
+//! - `checkpoint` and `recover`: rkyv index checkpoints and the recovery scan;
+//! - [`format`]: the record format (documented byte by byte in FORMAT.md);
+//! - `io`: the only module that touches glommio's file API.
+
+mod checkpoint;
+mod checks;
+mod config;
+mod digest;
+pub mod engine;
+mod error;
+mod extent;
+mod flusher;
+pub mod format;
+mod index;
+mod io;
+mod key;
+mod manifest;
+mod partition;
+mod reader;
+mod reclaimer;
+mod recover;
+mod shard;
+mod stream;
+
+pub use config::EngineConfig;
+pub use digest::{Digest, DigestFunction, Hasher};
+pub use engine::{Engine, Upload};
+pub use error::{Error, ErrorKind, Result};
+pub use shard::ShardRunner;
+pub use stream::BlobStream;
+
+/// Engine-wide statistics.
+#[derive(Debug, Clone, Default)]
+pub struct Stats {
+    pub partitions: Vec<PartitionStats>,
+    /// Requests waiting in each shard's queue.
+    pub queue_depths: Vec<u64>,
+}
+
+impl Stats {
+    pub fn used_bytes(&self) -> u64 {
+        self.partitions.iter().map(|p| p.used_bytes).sum()
+    }
+
+    pub fn objects(&self) -> u64 {
+        self.partitions.iter().map(|p| p.objects).sum()
+    }
+
+    pub fn crc_failures(&self) -> u64 {
+        self.partitions.iter().map(|p| p.crc_failures).sum()
+    }
+
+    pub fn evictions(&self) -> u64 {
+        self.partitions.iter().map(|p| p.evictions).sum()
+    }
+}
+
+/// One partition's usage and counters.
+#[derive(Debug, Clone, Default)]
+pub struct PartitionStats {
+    pub partition: u32,
+    pub used_bytes: u64,
+    pub budget_bytes: u64,
+    pub objects: u64,
+    pub segments: u64,
+    pub evictions: u64,
+    pub evicted_bytes: u64,
+    pub reinserted: u64,
+    pub crc_failures: u64,
+}

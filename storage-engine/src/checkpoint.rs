@@ -1,0 +1,201 @@
+//! Index checkpoints: the whole index of a partition in one rkyv file, so that a
+//! restart loads it without parsing and replays only what was written after it.
+//!
+//! A checkpoint names, for every segment, the offset from which recovery must scan
+//! again ("replay from"): the flushed end of the packed segment, the lowest extent
+//! still being uploaded into, or the end of a segment nothing is being written to.
+//! Segments created after the checkpoint are scanned whole. Entries naming segments
+//! that were reclaimed since are dropped on load.
+//!
+//! File layout (see FORMAT.md): 8-byte magic, u32 CRC32 and u32 length of the archive,
+//! then the rkyv archive at offset 16, zero-padded to a multiple of 4096 bytes.
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::format::{align_up, crc};
+use crate::io::SegFile;
+use crate::partition::Partition;
+use rkyv::{Archive, Deserialize, Serialize};
+use std::path::Path;
+
+pub const FILE: &str = "checkpoint";
+const TMP_FILE: &str = "checkpoint.tmp";
+const MAGIC: &[u8; 8] = b"CRNCKPT1";
+const PREAMBLE: usize = 16;
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub nonce: u64,
+    pub next_seq: u64,
+    pub next_seg: u32,
+    pub segments: Vec<SegmentMark>,
+    pub entries: Vec<Entry>,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SegmentMark {
+    pub id: u32,
+    pub replay_from: u64,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Entry {
+    pub prefix: u64,
+    pub seg: u32,
+    pub off: u32,
+    pub len: u32,
+    pub flags: u8,
+}
+
+/// Encodes a checkpoint into its file image.
+pub fn encode(cp: &Checkpoint) -> Result<Vec<u8>> {
+    let archive = rkyv::to_bytes::<rkyv::rancor::Error>(cp)
+        .map_err(|e| Error::new(ErrorKind::Internal, format!("encoding checkpoint: {e}")))?;
+    let mut out = Vec::with_capacity(PREAMBLE + archive.len());
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&crc(&archive).to_le_bytes());
+    out.extend_from_slice(&(archive.len() as u32).to_le_bytes());
+    out.extend_from_slice(&archive);
+    Ok(out)
+}
+
+/// Decodes a checkpoint file image; `None` for anything damaged or foreign.
+pub fn decode(image: &[u8], nonce: u64) -> Option<Checkpoint> {
+    if image.get(..8)? != MAGIC {
+        return None;
+    }
+    let want_crc = u32::from_le_bytes(image.get(8..12)?.try_into().ok()?);
+    let len = u32::from_le_bytes(image.get(12..16)?.try_into().ok()?) as usize;
+    let body = image.get(PREAMBLE..PREAMBLE.checked_add(len)?)?;
+    if crc(body) != want_crc {
+        return None;
+    }
+    // rkyv needs the archive aligned; the image slice may not be.
+    let mut aligned = rkyv::util::AlignedVec::<16>::with_capacity(body.len());
+    aligned.extend_from_slice(body);
+    let cp = rkyv::from_bytes::<Checkpoint, rkyv::rancor::Error>(&aligned).ok()?;
+    (cp.nonce == nonce).then_some(cp)
+}
+
+/// Reads the checkpoint of a partition directory, if there is a valid one.
+pub async fn load(dir: &Path, nonce: u64) -> Result<Option<(Checkpoint, u64)>> {
+    let path = dir.join(FILE);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let file = SegFile::open(&path).await?;
+    let size = file.size().await?;
+    let image = file.read(0, size as usize).await?;
+    match decode(&image, nonce) {
+        Some(cp) => Ok(Some((cp, size))),
+        None => {
+            tracing::warn!(
+                "{} is damaged; rebuilding the index by scanning segments",
+                path.display()
+            );
+            Ok(None)
+        }
+    }
+}
+
+impl Partition {
+    /// Snapshots the index and writes it atomically (tmp file, sync, rename).
+    pub async fn write_checkpoint(&self) -> Result<()> {
+        let _roll = self.roll_lock.lock().await;
+        let (cp, changes) = self.snapshot();
+        let image = encode(&cp)?;
+        let new_bytes = align_up(image.len() as u64);
+        let hot = self.make_room(new_bytes).await?;
+        let tmp = self.dir.join(TMP_FILE);
+        let _ = std::fs::remove_file(&tmp);
+        let file = SegFile::create(&tmp, new_bytes).await?;
+        let written = async {
+            file.write_padded(&image, 0).await?;
+            file.sync().await
+        }
+        .await;
+        if let Err(e) = written {
+            let _ = file.remove().await;
+            return Err(e);
+        }
+        std::fs::rename(&tmp, self.dir.join(FILE))
+            .and_then(|()| std::fs::File::open(&self.dir)?.sync_all())
+            .map_err(|e| Error::io("installing checkpoint", e))?;
+        {
+            let mut st = self.st.borrow_mut();
+            st.used = st.used + new_bytes - st.checkpoint_bytes;
+            st.checkpoint_bytes = new_bytes;
+            st.changes -= changes.min(st.changes);
+        }
+        drop(_roll);
+        self.reinsert(hot).await;
+        Ok(())
+    }
+
+    fn snapshot(&self) -> (Checkpoint, u64) {
+        let st = self.st.borrow();
+        let segments = st
+            .segments
+            .iter()
+            .map(|(&id, seg)| {
+                let head = if st.packed.as_ref().map(|p| p.seg) == Some(id) {
+                    st.packed.as_ref().map_or(seg.size, |p| p.flushed)
+                } else if st.extents.as_ref().map(|e| e.seg) == Some(id) {
+                    st.extents.as_ref().map_or(seg.size, |e| e.head)
+                } else {
+                    seg.size
+                };
+                let inflight = seg.inflight.iter().map(|&o| u64::from(o)).min();
+                SegmentMark {
+                    id,
+                    replay_from: inflight.map_or(head, |o| o.min(head)),
+                }
+            })
+            .collect();
+        let entries = st
+            .index
+            .iter()
+            .map(|(&prefix, loc)| Entry {
+                prefix,
+                seg: loc.seg,
+                off: loc.off,
+                len: loc.len,
+                flags: loc.flags,
+            })
+            .collect();
+        (
+            Checkpoint {
+                nonce: self.nonce,
+                next_seq: st.next_seq,
+                next_seg: st.next_seg,
+                segments,
+                entries,
+            },
+            st.changes,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn corrupted_checkpoint_is_ignored() {
+        let cp = Checkpoint {
+            nonce: 7,
+            next_seq: 10,
+            next_seg: 3,
+            segments: vec![SegmentMark { id: 1, replay_from: 4096 }],
+            entries: vec![Entry { prefix: 1, seg: 1, off: 0, len: 100, flags: 1 }],
+        };
+        let image = encode(&cp).unwrap();
+        assert_eq!(decode(&image, 7), Some(cp));
+        assert_eq!(decode(&image, 8), None, "checkpoint of another directory accepted");
+        for i in [0, 9, 20, image.len() - 1] {
+            let mut bad = image.clone();
+            bad[i] ^= 0x40;
+            assert_eq!(decode(&bad, 7), None, "flip at {i} accepted");
+        }
+        assert_eq!(decode(&image[..image.len() - 1], 7), None);
+    }
+}

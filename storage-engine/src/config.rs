@@ -1,0 +1,122 @@
+//! Engine configuration. Every field states its default; `EngineConfig::default()` is
+//! what `cairn` runs with when nothing is configured.
+
+use crate::error::{Error, Result};
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Data directory, created if missing. Default: `./cairn-data`.
+    pub dir: PathBuf,
+    /// Byte budget for every segment and checkpoint file under `dir`; disk usage never
+    /// goes over it. Split evenly between partitions. Default: 10 GiB.
+    pub max_size: u64,
+    /// Number of shards (glommio executors) the partitions are spread over.
+    /// Default: the number of CPUs this process may run on.
+    pub shards: usize,
+    /// Number of partitions, fixed when the data directory is created (the manifest
+    /// wins over this field afterwards). Default: 16.
+    pub partitions: u32,
+    /// Size of each segment file. `None` picks one sixteenth of a partition's budget,
+    /// rounded down to a power of two and clamped to 1 MiB..=64 MiB. Default: `None`.
+    pub segment_size: Option<u64>,
+    /// CAS blobs up to this size are staged in memory and group-committed into the
+    /// packed segment; larger ones stream into a reserved extent. Default: 256 KiB.
+    pub small_blob_max: u64,
+    /// Largest action-cache value accepted. Default: 1 MiB.
+    pub max_ac_value: u64,
+    /// How often written segments are `fdatasync`ed (power-loss durability; a
+    /// process crash loses nothing acknowledged either way). `None` never syncs.
+    /// Default: 1 s.
+    pub sync_interval: Option<Duration>,
+    /// How often each partition writes an index checkpoint (also written on clean
+    /// shutdown). `None` writes one only at shutdown. Default: 300 s.
+    pub checkpoint_interval: Option<Duration>,
+    /// Fraction of a segment that eviction may rewrite at the head for records read
+    /// since they were written (0 = pure FIFO). Default: 0.5.
+    pub reinsert_fraction: f64,
+    /// Pin shard k to CPU k when the engine runs its own threads (`Engine::start`).
+    /// Default: false.
+    pub pin_shards: bool,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            dir: PathBuf::from("cairn-data"),
+            max_size: 10 << 30,
+            shards: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            partitions: 16,
+            segment_size: None,
+            small_blob_max: 256 << 10,
+            max_ac_value: 1 << 20,
+            sync_interval: Some(Duration::from_secs(1)),
+            checkpoint_interval: Some(Duration::from_secs(300)),
+            reinsert_fraction: 0.5,
+            pin_shards: false,
+        }
+    }
+}
+
+/// The per-partition numbers derived from a config and the manifest.
+#[derive(Debug, Clone)]
+pub(crate) struct PartitionLimits {
+    pub budget: u64,
+    pub segment_size: u64,
+    pub small_blob_max: u64,
+    pub max_ac_value: u64,
+    pub reinsert_budget: u64,
+}
+
+/// Segments a partition needs at least: the packed one, the extent one, and room to
+/// roll either over while the oldest is reclaimed.
+const MIN_SEGMENTS: u64 = 4;
+
+impl EngineConfig {
+    pub(crate) fn limits(&self, partitions: u32) -> Result<PartitionLimits> {
+        if self.shards == 0 {
+            return Err(Error::invalid("shards must be at least 1"));
+        }
+        let budget = self.max_size / u64::from(partitions);
+        let segment_size = match self.segment_size {
+            Some(s) => s,
+            None => {
+                let s = (budget / 16).clamp(1 << 20, 64 << 20);
+                1 << (63 - s.leading_zeros())
+            }
+        };
+        if segment_size % crate::format::ALIGN != 0 || segment_size > u64::from(u32::MAX) {
+            return Err(Error::invalid(
+                "segment_size must be a multiple of 4096 and below 4 GiB",
+            ));
+        }
+        if budget < MIN_SEGMENTS * segment_size {
+            return Err(Error::new(
+                crate::ErrorKind::InvalidArgument,
+                format!(
+                    "max_size {} is too small for {} partitions of {}-byte segments: \
+                     need at least {} bytes",
+                    self.max_size,
+                    partitions,
+                    segment_size,
+                    MIN_SEGMENTS * segment_size * u64::from(partitions)
+                ),
+            ));
+        }
+        let header = crate::format::HEADER_LEN as u64;
+        if (self.small_blob_max.max(self.max_ac_value) + header) * 4 > segment_size {
+            return Err(Error::invalid(
+                "small_blob_max and max_ac_value must be under a quarter of segment_size",
+            ));
+        }
+        Ok(PartitionLimits {
+            budget,
+            segment_size,
+            small_blob_max: self.small_blob_max,
+            max_ac_value: self.max_ac_value,
+            reinsert_budget: (segment_size as f64 * self.reinsert_fraction.clamp(0.0, 0.9))
+                as u64,
+        })
+    }
+}

@@ -1,0 +1,398 @@
+//! The `Engine` handle: `Send + Sync`, cheap to clone, usable from any thread.
+//!
+//! It routes each request to the shard owning the key's partition and awaits the reply
+//! on a `Send` channel. Partitions are fixed when the data directory is created;
+//! shards are not: partition p belongs to shard `p % shards`, so a restart with another
+//! shard count simply hands whole partitions to different threads and finds every blob.
+
+use crate::config::EngineConfig;
+use crate::digest::Digest;
+use crate::error::{Error, ErrorKind, Result};
+use crate::format::Key;
+use crate::key::{ac_key, cas_key, partition_of};
+use crate::manifest::Manifest;
+use crate::shard::{Request, Shared, ShardRunner, UploadMsg};
+use crate::stream::BlobStream;
+use crate::{checks, io, PartitionStats, Stats};
+use bytes::Bytes;
+use futures::channel::oneshot;
+use std::sync::{Arc, Mutex};
+
+/// Capacity of each shard's request queue; senders wait when it is full.
+const QUEUE_DEPTH: usize = 4096;
+/// Chunks in flight between an `Upload` handle and its shard task.
+const UPLOAD_DEPTH: usize = 4;
+
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    shards: Vec<flume::Sender<Request>>,
+    partitions: u32,
+    max_ac_value: u64,
+    ready: Mutex<Option<(flume::Receiver<Result<()>>, usize)>>,
+    threads: Mutex<Vec<io::ExecutorThread>>,
+}
+
+impl Engine {
+    /// Opens (or creates) the data directory after the startup checks, and prepares one
+    /// runner per shard. Nothing is served until the runners run inside glommio
+    /// executors; `wait_ready` then reports whether every partition recovered.
+    pub fn open(config: EngineConfig) -> Result<(Engine, Vec<ShardRunner>)> {
+        checks::io_uring()?;
+        if let Some(warning) = checks::memlock(config.shards) {
+            tracing::warn!("{warning}");
+        }
+        let manifest = Manifest::load_or_create(&config.dir, config.partitions)?;
+        if let Some(warning) = checks::data_dir(&config.dir)? {
+            tracing::warn!("{warning}");
+        }
+        let limits = config.limits(manifest.partitions)?;
+        let shared = Arc::new(Shared {
+            dir: config.dir.clone(),
+            nonce: manifest.nonce,
+            limits: limits.clone(),
+            sync_interval: config.sync_interval,
+            checkpoint_interval: config.checkpoint_interval,
+        });
+        let (ready_tx, ready_rx) = flume::unbounded();
+        let mut senders = Vec::new();
+        let mut runners = Vec::new();
+        for shard in 0..config.shards {
+            let (tx, rx) = flume::bounded(QUEUE_DEPTH);
+            senders.push(tx);
+            runners.push(ShardRunner {
+                shard,
+                partitions: (0..manifest.partitions)
+                    .filter(|p| *p as usize % config.shards == shard)
+                    .collect(),
+                requests: rx,
+                shared: shared.clone(),
+                ready: ready_tx.clone(),
+            });
+        }
+        let engine = Engine {
+            inner: Arc::new(Inner {
+                shards: senders,
+                partitions: manifest.partitions,
+                max_ac_value: limits.max_ac_value,
+                ready: Mutex::new(Some((ready_rx, config.shards))),
+                threads: Mutex::new(Vec::new()),
+            }),
+        };
+        Ok((engine, runners))
+    }
+
+    /// Opens the engine and runs each shard on an executor thread of its own; returns
+    /// once every partition has recovered. For tests, benchmarks and tools; the cache
+    /// node runs the shards on its own per-core executors instead.
+    pub fn start(config: EngineConfig) -> Result<Engine> {
+        let pin = config.pin_shards;
+        let (engine, runners) = Engine::open(config)?;
+        let mut threads = Vec::new();
+        for runner in runners {
+            let cpu = pin.then_some(runner.shard);
+            let name = format!("cairn-shard-{}", runner.shard);
+            threads.push(io::spawn_executor(&name, cpu, move || async move {
+                if let Err(e) = runner.run().await {
+                    tracing::error!("storage shard stopped: {e}");
+                }
+            })?);
+        }
+        if let Ok(mut t) = engine.inner.threads.lock() {
+            *t = threads;
+        }
+        futures::executor::block_on(engine.wait_ready())?;
+        Ok(engine)
+    }
+
+    /// Waits until every shard has recovered its partitions; the first failure wins.
+    pub async fn wait_ready(&self) -> Result<()> {
+        let taken = self.inner.ready.lock().ok().and_then(|mut r| r.take());
+        let Some((rx, count)) = taken else {
+            return Ok(());
+        };
+        for _ in 0..count {
+            match rx.recv_async().await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Err(Error::unavailable()),
+            }
+        }
+        Ok(())
+    }
+
+    pub fn partitions(&self) -> u32 {
+        self.inner.partitions
+    }
+
+    fn route(&self, key: &Key) -> (u32, &flume::Sender<Request>) {
+        let part = partition_of(key, self.inner.partitions);
+        let shard = part as usize % self.inner.shards.len();
+        (part, &self.inner.shards[shard])
+    }
+
+    async fn call<T>(
+        &self,
+        tx: &flume::Sender<Request>,
+        make: impl FnOnce(oneshot::Sender<T>) -> Request,
+    ) -> Result<T> {
+        let (reply, rx) = oneshot::channel();
+        tx.send_async(make(reply))
+            .await
+            .map_err(|_| Error::unavailable())?;
+        rx.await.map_err(|_| Error::unavailable())
+    }
+
+    /// Starts a streaming upload of a CAS blob with a declared digest. The content is
+    /// verified as it streams; it becomes visible only when `Upload::finish` succeeds.
+    pub async fn begin_put(&self, digest: Digest) -> Result<Upload> {
+        if digest.is_empty_blob() {
+            return Ok(Upload::already_stored());
+        }
+        let key = cas_key(&digest);
+        let (part, tx) = self.route(&key);
+        let (chunk_tx, chunk_rx) = flume::bounded(UPLOAD_DEPTH);
+        let (done_tx, done_rx) = oneshot::channel();
+        self.call(tx, |accepted| Request::Put {
+            part,
+            digest,
+            key,
+            chunks: chunk_rx,
+            accepted,
+            done: done_tx,
+        })
+        .await??;
+        Ok(Upload {
+            chunks: Some(chunk_tx),
+            done: Some(done_rx),
+            committed: 0,
+        })
+    }
+
+    /// Stores a CAS blob held in memory.
+    pub async fn put(&self, digest: Digest, data: Bytes) -> Result<()> {
+        let mut upload = self.begin_put(digest).await?;
+        upload.write(data).await?;
+        upload.finish().await
+    }
+
+    pub async fn contains(&self, digest: Digest) -> Result<bool> {
+        Ok(self.find_missing(vec![digest]).await?.is_empty())
+    }
+
+    /// Returns the digests that are not stored, in the order given. One request per
+    /// shard, answered from the in-memory index alone.
+    pub async fn find_missing(&self, digests: Vec<Digest>) -> Result<Vec<Digest>> {
+        let shards = self.inner.shards.len();
+        let mut per_shard: Vec<Vec<(usize, u32, Key)>> = vec![Vec::new(); shards];
+        for (i, d) in digests.iter().enumerate() {
+            if d.is_empty_blob() {
+                continue;
+            }
+            let key = cas_key(d);
+            let part = partition_of(&key, self.inner.partitions);
+            per_shard[part as usize % shards].push((i, part, key));
+        }
+        let mut replies = Vec::new();
+        for (shard, items) in per_shard.into_iter().enumerate() {
+            if items.is_empty() {
+                continue;
+            }
+            let (reply, rx) = oneshot::channel();
+            self.inner.shards[shard]
+                .send_async(Request::Missing { items, reply })
+                .await
+                .map_err(|_| Error::unavailable())?;
+            replies.push(rx);
+        }
+        let mut missing = Vec::new();
+        for rx in replies {
+            missing.extend(rx.await.map_err(|_| Error::unavailable())?);
+        }
+        missing.sort_unstable();
+        Ok(missing.into_iter().map(|i| digests[i]).collect())
+    }
+
+    /// Reads `[offset, offset + limit)` of a blob (to its end when `limit` is `None`).
+    pub async fn get(&self, digest: Digest, offset: u64, limit: Option<u64>) -> Result<BlobStream> {
+        if offset > digest.size {
+            return Err(Error::new(
+                ErrorKind::OutOfRange,
+                format!("read offset {offset} is past the end of {digest}"),
+            ));
+        }
+        if digest.is_empty_blob() {
+            return Ok(BlobStream::once(Bytes::new()));
+        }
+        let key = cas_key(&digest);
+        let (part, tx) = self.route(&key);
+        self.call(tx, |reply| Request::Get {
+            part,
+            key,
+            offset,
+            limit,
+            reply,
+        })
+        .await?
+        .map_err(|e| match e.kind() {
+            ErrorKind::NotFound => Error::not_found(format!("blob {digest} not found")),
+            _ => e,
+        })
+    }
+
+    /// Reads a whole blob into memory.
+    pub async fn get_bytes(&self, digest: Digest) -> Result<Bytes> {
+        self.get(digest, 0, None).await?.collect_bytes().await
+    }
+
+    /// Reads the action-cache value stored for `action` in `instance`.
+    pub async fn ac_get(&self, instance: &str, action: Digest) -> Result<Bytes> {
+        let key = ac_key(instance, &action);
+        let (part, tx) = self.route(&key);
+        let stream = self
+            .call(tx, |reply| Request::Get {
+                part,
+                key,
+                offset: 0,
+                limit: None,
+                reply,
+            })
+            .await?
+            .map_err(|e| match e.kind() {
+                ErrorKind::NotFound => {
+                    Error::not_found(format!("no action result for {action} in {instance:?}"))
+                }
+                _ => e,
+            })?;
+        stream.collect_bytes().await
+    }
+
+    /// Stores an action-cache value; the newest value for a key wins, across restarts.
+    pub async fn ac_put(&self, instance: &str, action: Digest, value: Bytes) -> Result<()> {
+        if value.len() as u64 > self.inner.max_ac_value {
+            return Err(Error::new(
+                ErrorKind::ResourceExhausted,
+                format!(
+                    "action result of {} bytes exceeds the limit of {} bytes",
+                    value.len(),
+                    self.inner.max_ac_value
+                ),
+            ));
+        }
+        let key = ac_key(instance, &action);
+        let (part, tx) = self.route(&key);
+        self.call(tx, |reply| Request::AcPut {
+            part,
+            key,
+            value,
+            reply,
+        })
+        .await?
+    }
+
+    /// Usage and counters of every partition, and each shard's queue depth.
+    pub async fn stats(&self) -> Result<Stats> {
+        let mut partitions: Vec<PartitionStats> = Vec::new();
+        let mut queue_depths = Vec::new();
+        for tx in &self.inner.shards {
+            queue_depths.push(tx.len() as u64);
+            partitions.extend(self.call(tx, |reply| Request::Stats { reply }).await?);
+        }
+        partitions.sort_by_key(|p| p.partition);
+        Ok(Stats {
+            partitions,
+            queue_depths,
+        })
+    }
+
+    /// Writes every partition's index checkpoint now.
+    pub async fn checkpoint(&self) -> Result<()> {
+        for tx in &self.inner.shards {
+            self.call(tx, |reply| Request::Checkpoint { reply }).await??;
+        }
+        Ok(())
+    }
+
+    /// Writes every checkpoint and stops the shards. Uploads still in flight are
+    /// abandoned (invisible). Threads started by `start` are joined.
+    pub async fn shutdown(&self) -> Result<()> {
+        let mut result = Ok(());
+        for tx in &self.inner.shards {
+            match self.call(tx, |reply| Request::Shutdown { reply }).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) | Err(e) => result = Err(e),
+            }
+        }
+        let threads = self
+            .inner
+            .threads
+            .lock()
+            .map(|mut t| std::mem::take(&mut *t))
+            .unwrap_or_default();
+        for t in threads {
+            t.join();
+        }
+        result
+    }
+}
+
+/// A streaming upload. Dropping it without `finish` abandons the upload.
+pub struct Upload {
+    chunks: Option<flume::Sender<UploadMsg>>,
+    done: Option<oneshot::Receiver<Result<()>>>,
+    committed: u64,
+}
+
+impl Upload {
+    fn already_stored() -> Upload {
+        Upload {
+            chunks: None,
+            done: None,
+            committed: 0,
+        }
+    }
+
+    /// Bytes accepted so far.
+    pub fn committed(&self) -> u64 {
+        self.committed
+    }
+
+    pub async fn write(&mut self, chunk: Bytes) -> Result<()> {
+        let len = chunk.len() as u64;
+        if let Some(tx) = &self.chunks {
+            if tx.send_async(UploadMsg::Data(chunk)).await.is_err() {
+                return Err(self.failure().await);
+            }
+        }
+        self.committed += len;
+        Ok(())
+    }
+
+    /// Completes the upload: the blob is verified, durable and visible when this
+    /// returns `Ok`.
+    pub async fn finish(mut self) -> Result<()> {
+        if let Some(tx) = self.chunks.take() {
+            if tx.send_async(UploadMsg::Finish).await.is_err() {
+                return Err(self.failure().await);
+            }
+        }
+        match self.done.take() {
+            Some(rx) => rx.await.map_err(|_| Error::unavailable())?,
+            None => Ok(()),
+        }
+    }
+
+    /// The error the shard reported after it stopped taking chunks.
+    async fn failure(&mut self) -> Error {
+        match self.done.take() {
+            Some(rx) => match rx.await {
+                Ok(Err(e)) => e,
+                _ => Error::unavailable(),
+            },
+            None => Error::unavailable(),
+        }
+    }
+}

@@ -1,0 +1,289 @@
+//! The streaming write path for blobs too large to stage in memory.
+//!
+//! An upload declares its size, so its whole record (header, payload, chunk table) is
+//! reserved up front as a 4 KiB-aligned extent of the extents segment, or as a huge
+//! segment of its own when it would not fit a quarter of one. Many uploads write into
+//! their own extents at once; each holds one write unit of memory, whatever the blob's
+//! size. The payload is hashed and checksummed as it streams.
+//!
+//! The header is written last. Until then the extent starts with zeros, which the
+//! recovery scan treats as dead space, so a crash or an abandoned upload leaves an
+//! extent no one can see; only after the digest verifies is the first block rewritten
+//! with the real header, and only after that write completes is the record indexed.
+
+use crate::digest::Hasher;
+use crate::error::{Error, ErrorKind, Result};
+use crate::format::{align_up, encode_chunk_table, record_len, Header, Key, ALIGN, CRC_CHUNK, HEADER_LEN};
+use crate::index::Loc;
+use crate::io::{IoBuf, SegFile};
+use crate::key::prefix;
+use crate::partition::{ExtentHead, Partition, SegKind};
+use std::rc::Rc;
+
+/// Bytes an upload buffers before writing them (one O_DIRECT write each).
+pub const WRITE_UNIT: usize = 1 << 20;
+
+impl Partition {
+    /// Reserves an extent for a record with a payload of `payload_len` bytes.
+    pub async fn reserve_extent(self: &Rc<Self>, key: Key, payload_len: u64) -> Result<ExtentWriter> {
+        let aligned = align_up(record_len(payload_len));
+        let (seg, off) = if aligned > self.limits.segment_size / 4 {
+            let (seg, hot) = {
+                let _roll = self.roll_lock.lock().await;
+                self.new_segment(SegKind::Huge, aligned).await?
+            };
+            self.register_extent(seg, 0);
+            self.reinsert(hot).await;
+            (seg, 0)
+        } else {
+            loop {
+                if let Some(found) = self.try_reserve(aligned) {
+                    break found;
+                }
+                self.roll_extents(aligned).await?;
+            }
+        };
+        let file = self.segment_file(seg).ok_or_else(|| {
+            Error::new(ErrorKind::Unavailable, "segment reclaimed during reservation; retry")
+        })?;
+        Ok(ExtentWriter::new(self.clone(), file, seg, off, key, payload_len))
+    }
+
+    fn try_reserve(&self, aligned: u64) -> Option<(u32, u64)> {
+        let (seg, off) = {
+            let mut st = self.st.borrow_mut();
+            let e = st.extents.as_mut()?;
+            if e.head + aligned > self.limits.segment_size {
+                return None;
+            }
+            let off = e.head;
+            e.head += aligned;
+            (e.seg, off)
+        };
+        self.register_extent(seg, off);
+        Some((seg, off))
+    }
+
+    fn register_extent(&self, seg: u32, off: u64) {
+        if let Some(s) = self.st.borrow_mut().segments.get_mut(&seg) {
+            s.inflight.push(off as u32);
+        }
+    }
+
+    fn release_extent(&self, seg: u32, off: u64) {
+        if let Some(s) = self.st.borrow_mut().segments.get_mut(&seg) {
+            if let Some(i) = s.inflight.iter().position(|&o| u64::from(o) == off) {
+                s.inflight.swap_remove(i);
+            }
+        }
+    }
+
+    async fn roll_extents(&self, need: u64) -> Result<()> {
+        let hot = {
+            let _roll = self.roll_lock.lock().await;
+            let has_room = self
+                .st
+                .borrow()
+                .extents
+                .as_ref()
+                .is_some_and(|e| e.head + need <= self.limits.segment_size);
+            if has_room {
+                return Ok(());
+            }
+            let (seg, hot) = self
+                .new_segment(SegKind::Extents, self.limits.segment_size)
+                .await?;
+            self.st.borrow_mut().extents = Some(ExtentHead { seg, head: 0 });
+            hot
+        };
+        self.reinsert(hot).await;
+        Ok(())
+    }
+}
+
+/// One upload streaming into its reserved extent.
+pub struct ExtentWriter {
+    part: Rc<Partition>,
+    file: Rc<SegFile>,
+    seg: u32,
+    base: u64,
+    key: Key,
+    payload_len: u64,
+    received: u64,
+    hasher: Hasher,
+    chunk_crc: crc32fast::Hasher,
+    chunk_fill: u64,
+    crcs: Vec<u32>,
+    /// The record's first block as last buffered, header still zero.
+    first_block: Vec<u8>,
+    buf: IoBuf,
+    buf_len: usize,
+    /// Record offset at which `buf` starts.
+    buf_start: u64,
+}
+
+impl ExtentWriter {
+    fn new(part: Rc<Partition>, file: Rc<SegFile>, seg: u32, base: u64, key: Key, payload_len: u64) -> Self {
+        let unit = WRITE_UNIT.min(align_up(record_len(payload_len)) as usize);
+        let mut buf = file.alloc(unit);
+        buf.as_mut()[..HEADER_LEN].fill(0);
+        ExtentWriter {
+            hasher: key.function.hasher(),
+            part,
+            file,
+            seg,
+            base,
+            key,
+            payload_len,
+            received: 0,
+            chunk_crc: crc32fast::Hasher::new(),
+            chunk_fill: 0,
+            crcs: Vec::new(),
+            first_block: Vec::new(),
+            buf,
+            buf_len: HEADER_LEN,
+            buf_start: 0,
+        }
+    }
+
+    /// Adds payload bytes; a stream longer than declared is refused at once.
+    pub async fn write(&mut self, mut data: &[u8]) -> Result<()> {
+        if self.received + data.len() as u64 > self.payload_len {
+            return Err(Error::invalid(format!(
+                "upload is longer than its declared size of {} bytes",
+                self.payload_len
+            )));
+        }
+        self.received += data.len() as u64;
+        self.hasher.update(data);
+        while !data.is_empty() {
+            let room = (CRC_CHUNK - self.chunk_fill) as usize;
+            let n = room.min(data.len());
+            self.chunk_crc.update(&data[..n]);
+            self.chunk_fill += n as u64;
+            if self.chunk_fill == CRC_CHUNK {
+                let done = std::mem::replace(&mut self.chunk_crc, crc32fast::Hasher::new());
+                self.crcs.push(done.finalize());
+                self.chunk_fill = 0;
+            }
+            self.push(&data[..n]).await?;
+            data = &data[n..];
+        }
+        Ok(())
+    }
+
+    /// Copies record bytes into the write unit, writing each full unit out.
+    async fn push(&mut self, mut data: &[u8]) -> Result<()> {
+        while !data.is_empty() {
+            let cap = self.buf.len();
+            let n = (cap - self.buf_len).min(data.len());
+            self.buf.as_mut()[self.buf_len..self.buf_len + n].copy_from_slice(&data[..n]);
+            self.buf_len += n;
+            data = &data[n..];
+            if self.buf_len == cap {
+                self.write_unit().await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn write_unit(&mut self) -> Result<()> {
+        let next = self.file.alloc(self.buf.len());
+        let mut full = std::mem::replace(&mut self.buf, next);
+        let len = self.buf_len;
+        full.as_mut()[len..].fill(0);
+        if self.buf_start == 0 {
+            self.first_block = full.as_mut()[..ALIGN as usize].to_vec();
+        }
+        self.file.write(full, self.base + self.buf_start).await?;
+        self.buf_start += len as u64;
+        self.buf_len = 0;
+        Ok(())
+    }
+
+    /// Verifies size and digest, writes the rest and then the header, and indexes the
+    /// record. Any error leaves the extent dead and invisible.
+    pub async fn finish(mut self) -> Result<()> {
+        if self.received != self.payload_len {
+            return Err(Error::invalid(format!(
+                "upload ended after {} of its declared {} bytes",
+                self.received, self.payload_len
+            )));
+        }
+        let hash = std::mem::replace(&mut self.hasher, self.key.function.hasher()).finalize();
+        if hash != self.key.hash {
+            return Err(Error::invalid(format!(
+                "uploaded content does not match its digest {}",
+                crate::Digest {
+                    function: self.key.function,
+                    hash: self.key.hash,
+                    size: self.key.size
+                }
+            )));
+        }
+        let last = std::mem::replace(&mut self.chunk_crc, crc32fast::Hasher::new()).finalize();
+        let payload_crc = if self.payload_len > CRC_CHUNK {
+            if self.chunk_fill > 0 {
+                self.crcs.push(last);
+            }
+            let table = encode_chunk_table(&self.crcs);
+            self.push(&table).await?;
+            crate::format::crc(&table)
+        } else {
+            last
+        };
+        let seq = self.part.next_seq();
+        let header = Header {
+            key: self.key,
+            seq,
+            payload_len: self.payload_len,
+            payload_crc,
+        }
+        .encode(self.part.nonce);
+        if self.buf_start == 0 {
+            // The whole record is still in memory: one write, header included.
+            self.buf.as_mut()[..HEADER_LEN].copy_from_slice(&header);
+            self.write_tail().await?;
+        } else {
+            if self.buf_len > 0 {
+                self.write_tail().await?;
+            }
+            let mut block = std::mem::take(&mut self.first_block);
+            block[..HEADER_LEN].copy_from_slice(&header);
+            self.file.write_padded(&block, self.base).await?;
+        }
+        if self.part.segment_file(self.seg).is_none() {
+            return Err(Error::new(
+                ErrorKind::Unavailable,
+                "the segment holding this upload was reclaimed before it finished; retry",
+            ));
+        }
+        let len = record_len(self.payload_len).min(u64::from(u32::MAX)) as u32;
+        let loc = Loc {
+            seg: self.seg,
+            off: self.base as u32,
+            len,
+            flags: 0,
+        };
+        if let Some(s) = self.part.st.borrow_mut().segments.get_mut(&self.seg) {
+            s.dirty = true;
+        }
+        self.part.insert(prefix(&self.key), loc, false);
+        Ok(())
+    }
+
+    /// Writes the partially filled last unit, zero-padded to the block size.
+    async fn write_tail(&mut self) -> Result<()> {
+        let padded = align_up(self.buf_len as u64) as usize;
+        let mut buf = self.file.alloc(padded);
+        buf.as_mut()[..self.buf_len].copy_from_slice(&self.buf.as_mut()[..self.buf_len]);
+        buf.as_mut()[self.buf_len..].fill(0);
+        self.file.write(buf, self.base + self.buf_start).await
+    }
+}
+
+impl Drop for ExtentWriter {
+    fn drop(&mut self) {
+        self.part.release_extent(self.seg, self.base);
+    }
+}

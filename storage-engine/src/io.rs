@@ -1,0 +1,167 @@
+//! The engine's I/O layer: the only module that touches glommio's file API.
+//!
+//! glommio's last release is from 2024; keeping its types behind this small surface
+//! (aligned buffers, positioned O_DIRECT reads and writes, preallocation, sync,
+//! unlink) keeps a move to another io_uring runtime a contained change.
+
+use crate::error::{Error, Result};
+use bytes::Bytes;
+use glommio::io::{DmaBuffer, DmaFile, OpenOptions};
+use std::path::{Path, PathBuf};
+
+/// An aligned buffer suitable for O_DIRECT writes.
+pub struct IoBuf(DmaBuffer);
+
+impl IoBuf {
+    pub fn as_mut(&mut self) -> &mut [u8] {
+        self.0.as_bytes_mut()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+}
+
+/// A segment (or checkpoint) file opened for O_DIRECT reads and writes.
+pub struct SegFile {
+    file: DmaFile,
+    path: PathBuf,
+}
+
+impl SegFile {
+    /// Creates a new file and preallocates `size` bytes, so that running out of disk
+    /// space is discovered here, as a clear error, and never in the middle of an upload.
+    pub async fn create(path: &Path, size: u64) -> Result<SegFile> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .dma_open(path)
+            .await
+            .map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
+        if let Err(e) = file.pre_allocate(size, false).await {
+            let _ = file.remove().await;
+            let _ = file.close().await;
+            return Err(Error::io(
+                format!("allocating {} bytes for {}", size, path.display()),
+                e,
+            ));
+        }
+        Ok(SegFile {
+            file,
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub async fn open(path: &Path) -> Result<SegFile> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .dma_open(path)
+            .await
+            .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+        Ok(SegFile {
+            file,
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn alloc(&self, len: usize) -> IoBuf {
+        IoBuf(self.file.alloc_dma_buffer(len))
+    }
+
+    /// Writes an aligned buffer at an aligned position; a short write is an error.
+    pub async fn write(&self, buf: IoBuf, pos: u64) -> Result<()> {
+        let len = buf.len();
+        let n = self
+            .file
+            .write_at(buf.0, pos)
+            .await
+            .map_err(|e| Error::io(format!("writing {}", self.path.display()), e))?;
+        if n != len {
+            return Err(Error::io(
+                format!("short write to {} at {pos}", self.path.display()),
+                std::io::Error::from_raw_os_error(libc::EIO),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Copies `data` into an aligned buffer padded with zeros and writes it at `pos`.
+    pub async fn write_padded(&self, data: &[u8], pos: u64) -> Result<()> {
+        let mut buf = self.alloc(crate::format::align_up(data.len() as u64) as usize);
+        let out = buf.as_mut();
+        out[..data.len()].copy_from_slice(data);
+        out[data.len()..].fill(0);
+        self.write(buf, pos).await
+    }
+
+    /// Reads `len` bytes at any position; fewer bytes come back only at end of file.
+    pub async fn read(&self, pos: u64, len: usize) -> Result<Bytes> {
+        let rr = self
+            .file
+            .read_at(pos, len)
+            .await
+            .map_err(|e| Error::io(format!("reading {}", self.path.display()), e))?;
+        Ok(Bytes::copy_from_slice(&rr))
+    }
+
+    pub async fn sync(&self) -> Result<()> {
+        self.file
+            .fdatasync()
+            .await
+            .map_err(|e| Error::io(format!("syncing {}", self.path.display()), e))
+    }
+
+    pub async fn size(&self) -> Result<u64> {
+        self.file
+            .file_size()
+            .await
+            .map_err(|e| Error::io(format!("stat {}", self.path.display()), e))
+    }
+
+    /// Unlinks the file. Readers and writers holding it keep a valid descriptor.
+    pub async fn remove(&self) -> Result<()> {
+        self.file
+            .remove()
+            .await
+            .map_err(|e| Error::io(format!("removing {}", self.path.display()), e))
+    }
+}
+
+/// Spawns a task on the current shard's executor.
+pub fn spawn<F: std::future::Future<Output = ()> + 'static>(fut: F) {
+    glommio::spawn_local(fut).detach();
+}
+
+pub async fn sleep(d: std::time::Duration) {
+    glommio::timer::sleep(d).await;
+}
+
+/// A shard executor thread started by [`spawn_executor`].
+pub struct ExecutorThread(glommio::ExecutorJoinHandle<()>);
+
+impl ExecutorThread {
+    pub fn join(self) {
+        if let Err(e) = self.0.join() {
+            tracing::error!("storage shard executor failed: {e}");
+        }
+    }
+}
+
+/// Runs `f()` on a new executor thread; used by `Engine::start`.
+pub fn spawn_executor<F, Fut>(name: &str, cpu: Option<usize>, f: F) -> Result<ExecutorThread>
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + 'static,
+{
+    let placement = match cpu {
+        Some(c) => glommio::Placement::Fixed(c),
+        None => glommio::Placement::Unbound,
+    };
+    glommio::LocalExecutorBuilder::new(placement)
+        .name(name)
+        .spawn(f)
+        .map(ExecutorThread)
+        .map_err(|e| Error::io("starting a storage shard", std::io::Error::other(e.to_string())))
+}

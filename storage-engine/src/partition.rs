@@ -1,0 +1,223 @@
+//! One partition: a directory of segment files and the index over them, owned by
+//! exactly one shard thread.
+//!
+//! A partition keeps two segments open for writing. The *packed* segment receives
+//! small records back to back, staged in a tail buffer and group-committed by the
+//! flusher (`flusher.rs`); the *extents* segment hands out 4 KiB-aligned extents to
+//! streaming uploads (`extent.rs`), so that many large uploads proceed in parallel
+//! without buffering whole blobs. A record too large for a quarter of a segment gets a
+//! *huge* segment of its own. All three kinds share one id sequence, and the reclaimer
+//! (`reclaimer.rs`) frees the oldest id first, whatever its kind.
+//!
+//! State lives in a `RefCell` and is never borrowed across an `.await`; the two async
+//! locks order the only multi-step operations (rolling a segment over, flushing).
+
+use crate::config::PartitionLimits;
+use crate::format::Key;
+use crate::index::{Index, Loc, ACCESSED};
+use crate::io::SegFile;
+use crate::key::prefix;
+use futures::lock::Mutex;
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SegKind {
+    Packed,
+    Extents,
+    Huge,
+}
+
+impl SegKind {
+    pub fn extension(self) -> &'static str {
+        match self {
+            SegKind::Packed => "packed",
+            SegKind::Extents => "extents",
+            SegKind::Huge => "huge",
+        }
+    }
+
+    pub fn from_extension(ext: &str) -> Option<SegKind> {
+        match ext {
+            "packed" => Some(SegKind::Packed),
+            "extents" => Some(SegKind::Extents),
+            "huge" => Some(SegKind::Huge),
+            _ => None,
+        }
+    }
+}
+
+pub fn segment_path(dir: &Path, id: u32, kind: SegKind) -> PathBuf {
+    dir.join(format!("{id:08x}.{}", kind.extension()))
+}
+
+pub struct Segment {
+    pub file: Rc<SegFile>,
+    pub kind: SegKind,
+    /// Bytes allocated on disk (counted against the budget).
+    pub size: u64,
+    /// Prefixes of the records written here, for the reclaimer; stale ones are
+    /// recognised by the index no longer pointing here.
+    pub keys: Vec<u64>,
+    /// Offsets of extents reserved here whose upload has not finished.
+    pub inflight: Vec<u32>,
+    /// Written since the last fdatasync.
+    pub dirty: bool,
+}
+
+/// The packed segment currently receiving small records.
+pub struct Packed {
+    pub seg: u32,
+    /// End of the last appended record.
+    pub head: u64,
+    /// Everything before this offset is on the device.
+    pub flushed: u64,
+    /// Bytes `[tail_base, head)` of the segment, kept in memory: unflushed records plus
+    /// recently written ones, which reads are served from.
+    pub tail_base: u64,
+    pub tail: Vec<u8>,
+    /// Appended but not yet flushed: indexed by the flush that writes them.
+    pub pending: Vec<Pending>,
+    /// Set while the segment is being rolled over; appends wait for the new one.
+    pub sealed: bool,
+}
+
+pub struct Pending {
+    pub prefix: u64,
+    pub loc: Loc,
+    /// A reinsertion: it must not replace a newer value written meanwhile.
+    pub if_absent: bool,
+}
+
+/// The extents segment currently handing out reservations.
+pub struct ExtentHead {
+    pub seg: u32,
+    pub head: u64,
+}
+
+pub struct State {
+    pub index: Index,
+    pub segments: BTreeMap<u32, Segment>,
+    pub packed: Option<Packed>,
+    pub extents: Option<ExtentHead>,
+    pub next_seg: u32,
+    pub next_seq: u64,
+    /// Bytes of segment and checkpoint files on disk.
+    pub used: u64,
+    pub checkpoint_bytes: u64,
+    /// Index changes since the last checkpoint.
+    pub changes: u64,
+}
+
+#[derive(Default)]
+pub struct Counters {
+    pub evictions: Cell<u64>,
+    pub evicted_bytes: Cell<u64>,
+    pub reinserted: Cell<u64>,
+    pub crc_failures: Cell<u64>,
+}
+
+pub struct Partition {
+    pub id: u32,
+    pub dir: PathBuf,
+    pub nonce: u64,
+    pub limits: PartitionLimits,
+    pub st: RefCell<State>,
+    /// Serialises segment creation and eviction.
+    pub roll_lock: Mutex<()>,
+    /// Serialises writes of the packed tail, so a rewrite of the shared last block can
+    /// never overtake an older one.
+    pub flush_lock: Mutex<()>,
+    pub counters: Counters,
+}
+
+impl Partition {
+    pub fn new(id: u32, dir: PathBuf, nonce: u64, limits: PartitionLimits, st: State) -> Self {
+        Partition {
+            id,
+            dir,
+            nonce,
+            limits,
+            st: RefCell::new(st),
+            roll_lock: Mutex::new(()),
+            flush_lock: Mutex::new(()),
+            counters: Counters::default(),
+        }
+    }
+
+    /// Looks a key up and marks it accessed (for the reclaimer's reinsertion).
+    pub fn lookup(&self, key: &Key) -> Option<(u64, Loc)> {
+        let p = prefix(key);
+        let mut st = self.st.borrow_mut();
+        let loc = st.index.get_mut(&p)?;
+        loc.flags |= ACCESSED;
+        Some((p, *loc))
+    }
+
+    pub fn contains(&self, key: &Key) -> bool {
+        self.st.borrow().index.contains_key(&prefix(key))
+    }
+
+    /// Adds a record to the index (and to its segment's key list).
+    pub fn insert(&self, prefix: u64, loc: Loc, if_absent: bool) {
+        let mut st = self.st.borrow_mut();
+        if !st.segments.contains_key(&loc.seg) {
+            return;
+        }
+        if if_absent && st.index.contains_key(&prefix) {
+            return;
+        }
+        st.index.insert(prefix, loc);
+        st.changes += 1;
+        if let Some(seg) = st.segments.get_mut(&loc.seg) {
+            seg.keys.push(prefix);
+        }
+    }
+
+    /// Forgets a record that failed its checksum, unless the index moved on meanwhile.
+    pub fn drop_corrupt(&self, prefix: u64, loc: Loc, what: &str) {
+        self.counters
+            .crc_failures
+            .set(self.counters.crc_failures.get() + 1);
+        tracing::error!(
+            partition = self.id,
+            segment = loc.seg,
+            offset = loc.off,
+            "checksum failure in {what}; record dropped and reported as not found"
+        );
+        let mut st = self.st.borrow_mut();
+        if st.index.get(&prefix) == Some(&loc) {
+            st.index.remove(&prefix);
+            st.changes += 1;
+        }
+    }
+
+    pub fn segment_file(&self, seg: u32) -> Option<Rc<SegFile>> {
+        self.st.borrow().segments.get(&seg).map(|s| s.file.clone())
+    }
+
+    pub fn next_seq(&self) -> u64 {
+        let mut st = self.st.borrow_mut();
+        let s = st.next_seq;
+        st.next_seq += 1;
+        s
+    }
+
+    /// Partition statistics for `Engine::stats`.
+    pub fn stats(&self) -> crate::PartitionStats {
+        let st = self.st.borrow();
+        crate::PartitionStats {
+            partition: self.id,
+            used_bytes: st.used,
+            budget_bytes: self.limits.budget,
+            objects: st.index.len() as u64,
+            segments: st.segments.len() as u64,
+            evictions: self.counters.evictions.get(),
+            evicted_bytes: self.counters.evicted_bytes.get(),
+            reinserted: self.counters.reinserted.get(),
+            crc_failures: self.counters.crc_failures.get(),
+        }
+    }
+}

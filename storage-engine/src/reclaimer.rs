@@ -1,0 +1,159 @@
+//! Space management: new segments within the byte budget, reclaiming the oldest.
+//!
+//! The budget is honoured before a segment file exists: a new segment is created only
+//! once the oldest ones have been removed to make room for it, and its full size is
+//! preallocated, so disk usage never exceeds the budget and a disk that another
+//! process filled shows up as a clear RESOURCE_EXHAUSTED at creation, never as a
+//! failed write of data already acknowledged.
+//!
+//! Reclaiming is FIFO by segment id (purely sequential writes), with one refinement
+//! that approximates LRU: records read since they were written are copied to the head
+//! of the log, up to `reinsert_fraction` of a segment per reclaim, and lose their
+//! "accessed" mark, so they survive another round only if read again.
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::format::{verify_body, Header, Key, HEADER_LEN};
+use crate::index::Loc;
+use crate::io::SegFile;
+use crate::partition::{segment_path, Partition, SegKind, Segment};
+use bytes::Bytes;
+use std::rc::Rc;
+
+/// A record saved from a reclaimed segment, to be appended again.
+pub struct Hot {
+    pub key: Key,
+    pub payload: Bytes,
+}
+
+impl Partition {
+    /// Creates a segment of `size` bytes after reclaiming enough old ones. The caller
+    /// holds `roll_lock`. Returns the new id and the hot records to reinsert.
+    pub async fn new_segment(&self, kind: SegKind, size: u64) -> Result<(u32, Vec<Hot>)> {
+        let hot = self.make_room(size).await?;
+        let id = {
+            let mut st = self.st.borrow_mut();
+            let id = st.next_seg;
+            st.next_seg += 1;
+            id
+        };
+        let file = SegFile::create(&segment_path(&self.dir, id, kind), size).await?;
+        let mut st = self.st.borrow_mut();
+        st.used += size;
+        st.segments.insert(
+            id,
+            Segment {
+                file: Rc::new(file),
+                kind,
+                size,
+                keys: Vec::new(),
+                inflight: Vec::new(),
+                dirty: true,
+            },
+        );
+        Ok((id, hot))
+    }
+
+    /// Reclaims the oldest segments until `extra` more bytes fit in the budget.
+    pub async fn make_room(&self, extra: u64) -> Result<Vec<Hot>> {
+        let mut hot = Vec::new();
+        let mut reinsert_left = self.limits.reinsert_budget;
+        loop {
+            let victim = {
+                let st = self.st.borrow();
+                if st.used + extra <= self.limits.budget {
+                    return Ok(hot);
+                }
+                let active = [
+                    st.packed.as_ref().map(|p| p.seg),
+                    st.extents.as_ref().map(|e| e.seg),
+                ];
+                st.segments
+                    .keys()
+                    .copied()
+                    .find(|id| !active.contains(&Some(*id)))
+            };
+            let Some(victim) = victim else {
+                return Err(Error::new(
+                    ErrorKind::ResourceExhausted,
+                    format!(
+                        "partition {} cannot fit {extra} more bytes in its budget of {} bytes",
+                        self.id, self.limits.budget
+                    ),
+                ));
+            };
+            hot.extend(self.reclaim(victim, &mut reinsert_left).await?);
+        }
+    }
+
+    /// Removes one segment: drops its records from the index, saving the ones read
+    /// since they were written while `reinsert_left` allows.
+    async fn reclaim(&self, victim: u32, reinsert_left: &mut u64) -> Result<Vec<Hot>> {
+        let (seg, keep) = {
+            let mut st = self.st.borrow_mut();
+            let Some(seg) = st.segments.remove(&victim) else {
+                return Ok(Vec::new());
+            };
+            let small_max = (HEADER_LEN as u64) + self.limits.small_blob_max.max(self.limits.max_ac_value);
+            let mut keep: Vec<Loc> = Vec::new();
+            for prefix in &seg.keys {
+                let Some(loc) = st.index.get(prefix).copied() else {
+                    continue;
+                };
+                if loc.seg != victim {
+                    continue;
+                }
+                let len = u64::from(loc.len);
+                if loc.accessed() && len <= small_max && len <= *reinsert_left {
+                    *reinsert_left -= len;
+                    keep.push(loc);
+                }
+                st.index.remove(prefix);
+                st.changes += 1;
+            }
+            (seg, keep)
+        };
+        let mut hot = Vec::with_capacity(keep.len());
+        for loc in keep {
+            let bytes = seg
+                .file
+                .read(u64::from(loc.off), loc.len as usize)
+                .await?;
+            let Ok(header) = Header::decode(&bytes, self.nonce) else {
+                continue;
+            };
+            let body = bytes.slice(HEADER_LEN.min(bytes.len())..);
+            if !verify_body(&header, &body) {
+                continue;
+            }
+            hot.push(Hot {
+                key: header.key,
+                payload: body.slice(..header.payload_len as usize),
+            });
+        }
+        seg.file.remove().await?;
+        let mut st = self.st.borrow_mut();
+        st.used -= seg.size;
+        self.counters.evictions.set(self.counters.evictions.get() + 1);
+        self.counters
+            .evicted_bytes
+            .set(self.counters.evicted_bytes.get() + seg.size);
+        tracing::debug!(partition = self.id, segment = victim, kind = ?seg.kind, "segment reclaimed");
+        Ok(hot)
+    }
+
+    /// Appends saved records at the head; a record rewritten meanwhile is skipped.
+    pub async fn reinsert(&self, hot: Vec<Hot>) {
+        for h in hot {
+            match self.append(h.key, &h.payload, true).await {
+                Ok(()) => self
+                    .counters
+                    .reinserted
+                    .set(self.counters.reinserted.get() + 1),
+                Err(e) => {
+                    tracing::warn!(partition = self.id, "reinsertion stopped: {e}");
+                    return;
+                }
+            }
+        }
+    }
+}

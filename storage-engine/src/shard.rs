@@ -1,0 +1,375 @@
+//! A shard: one executor thread that owns a fixed set of partitions.
+//!
+//! Requests reach a shard over a channel from any thread (the `Engine` handle routes by
+//! partition), and each runs as a task on the shard's executor, where the partition's
+//! state is touched without locks. Replies travel back over `Send` channels, so the
+//! futures callers await are `Send` even though everything inside the shard is `Rc`.
+
+use crate::config::PartitionLimits;
+use crate::digest::Digest;
+use crate::error::{Error, Result};
+use crate::format::Key;
+use crate::io;
+use crate::partition::Partition;
+use crate::reader::Found;
+use crate::stream::BlobStream;
+use crate::PartitionStats;
+use bytes::{Bytes, BytesMut};
+use futures::channel::oneshot;
+use std::cell::Cell;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub(crate) enum Request {
+    Put {
+        part: u32,
+        digest: Digest,
+        key: Key,
+        chunks: flume::Receiver<UploadMsg>,
+        accepted: oneshot::Sender<Result<()>>,
+        done: oneshot::Sender<Result<()>>,
+    },
+    Missing {
+        items: Vec<(usize, u32, Key)>,
+        reply: oneshot::Sender<Vec<usize>>,
+    },
+    Get {
+        part: u32,
+        key: Key,
+        offset: u64,
+        limit: Option<u64>,
+        reply: oneshot::Sender<Result<BlobStream>>,
+    },
+    AcPut {
+        part: u32,
+        key: Key,
+        value: Bytes,
+        reply: oneshot::Sender<Result<()>>,
+    },
+    Stats {
+        reply: oneshot::Sender<Vec<PartitionStats>>,
+    },
+    Checkpoint {
+        reply: oneshot::Sender<Result<()>>,
+    },
+    Shutdown {
+        reply: oneshot::Sender<Result<()>>,
+    },
+}
+
+pub(crate) enum UploadMsg {
+    Data(Bytes),
+    Finish,
+}
+
+/// What every shard of one engine shares.
+pub(crate) struct Shared {
+    pub dir: PathBuf,
+    pub nonce: u64,
+    pub limits: PartitionLimits,
+    pub sync_interval: Option<Duration>,
+    pub checkpoint_interval: Option<Duration>,
+}
+
+/// The work of one shard, to be run inside a glommio executor (the cache node runs
+/// shard k on its core-k executor, next to that core's network tasks).
+pub struct ShardRunner {
+    pub(crate) shard: usize,
+    pub(crate) partitions: Vec<u32>,
+    pub(crate) requests: flume::Receiver<Request>,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) ready: flume::Sender<Result<()>>,
+}
+
+type Parts = Rc<HashMap<u32, Rc<Partition>>>;
+
+impl ShardRunner {
+    /// Recovers the shard's partitions, then serves requests until shutdown.
+    pub async fn run(self) -> Result<()> {
+        let parts = match self.recover().await {
+            Ok(p) => {
+                let _ = self.ready.send(Ok(()));
+                p
+            }
+            Err(e) => {
+                let _ = self.ready.send(Err(e.clone()));
+                return Err(e);
+            }
+        };
+        let stop = Rc::new(Cell::new(false));
+        if let Some(every) = self.shared.sync_interval {
+            io::spawn(sync_loop(parts.clone(), every, stop.clone()));
+        }
+        if let Some(every) = self.shared.checkpoint_interval {
+            io::spawn(checkpoint_loop(parts.clone(), every, stop.clone()));
+        }
+        while let Ok(req) = self.requests.recv_async().await {
+            if let Request::Shutdown { reply } = req {
+                stop.set(true);
+                let _ = reply.send(checkpoint_all(&parts).await);
+                return Ok(());
+            }
+            io::spawn(handle(parts.clone(), req));
+        }
+        stop.set(true);
+        Ok(())
+    }
+
+    async fn recover(&self) -> Result<Parts> {
+        let mut parts = HashMap::new();
+        for &p in &self.partitions {
+            let dir = self.shared.dir.join(format!("p{p:03}"));
+            let started = std::time::Instant::now();
+            let (part, report) = crate::recover::recover(
+                p,
+                &dir,
+                self.shared.nonce,
+                self.shared.limits.clone(),
+                true,
+            )
+            .await?;
+            tracing::info!(
+                shard = self.shard,
+                partition = p,
+                objects = part.st.borrow().index.len(),
+                from_checkpoint = report.from_checkpoint,
+                scanned = report.scanned_records,
+                damaged = report.skipped_damaged,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "partition recovered"
+            );
+            parts.insert(p, part);
+        }
+        Ok(Rc::new(parts))
+    }
+}
+
+async fn checkpoint_all(parts: &Parts) -> Result<()> {
+    let mut result = Ok(());
+    for part in parts.values() {
+        if let Err(e) = part.write_checkpoint().await {
+            tracing::error!(partition = part.id, "checkpoint failed: {e}");
+            result = Err(e);
+        }
+    }
+    result
+}
+
+async fn sync_loop(parts: Parts, every: Duration, stop: Rc<Cell<bool>>) {
+    while !stop.get() {
+        io::sleep(every).await;
+        for part in parts.values() {
+            let files: Vec<_> = {
+                let mut st = part.st.borrow_mut();
+                st.segments
+                    .values_mut()
+                    .filter_map(|s| std::mem::take(&mut s.dirty).then(|| s.file.clone()))
+                    .collect()
+            };
+            for f in files {
+                if let Err(e) = f.sync().await {
+                    tracing::error!(partition = part.id, "fdatasync failed: {e}");
+                }
+            }
+        }
+    }
+}
+
+async fn checkpoint_loop(parts: Parts, every: Duration, stop: Rc<Cell<bool>>) {
+    while !stop.get() {
+        io::sleep(every).await;
+        if stop.get() {
+            return;
+        }
+        for part in parts.values() {
+            if part.st.borrow().changes == 0 {
+                continue;
+            }
+            if let Err(e) = part.write_checkpoint().await {
+                tracing::error!(partition = part.id, "periodic checkpoint failed: {e}");
+            }
+        }
+    }
+}
+
+fn partition(parts: &Parts, id: u32) -> Result<Rc<Partition>> {
+    parts.get(&id).cloned().ok_or_else(|| {
+        Error::new(
+            crate::ErrorKind::Internal,
+            format!("partition {id} routed to a shard that does not own it"),
+        )
+    })
+}
+
+async fn handle(parts: Parts, req: Request) {
+    match req {
+        Request::Put {
+            part,
+            digest,
+            key,
+            chunks,
+            accepted,
+            done,
+        } => match partition(&parts, part) {
+            Ok(p) => upload(p, digest, key, chunks, accepted, done).await,
+            Err(e) => {
+                let _ = accepted.send(Err(e));
+            }
+        },
+        Request::Missing { items, reply } => {
+            let missing = items
+                .into_iter()
+                .filter(|(_, p, key)| !parts.get(p).is_some_and(|p| p.contains(key)))
+                .map(|(i, _, _)| i)
+                .collect();
+            let _ = reply.send(missing);
+        }
+        Request::Get {
+            part,
+            key,
+            offset,
+            limit,
+            reply,
+        } => {
+            let _ = reply.send(get(&parts, part, key, offset, limit).await);
+        }
+        Request::AcPut {
+            part,
+            key,
+            value,
+            reply,
+        } => {
+            let res = match partition(&parts, part) {
+                Ok(p) => p.append(key, &value, false).await,
+                Err(e) => Err(e),
+            };
+            let _ = reply.send(res);
+        }
+        Request::Stats { reply } => {
+            let _ = reply.send(parts.values().map(|p| p.stats()).collect());
+        }
+        Request::Checkpoint { reply } => {
+            let _ = reply.send(checkpoint_all(&parts).await);
+        }
+        Request::Shutdown { reply } => {
+            let _ = reply.send(Ok(()));
+        }
+    }
+}
+
+async fn get(
+    parts: &Parts,
+    part: u32,
+    key: Key,
+    offset: u64,
+    limit: Option<u64>,
+) -> Result<BlobStream> {
+    let p = partition(parts, part)?;
+    match p.find(&key, offset, limit).await? {
+        None => Err(Error::not_found("not found")),
+        Some(Found::Whole(bytes)) => Ok(BlobStream::once(bytes)),
+        Some(Found::Large(rec)) => {
+            let end = limit.map_or(rec.payload_len, |l| {
+                offset.saturating_add(l).min(rec.payload_len)
+            });
+            let (tx, rx) = flume::bounded(2);
+            let owner = p.clone();
+            io::spawn(async move { owner.stream_large(rec, offset, end, tx).await });
+            Ok(BlobStream::channel(rx))
+        }
+    }
+}
+
+/// Receives one upload. Small blobs are staged whole (bounded by `small_blob_max`) and
+/// appended; larger ones stream into a reserved extent. A blob already stored is
+/// acknowledged without being written again.
+async fn upload(
+    part: Rc<Partition>,
+    digest: Digest,
+    key: Key,
+    chunks: flume::Receiver<UploadMsg>,
+    accepted: oneshot::Sender<Result<()>>,
+    done: oneshot::Sender<Result<()>>,
+) {
+    if part.contains(&key) {
+        let _ = accepted.send(Ok(()));
+        while let Ok(UploadMsg::Data(_)) = chunks.recv_async().await {}
+        let _ = done.send(Ok(()));
+        return;
+    }
+    if digest.size <= part.limits.small_blob_max {
+        let _ = accepted.send(Ok(()));
+        let res = upload_small(&part, digest, key, &chunks).await;
+        if let Some(res) = res {
+            let _ = done.send(res);
+        }
+        return;
+    }
+    let mut writer = match part.reserve_extent(key, digest.size).await {
+        Ok(w) => {
+            let _ = accepted.send(Ok(()));
+            w
+        }
+        Err(e) => {
+            let _ = accepted.send(Err(e));
+            return;
+        }
+    };
+    loop {
+        match chunks.recv_async().await {
+            Ok(UploadMsg::Data(data)) => {
+                if let Err(e) = writer.write(&data).await {
+                    let _ = done.send(Err(e));
+                    return;
+                }
+            }
+            Ok(UploadMsg::Finish) => {
+                let _ = done.send(writer.finish().await);
+                return;
+            }
+            // The client went away: the extent stays dead and invisible.
+            Err(_) => return,
+        }
+    }
+}
+
+/// Stages a small upload; `None` when the client abandoned it.
+async fn upload_small(
+    part: &Partition,
+    digest: Digest,
+    key: Key,
+    chunks: &flume::Receiver<UploadMsg>,
+) -> Option<Result<()>> {
+    let mut buf = BytesMut::with_capacity(digest.size as usize);
+    loop {
+        match chunks.recv_async().await {
+            Ok(UploadMsg::Data(data)) => {
+                if buf.len() as u64 + data.len() as u64 > digest.size {
+                    return Some(Err(Error::invalid(format!(
+                        "upload is longer than its declared size of {} bytes",
+                        digest.size
+                    ))));
+                }
+                buf.extend_from_slice(&data);
+            }
+            Ok(UploadMsg::Finish) => break,
+            Err(_) => return None,
+        }
+    }
+    if buf.len() as u64 != digest.size {
+        return Some(Err(Error::invalid(format!(
+            "upload ended after {} of its declared {} bytes",
+            buf.len(),
+            digest.size
+        ))));
+    }
+    if Digest::of(digest.function, &buf) != digest {
+        return Some(Err(Error::invalid(format!(
+            "uploaded content does not match its digest {digest}"
+        ))));
+    }
+    Some(part.append(key, &buf, false).await)
+}
