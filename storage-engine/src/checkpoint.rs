@@ -185,12 +185,25 @@ mod tests {
             nonce: 7,
             next_seq: 10,
             next_seg: 3,
-            segments: vec![SegmentMark { id: 1, replay_from: 4096 }],
-            entries: vec![Entry { prefix: 1, seg: 1, off: 0, len: 100, flags: 1 }],
+            segments: vec![SegmentMark {
+                id: 1,
+                replay_from: 4096,
+            }],
+            entries: vec![Entry {
+                prefix: 1,
+                seg: 1,
+                off: 0,
+                len: 100,
+                flags: 1,
+            }],
         };
         let image = encode(&cp).unwrap();
         assert_eq!(decode(&image, 7), Some(cp));
-        assert_eq!(decode(&image, 8), None, "checkpoint of another directory accepted");
+        assert_eq!(
+            decode(&image, 8),
+            None,
+            "checkpoint of another directory accepted"
+        );
         for i in [0, 9, 20, image.len() - 1] {
             let mut bad = image.clone();
             bad[i] ^= 0x40;

@@ -115,8 +115,7 @@ impl EngineConfig {
             segment_size,
             small_blob_max: self.small_blob_max,
             max_ac_value: self.max_ac_value,
-            reinsert_budget: (segment_size as f64 * self.reinsert_fraction.clamp(0.0, 0.9))
-                as u64,
+            reinsert_budget: (segment_size as f64 * self.reinsert_fraction.clamp(0.0, 0.9)) as u64,
         })
     }
 }

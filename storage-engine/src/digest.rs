@@ -158,7 +158,13 @@ fn hex_value(c: u8) -> Option<u8> {
 
 impl fmt::Debug for Digest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}/{}", self.function.name(), self.hash_hex(), self.size)
+        write!(
+            f,
+            "{}:{}/{}",
+            self.function.name(),
+            self.hash_hex(),
+            self.size
+        )
     }
 }
 

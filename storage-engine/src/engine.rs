@@ -11,7 +11,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::format::Key;
 use crate::key::{ac_key, cas_key, partition_of};
 use crate::manifest::Manifest;
-use crate::shard::{Request, Shared, ShardRunner, UploadMsg};
+use crate::shard::{Request, ShardRunner, Shared, UploadMsg};
 use crate::stream::BlobStream;
 use crate::{checks, io, PartitionStats, Stats};
 use bytes::Bytes;
@@ -311,7 +311,8 @@ impl Engine {
     /// Writes every partition's index checkpoint now.
     pub async fn checkpoint(&self) -> Result<()> {
         for tx in &self.inner.shards {
-            self.call(tx, |reply| Request::Checkpoint { reply }).await??;
+            self.call(tx, |reply| Request::Checkpoint { reply })
+                .await??;
         }
         Ok(())
     }

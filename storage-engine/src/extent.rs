@@ -13,7 +13,9 @@
 
 use crate::digest::Hasher;
 use crate::error::{Error, ErrorKind, Result};
-use crate::format::{align_up, encode_chunk_table, record_len, Header, Key, ALIGN, CRC_CHUNK, HEADER_LEN};
+use crate::format::{
+    align_up, encode_chunk_table, record_len, Header, Key, ALIGN, CRC_CHUNK, HEADER_LEN,
+};
 use crate::index::Loc;
 use crate::io::{IoBuf, SegFile};
 use crate::key::prefix;
@@ -25,7 +27,11 @@ pub const WRITE_UNIT: usize = 1 << 20;
 
 impl Partition {
     /// Reserves an extent for a record with a payload of `payload_len` bytes.
-    pub async fn reserve_extent(self: &Rc<Self>, key: Key, payload_len: u64) -> Result<ExtentWriter> {
+    pub async fn reserve_extent(
+        self: &Rc<Self>,
+        key: Key,
+        payload_len: u64,
+    ) -> Result<ExtentWriter> {
         let aligned = align_up(record_len(payload_len));
         let (seg, off) = if aligned > self.limits.segment_size / 4 {
             let (seg, hot) = {
@@ -44,9 +50,19 @@ impl Partition {
             }
         };
         let file = self.segment_file(seg).ok_or_else(|| {
-            Error::new(ErrorKind::Unavailable, "segment reclaimed during reservation; retry")
+            Error::new(
+                ErrorKind::Unavailable,
+                "segment reclaimed during reservation; retry",
+            )
         })?;
-        Ok(ExtentWriter::new(self.clone(), file, seg, off, key, payload_len))
+        Ok(ExtentWriter::new(
+            self.clone(),
+            file,
+            seg,
+            off,
+            key,
+            payload_len,
+        ))
     }
 
     fn try_reserve(&self, aligned: u64) -> Option<(u32, u64)> {
@@ -123,7 +139,14 @@ pub struct ExtentWriter {
 }
 
 impl ExtentWriter {
-    fn new(part: Rc<Partition>, file: Rc<SegFile>, seg: u32, base: u64, key: Key, payload_len: u64) -> Self {
+    fn new(
+        part: Rc<Partition>,
+        file: Rc<SegFile>,
+        seg: u32,
+        base: u64,
+        key: Key,
+        payload_len: u64,
+    ) -> Self {
         let unit = WRITE_UNIT.min(align_up(record_len(payload_len)) as usize);
         let mut buf = file.alloc(unit);
         buf.as_mut()[..HEADER_LEN].fill(0);

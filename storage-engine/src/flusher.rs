@@ -141,9 +141,12 @@ impl Partition {
     async fn roll_packed(&self, need: u64) -> Result<()> {
         let hot = {
             let _roll = self.roll_lock.lock().await;
-            let has_room = self.st.borrow().packed.as_ref().is_some_and(|p| {
-                !p.sealed && p.head + need <= self.limits.segment_size
-            });
+            let has_room = self
+                .st
+                .borrow()
+                .packed
+                .as_ref()
+                .is_some_and(|p| !p.sealed && p.head + need <= self.limits.segment_size);
             if has_room {
                 return Ok(());
             }
@@ -183,7 +186,9 @@ impl Partition {
             return None;
         }
         let from = (off - p.tail_base) as usize;
-        Some(Bytes::copy_from_slice(&p.tail[from..from + loc.len as usize]))
+        Some(Bytes::copy_from_slice(
+            &p.tail[from..from + loc.len as usize],
+        ))
     }
 }
 

@@ -342,7 +342,10 @@ mod tests {
         let mut positions = Vec::new();
         for i in 0..5u8 {
             positions.push(image.len());
-            let k = Key { hash: [i; 32], ..key() };
+            let k = Key {
+                hash: [i; 32],
+                ..key()
+            };
             encode_small_record(k, u64::from(i), &[i; 3], nonce, &mut image);
         }
         image.extend_from_slice(&[0u8; 50]);
@@ -357,8 +360,13 @@ mod tests {
     #[test]
     fn chunk_table_covers_large_payloads() {
         assert_eq!(record_len(CRC_CHUNK), HEADER_LEN as u64 + CRC_CHUNK);
-        assert_eq!(record_len(CRC_CHUNK + 1), HEADER_LEN as u64 + CRC_CHUNK + 1 + 8);
-        let payload: Vec<u8> = (0..(CRC_CHUNK as usize * 2 + 10)).map(|i| i as u8).collect();
+        assert_eq!(
+            record_len(CRC_CHUNK + 1),
+            HEADER_LEN as u64 + CRC_CHUNK + 1 + 8
+        );
+        let payload: Vec<u8> = (0..(CRC_CHUNK as usize * 2 + 10))
+            .map(|i| i as u8)
+            .collect();
         let crcs: Vec<u32> = payload.chunks(CRC_CHUNK as usize).map(crc).collect();
         let table = encode_chunk_table(&crcs);
         let header = Header {

@@ -130,6 +130,34 @@ impl SegFile {
 }
 
 /// Spawns a task on the current shard's executor.
+/// Makes glommio's per-thread probe of io_uring polled I/O (IOPOLL) read real data.
+///
+/// The first O_DIRECT file a glommio thread opens on a device decides, for the rest of
+/// the thread's life, whether reads on that device go to the polled ring: glommio
+/// reads the file's first block and treats success as "IOPOLL works". A new segment
+/// file's first block is unwritten, so the filesystem answers that read with zeros
+/// without touching the device, the probe wrongly succeeds on devices without poll
+/// queues (virtio disks, most cloud volumes), and every later read of written data
+/// fails with EOPNOTSUPP. Opening, first, a file whose first block is really on the
+/// device makes the probe exercise the device and get the right answer.
+pub async fn prime_iopoll_probe(dir: &Path) -> Result<()> {
+    use std::io::Write;
+    let path = dir.join(".iopoll-probe");
+    let written = std::fs::File::create(&path).and_then(|mut file| {
+        file.write_all(&[0xA5; 64 << 10])?;
+        file.sync_all()
+    });
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&path);
+        return Err(Error::io(format!("writing {}", path.display()), e));
+    }
+    let opened = OpenOptions::new().read(true).dma_open(&path).await;
+    let _ = std::fs::remove_file(&path);
+    let file = opened.map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+    let _ = file.close().await;
+    Ok(())
+}
+
 pub fn spawn<F: std::future::Future<Output = ()> + 'static>(fut: F) {
     glommio::spawn_local(fut).detach();
 }
@@ -163,5 +191,10 @@ where
         .name(name)
         .spawn(f)
         .map(ExecutorThread)
-        .map_err(|e| Error::io("starting a storage shard", std::io::Error::other(e.to_string())))
+        .map_err(|e| {
+            Error::io(
+                "starting a storage shard",
+                std::io::Error::other(e.to_string()),
+            )
+        })
 }

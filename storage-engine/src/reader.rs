@@ -45,7 +45,10 @@ impl Partition {
         if offset > key.size {
             return Err(Error::new(
                 ErrorKind::OutOfRange,
-                format!("read offset {offset} is past the end of a {}-byte blob", key.size),
+                format!(
+                    "read offset {offset} is past the end of a {}-byte blob",
+                    key.size
+                ),
             ));
         }
         let Some(file) = self.segment_file(loc.seg) else {
@@ -59,8 +62,12 @@ impl Partition {
             let Some(payload) = self.check_whole(prefix, loc, key, bytes) else {
                 return Ok(None);
             };
-            let end = limit.map_or(payload.len() as u64, |l| (offset + l).min(payload.len() as u64));
-            return Ok(Some(Found::Whole(payload.slice(offset as usize..end as usize))));
+            let end = limit.map_or(payload.len() as u64, |l| {
+                (offset + l).min(payload.len() as u64)
+            });
+            return Ok(Some(Found::Whole(
+                payload.slice(offset as usize..end as usize),
+            )));
         }
         let head = file.read(u64::from(loc.off), HEADER_LEN).await?;
         let header = match Header::decode(&head, self.nonce) {
@@ -137,7 +144,11 @@ impl Partition {
             }
             let from = offset.max(start) - start;
             let to = end.min(start + len) - start;
-            if tx.send_async(Ok(data.slice(from as usize..to as usize))).await.is_err() {
+            if tx
+                .send_async(Ok(data.slice(from as usize..to as usize)))
+                .await
+                .is_err()
+            {
                 return;
             }
             chunk += 1;

@@ -93,7 +93,8 @@ impl Partition {
             let Some(seg) = st.segments.remove(&victim) else {
                 return Ok(Vec::new());
             };
-            let small_max = (HEADER_LEN as u64) + self.limits.small_blob_max.max(self.limits.max_ac_value);
+            let small_max =
+                (HEADER_LEN as u64) + self.limits.small_blob_max.max(self.limits.max_ac_value);
             let mut keep: Vec<Loc> = Vec::new();
             for prefix in &seg.keys {
                 let Some(loc) = st.index.get(prefix).copied() else {
@@ -114,10 +115,7 @@ impl Partition {
         };
         let mut hot = Vec::with_capacity(keep.len());
         for loc in keep {
-            let bytes = seg
-                .file
-                .read(u64::from(loc.off), loc.len as usize)
-                .await?;
+            let bytes = seg.file.read(u64::from(loc.off), loc.len as usize).await?;
             let Ok(header) = Header::decode(&bytes, self.nonce) else {
                 continue;
             };
@@ -133,7 +131,9 @@ impl Partition {
         seg.file.remove().await?;
         let mut st = self.st.borrow_mut();
         st.used -= seg.size;
-        self.counters.evictions.set(self.counters.evictions.get() + 1);
+        self.counters
+            .evictions
+            .set(self.counters.evictions.get() + 1);
         self.counters
             .evicted_bytes
             .set(self.counters.evicted_bytes.get() + seg.size);

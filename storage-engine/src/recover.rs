@@ -39,15 +39,20 @@ pub async fn recover(
     limits: PartitionLimits,
     use_checkpoint: bool,
 ) -> Result<(Rc<Partition>, RecoveryReport)> {
-    std::fs::create_dir_all(dir).map_err(|e| crate::Error::io(format!("creating {}", dir.display()), e))?;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| crate::Error::io(format!("creating {}", dir.display()), e))?;
     let mut report = RecoveryReport::default();
     let mut files: Vec<(u32, SegKind)> = Vec::new();
-    let entries = std::fs::read_dir(dir).map_err(|e| crate::Error::io(format!("listing {}", dir.display()), e))?;
+    let entries = std::fs::read_dir(dir)
+        .map_err(|e| crate::Error::io(format!("listing {}", dir.display()), e))?;
     for entry in entries.flatten() {
         let name = entry.file_name();
         let Some(name) = name.to_str() else { continue };
-        let Some((stem, ext)) = name.split_once('.') else { continue };
-        if let (Ok(seg), Some(kind)) = (u32::from_str_radix(stem, 16), SegKind::from_extension(ext)) {
+        let Some((stem, ext)) = name.split_once('.') else {
+            continue;
+        };
+        if let (Ok(seg), Some(kind)) = (u32::from_str_radix(stem, 16), SegKind::from_extension(ext))
+        {
             if stem.len() == 8 {
                 files.push((seg, kind));
             }
@@ -63,11 +68,22 @@ pub async fn recover(
         used += size;
         segments.insert(
             seg,
-            Segment { file: Rc::new(file), kind, size, keys: Vec::new(), inflight: Vec::new(), dirty: false },
+            Segment {
+                file: Rc::new(file),
+                kind,
+                size,
+                keys: Vec::new(),
+                inflight: Vec::new(),
+                dirty: false,
+            },
         );
     }
 
-    let loaded = if use_checkpoint { checkpoint::load(dir, nonce).await? } else { None };
+    let loaded = if use_checkpoint {
+        checkpoint::load(dir, nonce).await?
+    } else {
+        None
+    };
     let mut index = Index::default();
     let mut marks: HashMap<u32, u64> = HashMap::new();
     let mut next_seq = 0;
@@ -83,7 +99,15 @@ pub async fn recover(
         }
         for e in &cp.entries {
             if let Some(seg) = segments.get_mut(&e.seg) {
-                index.insert(e.prefix, Loc { seg: e.seg, off: e.off, len: e.len, flags: e.flags });
+                index.insert(
+                    e.prefix,
+                    Loc {
+                        seg: e.seg,
+                        off: e.off,
+                        len: e.len,
+                        flags: e.flags,
+                    },
+                );
                 seg.keys.push(e.prefix);
                 report.from_checkpoint += 1;
             }
@@ -91,8 +115,10 @@ pub async fn recover(
     }
 
     let mut ends: HashMap<u32, u64> = HashMap::new();
-    let ids: Vec<(u32, Rc<SegFile>, SegKind, u64)> =
-        segments.iter().map(|(&id, s)| (id, s.file.clone(), s.kind, s.size)).collect();
+    let ids: Vec<(u32, Rc<SegFile>, SegKind, u64)> = segments
+        .iter()
+        .map(|(&id, s)| (id, s.file.clone(), s.kind, s.size))
+        .collect();
     for (seg_id, file, kind, size) in ids {
         let from = marks.get(&seg_id).copied().unwrap_or(0);
         if from >= size {
@@ -139,8 +165,19 @@ pub async fn recover(
     let packed = match packed {
         Some((seg, file, head)) => {
             let tail_base = align_down(head);
-            let tail = file.read(tail_base, (head - tail_base) as usize).await?.to_vec();
-            Some(Packed { seg, head, flushed: head, tail_base, tail, pending: Vec::new(), sealed: false })
+            let tail = file
+                .read(tail_base, (head - tail_base) as usize)
+                .await?
+                .to_vec();
+            Some(Packed {
+                seg,
+                head,
+                flushed: head,
+                tail_base,
+                tail,
+                pending: Vec::new(),
+                sealed: false,
+            })
         }
         None => None,
     };
@@ -148,7 +185,12 @@ pub async fn recover(
         .iter()
         .rev()
         .find(|(_, s)| s.kind == SegKind::Extents)
-        .and_then(|(&id, _)| ends.get(&id).map(|&end| ExtentHead { seg: id, head: align_up(end) }));
+        .and_then(|(&id, _)| {
+            ends.get(&id).map(|&end| ExtentHead {
+                seg: id,
+                head: align_up(end),
+            })
+        });
 
     let state = State {
         index,
@@ -161,7 +203,10 @@ pub async fn recover(
         checkpoint_bytes,
         changes: 0,
     };
-    Ok((Rc::new(Partition::new(id, dir.to_path_buf(), nonce, limits, state)), report))
+    Ok((
+        Rc::new(Partition::new(id, dir.to_path_buf(), nonce, limits, state)),
+        report,
+    ))
 }
 
 /// Whether `header` (just scanned) is newer than the record indexed at `old`.
@@ -193,18 +238,27 @@ async fn scan(
     let (found, damaged) = scan_records(&bytes, (from - start) as usize, nonce);
     report.scanned_records += found.len() as u64;
     report.skipped_damaged += damaged;
-    Ok(found.into_iter().map(|(pos, h)| (start + pos as u64, h)).collect())
+    Ok(found
+        .into_iter()
+        .map(|(pos, h)| (start + pos as u64, h))
+        .collect())
 }
 
 /// A huge segment holds one record at offset 0, written header-last: a valid header
 /// and chunk table mean the payload was completely written.
-async fn scan_huge(file: &SegFile, nonce: u64, report: &mut RecoveryReport) -> Result<Vec<(u64, Header)>> {
+async fn scan_huge(
+    file: &SegFile,
+    nonce: u64,
+    report: &mut RecoveryReport,
+) -> Result<Vec<(u64, Header)>> {
     let head = file.read(0, HEADER_LEN).await?;
     let Ok(h) = Header::decode(&head, nonce) else {
         return Ok(Vec::new());
     };
     let table_len = 4 * h.chunk_count() as usize;
-    let table = file.read(HEADER_LEN as u64 + h.payload_len, table_len).await?;
+    let table = file
+        .read(HEADER_LEN as u64 + h.payload_len, table_len)
+        .await?;
     if table.len() != table_len || crate::format::crc(&table) != h.payload_crc {
         report.skipped_damaged += 1;
         return Ok(Vec::new());

@@ -89,7 +89,11 @@ type Parts = Rc<HashMap<u32, Rc<Partition>>>;
 impl ShardRunner {
     /// Recovers the shard's partitions, then serves requests until shutdown.
     pub async fn run(self) -> Result<()> {
-        let parts = match self.recover().await {
+        let recovered = match io::prime_iopoll_probe(&self.shared.dir).await {
+            Ok(()) => self.recover().await,
+            Err(e) => Err(e),
+        };
+        let parts = match recovered {
             Ok(p) => {
                 let _ = self.ready.send(Ok(()));
                 p
