@@ -36,6 +36,18 @@ pub fn function_to_proto(function: DigestFunction) -> FunctionValue {
     }
 }
 
+/// Parses a hash written as REAPI requires: lowercase hexadecimal, of the length
+/// `function` produces.
+pub fn parse_hash(function: DigestFunction, hash: &str, size: u64) -> Result<Digest> {
+    if hash.bytes().any(|b| b.is_ascii_uppercase()) {
+        return Err(Error::invalid_argument(format!(
+            "hash `{hash}` is not lowercase hexadecimal"
+        )));
+    }
+    Digest::from_hex(function, hash, size)
+        .map_err(|error| Error::invalid_argument(format!("invalid hash `{hash}`: {error}")))
+}
+
 /// Validates a wire digest.
 pub fn from_proto(function: DigestFunction, digest: &reapi::Digest) -> Result<Digest> {
     let size = u64::try_from(digest.size_bytes).map_err(|_| {
@@ -44,12 +56,7 @@ pub fn from_proto(function: DigestFunction, digest: &reapi::Digest) -> Result<Di
             digest.hash, digest.size_bytes
         ))
     })?;
-    Digest::from_hex(function, &digest.hash, size).map_err(|error| {
-        Error::invalid_argument(format!(
-            "invalid digest {}/{}: {error}",
-            digest.hash, digest.size_bytes
-        ))
-    })
+    parse_hash(function, &digest.hash, size)
 }
 
 /// Validates an optional wire digest, which must be present.

@@ -166,6 +166,7 @@ impl ByteStreamService {
         let mut upload = self
             .start_or_resume(&resource, digest, first.write_offset)
             .await?;
+        let progress = self.pending.track(&resource, upload.committed());
         let mut message = first;
         loop {
             if let Err(error) = check_message(&resource, &message, upload.committed(), digest) {
@@ -178,6 +179,7 @@ impl ByteStreamService {
                     .metrics()
                     .bytes_received(message.data.len() as u64);
                 upload.write(message.data).await.map_err(Error::from)?;
+                progress.set(upload.committed());
             }
             if finish {
                 upload.finish().await.map_err(Error::from)?;

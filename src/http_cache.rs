@@ -16,7 +16,7 @@ use std::pin::Pin;
 
 use bytes::Bytes;
 use cairn_proto::reapi::ActionResult;
-use cairn_storage::{Digest, DigestFunction};
+use cairn_storage::DigestFunction;
 use futures::StreamExt;
 use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::combinators::UnsyncBoxBody;
@@ -78,8 +78,7 @@ impl HttpFront {
             }
             (HttpPath::ActionCache { instance, hash }, &Method::GET | &Method::HEAD) => {
                 metrics.request("http", "ac_get");
-                let action =
-                    Digest::from_hex(DigestFunction::Sha256, hash, 0).map_err(Error::from)?;
+                let action = crate::digests::parse_hash(DigestFunction::Sha256, hash, 0)?;
                 let budget = self.store.limits().max_batch_total_size;
                 let result =
                     action_results::load(&self.store, instance, action, &Inline::default(), budget)
@@ -89,8 +88,7 @@ impl HttpFront {
             }
             (HttpPath::ActionCache { instance, hash }, &Method::PUT) => {
                 metrics.request("http", "ac_put");
-                let action =
-                    Digest::from_hex(DigestFunction::Sha256, hash, 0).map_err(Error::from)?;
+                let action = crate::digests::parse_hash(DigestFunction::Sha256, hash, 0)?;
                 let limit = self.store.limits().max_batch_total_size as usize;
                 let body = Limited::new(request.into_body(), limit)
                     .collect()
@@ -142,7 +140,7 @@ impl HttpFront {
             .and_then(|length| length.to_str().ok())
             .and_then(|length| length.parse::<u64>().ok())
             .ok_or_else(|| Error::invalid_argument("a blob PUT needs a Content-Length"))?;
-        let digest = Digest::from_hex(DigestFunction::Sha256, hash, size).map_err(Error::from)?;
+        let digest = crate::digests::parse_hash(DigestFunction::Sha256, hash, size)?;
         if !self.store.contains(digest).await? {
             let mut upload = self.store.begin_put(digest).await?;
             let mut body = request.into_body();

@@ -178,8 +178,8 @@ fn parse_blob<'s>(
             ))
         }
     };
-    let digest = Digest::from_hex(function, hash, size)
-        .map_err(|error| invalid(name, &error.to_string()))?;
+    let digest = crate::digests::parse_hash(function, hash, size)
+        .map_err(|error| invalid(name, error.message()))?;
     Ok((compression, digest, rest))
 }
 
@@ -300,6 +300,7 @@ mod tests {
         rejected(parse_read(&format!("blobs/{}/12", &HASH[..63])));
         rejected(parse_read(&format!("blobs/{HASH}0/12")));
         rejected(parse_read(&format!("blobs/{}g/12", &HASH[..63])));
+        rejected(parse_read(&format!("blobs/{}/12", HASH.to_uppercase())));
         rejected(parse_read(&format!("blobs/blake3/{}/12", &HASH[..40])));
         rejected(parse_read(
             "blobs/da39a3ee5e6b4b0d3255bfef95601890afd80709/0",

@@ -7,9 +7,13 @@
 //! resource name instead of being dropped. A parked upload is never visible to
 //! readers: only a finished, verified upload is. Uploads not resumed within the
 //! configured window are dropped, which aborts them and frees their extent.
+//!
+//! Uploads still streaming are tracked too, by their committed size only, so that
+//! QueryWriteStatus reports progress while a write is in flight.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cairn_storage::Upload;
@@ -23,6 +27,36 @@ struct Parked {
 pub struct PendingUploads {
     keep_for: Duration,
     parked: Mutex<HashMap<String, Parked>>,
+    streaming: Arc<Mutex<HashMap<String, Arc<AtomicU64>>>>,
+}
+
+/// The committed size of an upload while its stream is open; dropping it forgets it.
+pub struct Progress {
+    name: String,
+    committed: Arc<AtomicU64>,
+    streaming: Arc<Mutex<HashMap<String, Arc<AtomicU64>>>>,
+}
+
+impl Progress {
+    /// Records that `committed` bytes are committed.
+    pub fn set(&self, committed: u64) {
+        self.committed.store(committed, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        let mut streaming = match self.streaming.lock() {
+            Ok(streaming) => streaming,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if streaming
+            .get(&self.name)
+            .is_some_and(|current| Arc::ptr_eq(current, &self.committed))
+        {
+            streaming.remove(&self.name);
+        }
+    }
 }
 
 impl PendingUploads {
@@ -31,7 +65,23 @@ impl PendingUploads {
         Self {
             keep_for,
             parked: Mutex::new(HashMap::new()),
+            streaming: Arc::new(Mutex::new(HashMap::new())),
         }
+    }
+
+    /// Tracks the progress of the upload streaming under `name`.
+    pub fn track(&self, name: &str, committed: u64) -> Progress {
+        let progress = Progress {
+            name: name.to_string(),
+            committed: Arc::new(AtomicU64::new(committed)),
+            streaming: Arc::clone(&self.streaming),
+        };
+        let mut streaming = match self.streaming.lock() {
+            Ok(streaming) => streaming,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        streaming.insert(name.to_string(), Arc::clone(&progress.committed));
+        progress
     }
 
     /// Parks `upload` under `name`, replacing (and so aborting) any older one.
@@ -54,9 +104,19 @@ impl PendingUploads {
             .map(|parked| parked.upload)
     }
 
-    /// The committed size of the upload parked under `name`.
+    /// The committed size of the upload parked or streaming under `name`.
     pub fn committed(&self, name: &str) -> Option<u64> {
-        self.with_map(|parked| parked.get(name).map(|parked| parked.upload.committed()))
+        let parked =
+            self.with_map(|parked| parked.get(name).map(|parked| parked.upload.committed()));
+        parked.or_else(|| {
+            let streaming = match self.streaming.lock() {
+                Ok(streaming) => streaming,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            streaming
+                .get(name)
+                .map(|committed| committed.load(Ordering::Relaxed))
+        })
     }
 
     /// Runs `f` on the map after dropping expired uploads. The expired ones are

@@ -28,12 +28,23 @@ async fn capabilities_advertise_the_cache() {
         .unwrap()
         .into_inner();
     let cache = capabilities.cache_capabilities.unwrap();
-    assert!(cache.digest_functions.contains(&(FunctionValue::Sha256 as i32)));
-    assert!(cache.digest_functions.contains(&(FunctionValue::Blake3 as i32)));
-    assert!(cache.supported_compressors.contains(&(Compressor::Zstd as i32)));
+    assert!(cache
+        .digest_functions
+        .contains(&(FunctionValue::Sha256 as i32)));
+    assert!(cache
+        .digest_functions
+        .contains(&(FunctionValue::Blake3 as i32)));
+    assert!(cache
+        .supported_compressors
+        .contains(&(Compressor::Zstd as i32)));
     assert_eq!(cache.max_batch_total_size_bytes, 4 << 20);
     assert!(cache.max_cas_blob_size_bytes > 0);
-    assert!(cache.action_cache_update_capabilities.unwrap().update_enabled);
+    assert!(
+        cache
+            .action_cache_update_capabilities
+            .unwrap()
+            .update_enabled
+    );
     assert_eq!(capabilities.low_api_version.unwrap().major, 2);
     assert_eq!(capabilities.high_api_version.unwrap().minor, 3);
 }
@@ -133,9 +144,15 @@ async fn blake3_blobs_are_kept_apart_from_sha256() {
         digest_function: function as i32,
         ..Default::default()
     };
-    let as_blake3 = cas.find_missing_blobs(missing(FunctionValue::Blake3)).await.unwrap();
+    let as_blake3 = cas
+        .find_missing_blobs(missing(FunctionValue::Blake3))
+        .await
+        .unwrap();
     assert!(as_blake3.into_inner().missing_blob_digests.is_empty());
-    let as_sha256 = cas.find_missing_blobs(missing(FunctionValue::Sha256)).await.unwrap();
+    let as_sha256 = cas
+        .find_missing_blobs(missing(FunctionValue::Sha256))
+        .await
+        .unwrap();
     assert_eq!(as_sha256.into_inner().missing_blob_digests.len(), 1);
 }
 
@@ -165,7 +182,11 @@ async fn batches_over_the_limit_and_bad_digests_are_refused() {
         .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
 
-    for (hash, size) in [("xyz", 1), (&"g".repeat(64)[..], 1), (&"a".repeat(63)[..], 1)] {
+    for (hash, size) in [
+        ("xyz", 1),
+        (&"g".repeat(64)[..], 1),
+        (&"a".repeat(63)[..], 1),
+    ] {
         let status = cas
             .find_missing_blobs(FindMissingBlobsRequest {
                 blob_digests: vec![cairn_proto::reapi::Digest {
@@ -265,7 +286,11 @@ async fn get_tree_pages_through_a_tree() {
         token = response.next_page_token;
     }
     assert_eq!(pages, 3);
-    assert_eq!(seen.len(), 6, "the root and five leaves; the missing one left out");
+    assert_eq!(
+        seen.len(),
+        6,
+        "the root and five leaves; the missing one left out"
+    );
     assert_eq!(seen[0], root);
 
     let status = cas

@@ -70,9 +70,7 @@ impl Node {
 
     /// Starts `command`, which must make the node listen on `grpc`.
     pub fn spawn(mut command: Command, grpc: SocketAddr, http: SocketAddr, dir: PathBuf) -> Node {
-        command
-            .stdin(Stdio::null())
-            .env("RUST_LOG", "error");
+        command.stdin(Stdio::null()).env("RUST_LOG", "error");
         let child = command.spawn().expect("start cairn");
         let mut node = Node {
             child: Some(child),
@@ -96,13 +94,19 @@ impl Node {
                     panic!("cairn exited before listening: {status}");
                 }
             }
-            assert!(Instant::now() < deadline, "cairn did not listen within 60 s");
+            assert!(
+                Instant::now() < deadline,
+                "cairn did not listen within 60 s"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
 
     pub fn pid(&self) -> i32 {
-        self.child.as_ref().map(|child| child.id() as i32).unwrap_or(0)
+        self.child
+            .as_ref()
+            .map(|child| child.id() as i32)
+            .unwrap_or(0)
     }
 
     /// Sends SIGTERM and waits for the exit.
@@ -206,7 +210,14 @@ pub fn read_name(instance: &str, digest: &Digest) -> String {
 
 fn uuid_like(digest: &Digest) -> String {
     let hex = digest.hash_hex();
-    format!("{}-{}-4{}-8{}-{}", &hex[..8], &hex[8..12], &hex[13..16], &hex[17..20], &hex[20..32])
+    format!(
+        "{}-{}-4{}-8{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[13..16],
+        &hex[17..20],
+        &hex[20..32]
+    )
 }
 
 /// The WriteRequests of a whole upload in `chunk`-byte pieces.
@@ -216,7 +227,11 @@ pub fn write_requests(name: &str, data: &[u8], chunk: usize) -> Vec<WriteRequest
     loop {
         let end = (offset + chunk).min(data.len());
         requests.push(WriteRequest {
-            resource_name: if offset == 0 { name.to_string() } else { String::new() },
+            resource_name: if offset == 0 {
+                name.to_string()
+            } else {
+                String::new()
+            },
             write_offset: offset as i64,
             finish_write: end == data.len(),
             data: bytes::Bytes::copy_from_slice(&data[offset..end]),
