@@ -139,10 +139,11 @@ impl SegFile {
 /// without touching the device, the probe wrongly succeeds on devices without poll
 /// queues (virtio disks, most cloud volumes), and every later read of written data
 /// fails with EOPNOTSUPP. Opening, first, a file whose first block is really on the
-/// device makes the probe exercise the device and get the right answer.
-pub async fn prime_iopoll_probe(dir: &Path) -> Result<()> {
+/// device makes the probe exercise the device and get the right answer. `shard` keeps
+/// the probe files of concurrent threads apart.
+pub async fn prime_iopoll_probe(dir: &Path, shard: usize) -> Result<()> {
     use std::io::Write;
-    let path = dir.join(".iopoll-probe");
+    let path = dir.join(format!(".iopoll-probe-{shard}"));
     let written = std::fs::File::create(&path).and_then(|mut file| {
         file.write_all(&[0xA5; 64 << 10])?;
         file.sync_all()

@@ -89,7 +89,7 @@ type Parts = Rc<HashMap<u32, Rc<Partition>>>;
 impl ShardRunner {
     /// Recovers the shard's partitions, then serves requests until shutdown.
     pub async fn run(self) -> Result<()> {
-        let recovered = match io::prime_iopoll_probe(&self.shared.dir).await {
+        let recovered = match io::prime_iopoll_probe(&self.shared.dir, self.shard).await {
             Ok(()) => self.recover().await,
             Err(e) => Err(e),
         };
