@@ -155,11 +155,11 @@ impl Partition {
             .index
             .iter()
             .map(|(&prefix, loc)| Entry {
-                prefix,
+                prefix: prefix.get(),
                 seg: loc.seg,
                 off: loc.off,
-                len: loc.len,
-                flags: loc.flags,
+                len: loc.len(),
+                flags: u8::from(loc.accessed()),
             })
             .collect();
         (

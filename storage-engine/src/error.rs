@@ -68,9 +68,16 @@ impl Error {
     /// `ResourceExhausted` so that callers see "disk full", not "internal error".
     pub(crate) fn io(context: impl fmt::Display, err: impl Into<std::io::Error>) -> Error {
         let err: std::io::Error = err.into();
-        let kind = match err.raw_os_error() {
-            Some(libc::ENOSPC) | Some(libc::EDQUOT) => ErrorKind::ResourceExhausted,
-            _ => ErrorKind::Internal,
+        // glommio wraps the OS error; its kind survives the wrapping, its code may not.
+        let full = matches!(err.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+            || matches!(
+                err.kind(),
+                std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+            );
+        let kind = if full {
+            ErrorKind::ResourceExhausted
+        } else {
+            ErrorKind::Internal
         };
         Error::new(kind, format!("{context}: {err}"))
     }

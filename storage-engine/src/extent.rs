@@ -244,16 +244,16 @@ impl ExtentWriter {
                 }
             )));
         }
-        let last = std::mem::replace(&mut self.chunk_crc, crc32fast::Hasher::new()).finalize();
+        if self.chunk_fill > 0 {
+            let last = std::mem::replace(&mut self.chunk_crc, crc32fast::Hasher::new());
+            self.crcs.push(last.finalize());
+        }
         let payload_crc = if self.payload_len > CRC_CHUNK {
-            if self.chunk_fill > 0 {
-                self.crcs.push(last);
-            }
             let table = encode_chunk_table(&self.crcs);
             self.push(&table).await?;
             crate::format::crc(&table)
         } else {
-            last
+            self.crcs.first().copied().unwrap_or(0)
         };
         let seq = self.part.next_seq();
         let header = Header {
@@ -281,13 +281,12 @@ impl ExtentWriter {
                 "the segment holding this upload was reclaimed before it finished; retry",
             ));
         }
-        let len = record_len(self.payload_len).min(u64::from(u32::MAX)) as u32;
-        let loc = Loc {
-            seg: self.seg,
-            off: self.base as u32,
-            len,
-            flags: 0,
-        };
+        let loc = Loc::new(
+            self.seg,
+            self.base as u32,
+            record_len(self.payload_len),
+            false,
+        );
         if let Some(s) = self.part.st.borrow_mut().segments.get_mut(&self.seg) {
             s.dirty = true;
         }

@@ -54,12 +54,7 @@ impl Partition {
         p.head += rec_len;
         p.pending.push(Pending {
             prefix: prefix(&key),
-            loc: Loc {
-                seg: p.seg,
-                off: off as u32,
-                len: rec_len as u32,
-                flags: 0,
-            },
+            loc: Loc::new(p.seg, off as u32, rec_len, false),
             if_absent,
         });
         let target = lsn(p.seg, p.head);
@@ -181,13 +176,13 @@ impl Partition {
         let st = self.st.borrow();
         let p = st.packed.as_ref()?;
         let off = u64::from(loc.off);
-        let end = off + u64::from(loc.len);
+        let end = off + u64::from(loc.len());
         if p.seg != loc.seg || off < p.tail_base || end > p.flushed {
             return None;
         }
         let from = (off - p.tail_base) as usize;
         Some(Bytes::copy_from_slice(
-            &p.tail[from..from + loc.len as usize],
+            &p.tail[from..from + loc.len() as usize],
         ))
     }
 }

@@ -1,29 +1,74 @@
 //! The in-memory index of one partition.
 //!
-//! A map from 8-byte key prefix to a 16-byte location: 24 bytes a slot, plus one
-//! control byte in hashbrown's SwissTable, at a load factor between 7/16 and 7/8
-//! (measured per object by `bench/benches/index_memory.rs`). It is the only structure
-//! FindMissingBlobs touches, and it is owned by one thread: no locks.
+//! A SwissTable (hashbrown) from an 8-byte key prefix to a 12-byte location. Both are
+//! stored as 4-byte-aligned words so a slot is 20 bytes, plus hashbrown's one control
+//! byte: 21 bytes a bucket, and with the table between 7/16 and 7/8 full that is 24–48
+//! bytes an object (measured by `bench/benches/index_memory.rs`). Nothing else is kept
+//! per object: the reclaimer finds a segment's records by sweeping the index, which
+//! costs about a millisecond per million objects per reclaimed segment, instead of
+//! keeping 8 more bytes per object in per-segment lists.
+//!
+//! It is the only structure FindMissingBlobs touches, and one thread owns it: no locks.
 
 use hashbrown::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
+use std::hash::{BuildHasherDefault, Hash, Hasher};
 
-/// Where a record lives. `len` is the whole record length, saturated at `u32::MAX`
-/// for records in huge segments (whose header is read first anyway).
+/// The index key: a 64-bit prefix of the full key (see `key.rs`), split into two words
+/// so that the slot needs only 4-byte alignment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Prefix([u32; 2]);
+
+impl Prefix {
+    pub fn new(v: u64) -> Prefix {
+        Prefix([v as u32, (v >> 32) as u32])
+    }
+
+    pub fn get(self) -> u64 {
+        u64::from(self.0[0]) | (u64::from(self.0[1]) << 32)
+    }
+}
+
+impl Hash for Prefix {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u64(self.get());
+    }
+}
+
+/// Where a record lives: segment id, offset, and record length with the "accessed"
+/// mark in its top bit. Lengths of 2 GiB and more (records in huge segments, whose
+/// header is read first anyway) are stored as the 31-bit maximum.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Loc {
     pub seg: u32,
     pub off: u32,
-    pub len: u32,
-    pub flags: u8,
+    len_flags: u32,
 }
 
-/// The record was read since it was written (or last reinserted): keep it on eviction.
-pub const ACCESSED: u8 = 1;
+const ACCESSED: u32 = 1 << 31;
+const LEN_MASK: u32 = ACCESSED - 1;
 
 impl Loc {
+    pub fn new(seg: u32, off: u32, record_len: u64, accessed: bool) -> Loc {
+        let len = record_len.min(u64::from(LEN_MASK)) as u32;
+        Loc {
+            seg,
+            off,
+            len_flags: len | if accessed { ACCESSED } else { 0 },
+        }
+    }
+
+    /// The record length (saturated, see above).
+    pub fn len(&self) -> u32 {
+        self.len_flags & LEN_MASK
+    }
+
+    /// Read since it was written (or last reinserted): the reclaimer keeps it.
     pub fn accessed(&self) -> bool {
-        self.flags & ACCESSED != 0
+        self.len_flags & ACCESSED != 0
+    }
+
+    pub fn mark_accessed(&mut self) {
+        self.len_flags |= ACCESSED;
     }
 }
 
@@ -47,4 +92,29 @@ impl Hasher for PrefixHasher {
     }
 }
 
-pub type Index = HashMap<u64, Loc, BuildHasherDefault<PrefixHasher>>;
+pub type Index = HashMap<Prefix, Loc, BuildHasherDefault<PrefixHasher>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slot_is_twenty_bytes() {
+        assert_eq!(std::mem::size_of::<(Prefix, Loc)>(), 20);
+    }
+
+    #[test]
+    fn length_saturates_and_keeps_the_mark_apart() {
+        let mut loc = Loc::new(1, 2, 5 << 30, false);
+        assert_eq!(loc.len(), LEN_MASK);
+        assert!(!loc.accessed());
+        loc.mark_accessed();
+        assert!(loc.accessed());
+        assert_eq!(loc.len(), LEN_MASK);
+        assert_eq!(Loc::new(1, 2, 100, true).len(), 100);
+        assert_eq!(
+            Prefix::new(0xDEAD_BEEF_0123_4567).get(),
+            0xDEAD_BEEF_0123_4567
+        );
+    }
+}

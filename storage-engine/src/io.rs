@@ -5,6 +5,7 @@
 //! unlink) keeps a move to another io_uring runtime a contained change.
 
 use crate::error::{Error, Result};
+use crate::format::ALIGN;
 use bytes::Bytes;
 use glommio::io::{DmaBuffer, DmaFile, OpenOptions};
 use std::path::{Path, PathBuf};
@@ -98,11 +99,10 @@ impl SegFile {
 
     /// Reads `len` bytes at any position; fewer bytes come back only at end of file.
     pub async fn read(&self, pos: u64, len: usize) -> Result<Bytes> {
-        let rr = self
-            .file
-            .read_at(pos, len)
-            .await
-            .map_err(|e| Error::io(format!("reading {}", self.path.display()), e))?;
+        let rr = self.file.read_at(pos, len).await.map_err(|e| {
+            let what = format!("reading {len} bytes at {pos} of {}", self.path.display());
+            Error::io(what, e)
+        })?;
         Ok(Bytes::copy_from_slice(&rr))
     }
 
@@ -127,6 +127,25 @@ impl SegFile {
             .await
             .map_err(|e| Error::io(format!("removing {}", self.path.display()), e))
     }
+}
+
+/// Settles, for this executor thread, whether the data directory's device supports
+/// polled I/O, before any segment is opened.
+///
+/// glommio decides that once per device and thread by reading the first block of the
+/// first file opened there. When that file is still empty the kernel answers the read
+/// at once without touching the device, glommio concludes polling works, and every
+/// later read on a device without poll queues (virtio, most cloud disks) fails with
+/// EOPNOTSUPP. Opening a file that does hold a block first makes the probe real.
+pub async fn calibrate(dir: &Path, shard: usize) -> Result<()> {
+    let path = dir.join(format!(".iopoll_probe.{shard}"));
+    std::fs::write(&path, [0u8; ALIGN as usize])
+        .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
+    let opened = DmaFile::open(&path).await;
+    let _ = std::fs::remove_file(&path);
+    let file = opened.map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+    let _ = file.close().await;
+    Ok(())
 }
 
 /// Spawns a task on the current shard's executor.

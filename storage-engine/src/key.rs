@@ -11,6 +11,7 @@
 
 use crate::digest::{Digest, DigestFunction};
 use crate::format::{Key, RecordKind};
+use crate::index::Prefix;
 
 pub fn cas_key(digest: &Digest) -> Key {
     Key {
@@ -38,11 +39,15 @@ pub fn ac_key(instance: &str, action: &Digest) -> Key {
 }
 
 /// The 8-byte index key. Hash bytes are already uniform, so a cheap mix suffices.
-pub fn prefix(key: &Key) -> u64 {
+pub fn prefix(key: &Key) -> Prefix {
     let mut first = [0u8; 8];
     first.copy_from_slice(&key.hash[..8]);
     let tag = (u64::from(key.kind.code()) << 8) | u64::from(key.function.code());
-    u64::from_le_bytes(first) ^ key.size.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ tag.rotate_left(56)
+    Prefix::new(
+        u64::from_le_bytes(first)
+            ^ key.size.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            ^ tag.rotate_left(56),
+    )
 }
 
 /// The partition that owns a key. Uses hash bytes disjoint from the prefix so that the

@@ -14,7 +14,7 @@
 
 use crate::config::PartitionLimits;
 use crate::format::Key;
-use crate::index::{Index, Loc, ACCESSED};
+use crate::index::{Index, Loc, Prefix};
 use crate::io::SegFile;
 use crate::key::prefix;
 use futures::lock::Mutex;
@@ -58,9 +58,6 @@ pub struct Segment {
     pub kind: SegKind,
     /// Bytes allocated on disk (counted against the budget).
     pub size: u64,
-    /// Prefixes of the records written here, for the reclaimer; stale ones are
-    /// recognised by the index no longer pointing here.
-    pub keys: Vec<u64>,
     /// Offsets of extents reserved here whose upload has not finished.
     pub inflight: Vec<u32>,
     /// Written since the last fdatasync.
@@ -85,7 +82,7 @@ pub struct Packed {
 }
 
 pub struct Pending {
-    pub prefix: u64,
+    pub prefix: Prefix,
     pub loc: Loc,
     /// A reinsertion: it must not replace a newer value written meanwhile.
     pub if_absent: bool,
@@ -148,11 +145,11 @@ impl Partition {
     }
 
     /// Looks a key up and marks it accessed (for the reclaimer's reinsertion).
-    pub fn lookup(&self, key: &Key) -> Option<(u64, Loc)> {
+    pub fn lookup(&self, key: &Key) -> Option<(Prefix, Loc)> {
         let p = prefix(key);
         let mut st = self.st.borrow_mut();
         let loc = st.index.get_mut(&p)?;
-        loc.flags |= ACCESSED;
+        loc.mark_accessed();
         Some((p, *loc))
     }
 
@@ -160,8 +157,8 @@ impl Partition {
         self.st.borrow().index.contains_key(&prefix(key))
     }
 
-    /// Adds a record to the index (and to its segment's key list).
-    pub fn insert(&self, prefix: u64, loc: Loc, if_absent: bool) {
+    /// Adds a record to the index, unless its segment was reclaimed meanwhile.
+    pub fn insert(&self, prefix: Prefix, loc: Loc, if_absent: bool) {
         let mut st = self.st.borrow_mut();
         if !st.segments.contains_key(&loc.seg) {
             return;
@@ -171,13 +168,10 @@ impl Partition {
         }
         st.index.insert(prefix, loc);
         st.changes += 1;
-        if let Some(seg) = st.segments.get_mut(&loc.seg) {
-            seg.keys.push(prefix);
-        }
     }
 
     /// Forgets a record that failed its checksum, unless the index moved on meanwhile.
-    pub fn drop_corrupt(&self, prefix: u64, loc: Loc, what: &str) {
+    pub fn drop_corrupt(&self, prefix: Prefix, loc: Loc, what: &str) {
         self.counters
             .crc_failures
             .set(self.counters.crc_failures.get() + 1);

@@ -10,7 +10,7 @@
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::{decode_chunk_table, verify_body, Header, Key, CRC_CHUNK, HEADER_LEN};
-use crate::index::Loc;
+use crate::index::{Loc, Prefix};
 use crate::io::SegFile;
 use crate::partition::Partition;
 use bytes::Bytes;
@@ -29,7 +29,7 @@ pub enum Found {
 
 pub struct LargeRecord {
     pub file: Rc<SegFile>,
-    pub prefix: u64,
+    pub prefix: Prefix,
     pub loc: Loc,
     pub payload_len: u64,
     pub crcs: Vec<u32>,
@@ -54,10 +54,10 @@ impl Partition {
         let Some(file) = self.segment_file(loc.seg) else {
             return Ok(None);
         };
-        if u64::from(loc.len) <= WHOLE_READ_MAX {
+        if u64::from(loc.len()) <= WHOLE_READ_MAX {
             let bytes = match self.read_from_tail(&loc) {
                 Some(b) => b,
-                None => file.read(u64::from(loc.off), loc.len as usize).await?,
+                None => file.read(u64::from(loc.off), loc.len() as usize).await?,
             };
             let Some(payload) = self.check_whole(prefix, loc, key, bytes) else {
                 return Ok(None);
@@ -94,7 +94,7 @@ impl Partition {
     }
 
     /// Checks a whole record read from disk; returns its payload.
-    fn check_whole(&self, prefix: u64, loc: Loc, key: &Key, bytes: Bytes) -> Option<Bytes> {
+    fn check_whole(&self, prefix: Prefix, loc: Loc, key: &Key, bytes: Bytes) -> Option<Bytes> {
         let header = match Header::decode(&bytes, self.nonce) {
             Ok(h) if h.key == *key => h,
             Ok(_) => return None,

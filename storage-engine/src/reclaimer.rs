@@ -45,7 +45,6 @@ impl Partition {
                 file: Rc::new(file),
                 kind,
                 size,
-                keys: Vec::new(),
                 inflight: Vec::new(),
                 dirty: true,
             },
@@ -96,26 +95,28 @@ impl Partition {
             let small_max =
                 (HEADER_LEN as u64) + self.limits.small_blob_max.max(self.limits.max_ac_value);
             let mut keep: Vec<Loc> = Vec::new();
-            for prefix in &seg.keys {
-                let Some(loc) = st.index.get(prefix).copied() else {
-                    continue;
-                };
+            let before = st.index.len();
+            st.index.retain(|_, loc| {
                 if loc.seg != victim {
-                    continue;
+                    return true;
                 }
-                let len = u64::from(loc.len);
+                let len = u64::from(loc.len());
                 if loc.accessed() && len <= small_max && len <= *reinsert_left {
                     *reinsert_left -= len;
-                    keep.push(loc);
+                    keep.push(*loc);
                 }
-                st.index.remove(prefix);
-                st.changes += 1;
-            }
+                false
+            });
+            let dropped = (before - st.index.len()) as u64;
+            st.changes += dropped;
             (seg, keep)
         };
         let mut hot = Vec::with_capacity(keep.len());
         for loc in keep {
-            let bytes = seg.file.read(u64::from(loc.off), loc.len as usize).await?;
+            let bytes = seg
+                .file
+                .read(u64::from(loc.off), loc.len() as usize)
+                .await?;
             let Ok(header) = Header::decode(&bytes, self.nonce) else {
                 continue;
             };

@@ -15,7 +15,7 @@ use crate::checkpoint;
 use crate::config::PartitionLimits;
 use crate::error::Result;
 use crate::format::{align_down, align_up, scan_records, Header, HEADER_LEN};
-use crate::index::{Index, Loc};
+use crate::index::{Index, Loc, Prefix};
 use crate::io::SegFile;
 use crate::key::prefix;
 use crate::partition::{ExtentHead, Packed, Partition, SegKind, Segment, State};
@@ -72,7 +72,6 @@ pub async fn recover(
                 file: Rc::new(file),
                 kind,
                 size,
-                keys: Vec::new(),
                 inflight: Vec::new(),
                 dirty: false,
             },
@@ -98,17 +97,9 @@ pub async fn recover(
             marks.insert(m.id, m.replay_from);
         }
         for e in &cp.entries {
-            if let Some(seg) = segments.get_mut(&e.seg) {
-                index.insert(
-                    e.prefix,
-                    Loc {
-                        seg: e.seg,
-                        off: e.off,
-                        len: e.len,
-                        flags: e.flags,
-                    },
-                );
-                seg.keys.push(e.prefix);
+            if segments.contains_key(&e.seg) {
+                let loc = Loc::new(e.seg, e.off, u64::from(e.len), e.flags & 1 != 0);
+                index.insert(Prefix::new(e.prefix), loc);
                 report.from_checkpoint += 1;
             }
         }
@@ -126,17 +117,11 @@ pub async fn recover(
         }
         let found = scan(&file, kind, from, size, nonce, &mut report).await?;
         let mut end = from;
-        let mut added = Vec::new();
         for (off, header) in found {
             end = end.max(off + header.record_len());
             next_seq = next_seq.max(header.seq + 1);
             let p = prefix(&header.key);
-            let loc = Loc {
-                seg: seg_id,
-                off: off as u32,
-                len: header.record_len().min(u64::from(u32::MAX)) as u32,
-                flags: 0,
-            };
+            let loc = Loc::new(seg_id, off as u32, header.record_len(), false);
             if let Some(old) = index.get(&p).copied() {
                 if old.seg == loc.seg && old.off == loc.off {
                     continue;
@@ -149,10 +134,6 @@ pub async fn recover(
                 }
             }
             index.insert(p, loc);
-            added.push(p);
-        }
-        if let Some(seg) = segments.get_mut(&seg_id) {
-            seg.keys.extend(added);
         }
         ends.insert(seg_id, end);
     }
@@ -165,10 +146,13 @@ pub async fn recover(
     let packed = match packed {
         Some((seg, file, head)) => {
             let tail_base = align_down(head);
-            let tail = file
+            let mut tail = file
                 .read(tail_base, (head - tail_base) as usize)
                 .await?
                 .to_vec();
+            // A truncated file reads short; the missing bytes belonged to records that
+            // are lost anyway, and the tail must stay aligned with the segment.
+            tail.resize((head - tail_base) as usize, 0);
             Some(Packed {
                 seg,
                 head,

@@ -123,6 +123,7 @@ impl ShardRunner {
     }
 
     async fn recover(&self) -> Result<Parts> {
+        io::calibrate(&self.shared.dir, self.shard).await?;
         let mut parts = HashMap::new();
         for &p in &self.partitions {
             let dir = self.shared.dir.join(format!("p{p:03}"));

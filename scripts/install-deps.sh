@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# Install the Debian packages the test suite needs, skipping what is already
+# installed. Safe to run repeatedly; runs `apt-get update` at most once and only
+# when something is missing. Talks to the Debian archive only.
+#
+#   scripts/install-deps.sh            # install what's missing
+#   scripts/install-deps.sh --check    # exit 1 and list what's missing, install nothing
+#
+# Full apt output goes to $CAIRN_DEPS_LOG (default /tmp/cairn-install-deps.log);
+# the terminal gets a short summary.
+set -euo pipefail
+
+# bazel-bootstrap      Bazel 4.2.3, the real REAPI client of the end-to-end test
+# default-jdk-headless the JVM Bazel runs on
+# fio                  storage benchmarks
+# python3              generates the Bazel test workspace
+# curl                 /healthz and /metrics probes, HTTP cache checks
+# procps               ps/pgrep-by-PID checks in the test drivers
+# protobuf-compiler    protoc for tonic/prost code generation
+# ca-certificates      cargo fetching from crates.io over TLS
+PACKAGES=(
+  bazel-bootstrap
+  default-jdk-headless
+  fio
+  python3
+  curl
+  procps
+  protobuf-compiler
+  ca-certificates
+)
+
+LOG="${CAIRN_DEPS_LOG:-/tmp/cairn-install-deps.log}"
+CHECK_ONLY=0
+case "${1:-}" in
+  --check) CHECK_ONLY=1 ;;
+  "") ;;
+  -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+  *) echo "usage: $0 [--check]" >&2; exit 2 ;;
+esac
+
+is_installed() {
+  [ "$(dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null)" = "installed" ]
+}
+
+missing=()
+present=()
+for p in "${PACKAGES[@]}"; do
+  if is_installed "$p"; then present+=("$p"); else missing+=("$p"); fi
+done
+
+if [ "${#missing[@]}" -eq 0 ]; then
+  echo "install-deps: all ${#PACKAGES[@]} packages already installed"
+  exit 0
+fi
+
+if [ "$CHECK_ONLY" -eq 1 ]; then
+  echo "install-deps: missing: ${missing[*]}"
+  exit 1
+fi
+
+SUDO=()
+if [ "$(id -u)" -ne 0 ]; then
+  if command -v sudo >/dev/null 2>&1; then SUDO=(sudo -n); else
+    echo "install-deps: must run as root (or with sudo) to install: ${missing[*]}" >&2
+    exit 1
+  fi
+fi
+
+export DEBIAN_FRONTEND=noninteractive
+: >"$LOG"
+echo "install-deps: installing ${missing[*]} (log: $LOG)"
+start=$(date +%s)
+
+run() {
+  echo "+ $*" >>"$LOG"
+  if ! "${SUDO[@]}" "$@" >>"$LOG" 2>&1; then
+    echo "install-deps: FAILED: $*" >&2
+    echo "---- last 40 lines of $LOG ----" >&2
+    tail -n 40 "$LOG" >&2
+    exit 1
+  fi
+}
+
+run apt-get update -q
+run apt-get install -y -q --no-install-recommends "${missing[@]}"
+
+# Confirm everything landed.
+still=()
+for p in "${missing[@]}"; do is_installed "$p" || still+=("$p"); done
+if [ "${#still[@]}" -ne 0 ]; then
+  echo "install-deps: still missing after install: ${still[*]} (see $LOG)" >&2
+  exit 1
+fi
+
+ver=$(dpkg-query -W -f='${Version}' bazel-bootstrap 2>/dev/null || true)
+echo "install-deps: installed ${#missing[@]} package(s) in $(( $(date +%s) - start ))s;" \
+     "already present: ${#present[@]}; bazel-bootstrap ${ver:-?}"
