@@ -110,7 +110,7 @@ async fn garbage_on_the_port_does_not_hurt_the_node() {
     ] {
         let mut stream = TcpStream::connect(node.grpc).unwrap();
         stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
+            .set_read_timeout(Some(Duration::from_secs(1)))
             .unwrap();
         let _ = stream.write_all(garbage);
         let mut sink = Vec::new();
