@@ -5,7 +5,6 @@
 //! unlink) keeps a move to another io_uring runtime a contained change.
 
 use crate::error::{Error, Result};
-use crate::format::ALIGN;
 use bytes::Bytes;
 use glommio::io::{DmaBuffer, DmaFile, OpenOptions};
 use std::path::{Path, PathBuf};
@@ -129,19 +128,29 @@ impl SegFile {
     }
 }
 
-/// Settles, for this executor thread, whether the data directory's device supports
-/// polled I/O, before any segment is opened.
+/// Makes glommio's per-thread probe of io_uring polled I/O (IOPOLL) read real data.
 ///
-/// glommio decides that once per device and thread by reading the first block of the
-/// first file opened there. When that file is still empty the kernel answers the read
-/// at once without touching the device, glommio concludes polling works, and every
-/// later read on a device without poll queues (virtio, most cloud disks) fails with
-/// EOPNOTSUPP. Opening a file that does hold a block first makes the probe real.
-pub async fn calibrate(dir: &Path, shard: usize) -> Result<()> {
-    let path = dir.join(format!(".iopoll_probe.{shard}"));
-    std::fs::write(&path, [0u8; ALIGN as usize])
-        .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
-    let opened = DmaFile::open(&path).await;
+/// The first O_DIRECT file a glommio thread opens on a device decides, for the rest of
+/// the thread's life, whether reads on that device go to the polled ring: glommio
+/// reads the file's first block and treats success as "IOPOLL works". A new segment
+/// file's first block is unwritten, so the filesystem answers that read with zeros
+/// without touching the device, the probe wrongly succeeds on devices without poll
+/// queues (virtio disks, most cloud volumes), and every later read of written data
+/// fails with EOPNOTSUPP. Opening, first, a file whose first block is really on the
+/// device makes the probe exercise the device and get the right answer. `shard` keeps
+/// the probe files of concurrent threads apart.
+pub async fn prime_iopoll_probe(dir: &Path, shard: usize) -> Result<()> {
+    use std::io::Write;
+    let path = dir.join(format!(".iopoll-probe-{shard}"));
+    let written = std::fs::File::create(&path).and_then(|mut file| {
+        file.write_all(&[0xA5; 64 << 10])?;
+        file.sync_all()
+    });
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&path);
+        return Err(Error::io(format!("writing {}", path.display()), e));
+    }
+    let opened = OpenOptions::new().read(true).dma_open(&path).await;
     let _ = std::fs::remove_file(&path);
     let file = opened.map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
     let _ = file.close().await;

@@ -100,7 +100,11 @@ type Parts = Rc<HashMap<u32, Rc<Partition>>>;
 impl ShardRunner {
     /// Recovers the shard's partitions, then serves requests until shutdown.
     pub async fn run(self) -> Result<()> {
-        let parts = match self.recover().await {
+        let recovered = match io::prime_iopoll_probe(&self.shared.dir, self.shard).await {
+            Ok(()) => self.recover().await,
+            Err(e) => Err(e),
+        };
+        let parts = match recovered {
             Ok(p) => {
                 let _ = self.ready.send(Ok(()));
                 p
@@ -130,7 +134,6 @@ impl ShardRunner {
     }
 
     async fn recover(&self) -> Result<Parts> {
-        io::calibrate(&self.shared.dir, self.shard).await?;
         let mut parts = HashMap::new();
         for &p in &self.partitions {
             let dir = self.shared.dir.join(format!("p{p:03}"));

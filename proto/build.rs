@@ -1,0 +1,27 @@
+//! Compiles the upstream `.proto` files with protox, a protobuf compiler written in
+//! Rust, so building needs nothing but cargo: no system `protoc`. The well-known types
+//! (`google/protobuf/*`) come from protox's built-in copies and map to `prost-types`.
+
+use std::path::Path;
+
+const PROTOS: &[&str] = &[
+    "build/bazel/remote/execution/v2/remote_execution.proto",
+    "google/bytestream/bytestream.proto",
+    "google/longrunning/operations.proto",
+    "google/rpc/status.proto",
+    "google/rpc/code.proto",
+    "google/rpc/error_details.proto",
+];
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for tree in ["build", "google"] {
+        println!("cargo:rerun-if-changed={}", root.join(tree).display());
+    }
+    let descriptors = protox::compile(PROTOS, [root])?;
+    tonic_prost_build::configure()
+        .bytes(".")
+        .build_transport(false)
+        .compile_fds(descriptors)?;
+    Ok(())
+}

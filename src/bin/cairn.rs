@@ -1,0 +1,92 @@
+//! `cairn`: the cache node.
+//!
+//! With no arguments it is a complete single node: gRPC on 127.0.0.1:50051, data in
+//! ./cairn-data, a size budget taken from the free disk space, any instance name.
+//! A JSON5 config file and the flags below adjust it; flags win over the file.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use cairn::byte_size::ByteSize;
+use cairn::config::Config;
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+/// A remote build cache speaking the Bazel Remote Execution API v2 (gRPC) and Bazel's
+/// HTTP cache protocol.
+///
+/// Point Bazel at it with --remote_cache=grpc://127.0.0.1:50051 (or, with
+/// --http-listen, --remote_cache=http://ADDR). Logs go to stderr; RUST_LOG adjusts them.
+#[derive(Parser, Debug)]
+#[command(name = "cairn", version)]
+struct Args {
+    /// JSON5 configuration file (see config/ for examples). `${NAME}` in its strings
+    /// expands to environment variables; unknown fields are errors.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+
+    /// Address of the gRPC (REAPI) listener [default: 127.0.0.1:50051; loopback only,
+    /// use 0.0.0.0:50051 to expose it].
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<SocketAddr>,
+
+    /// Address of the HTTP listener: Bazel's HTTP cache protocol (/ac/, /cas/),
+    /// /metrics and /healthz [default: none].
+    #[arg(long, value_name = "ADDR")]
+    http_listen: Option<SocketAddr>,
+
+    /// Data directory [default: ./cairn-data].
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+
+    /// Size budget of the store, e.g. 20GiB, 500MB or a number of bytes [default: 90% of
+    /// the space available to the data directory at startup: free space plus what the
+    /// directory already holds].
+    #[arg(long, value_name = "SIZE")]
+    max_size: Option<ByteSize>,
+
+    /// Number of shards, each an executor pinned to its own core [default: the number
+    /// of CPUs cairn may run on].
+    #[arg(long, value_name = "N")]
+    shards: Option<usize>,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let config = match &args.config {
+        Some(path) => Config::load(path),
+        None => Ok(Config::default()),
+    };
+    let outcome = config.and_then(|mut config| {
+        if let Some(listen) = args.listen {
+            config.listen = listen;
+        }
+        if let Some(http_listen) = args.http_listen {
+            config.http_listen = Some(http_listen);
+        }
+        if let Some(data_dir) = args.data_dir {
+            config.data_dir = data_dir;
+        }
+        if let Some(max_size) = args.max_size {
+            config.max_size = Some(max_size);
+        }
+        if let Some(shards) = args.shards {
+            config.shards = Some(shards);
+        }
+        cairn::node::run(config)
+    });
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("cairn: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}

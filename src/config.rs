@@ -1,0 +1,189 @@
+//! The node's configuration: a JSON5 file, overridden by command-line flags.
+//!
+//! Everything has a default, so `cairn` with no configuration at all is a working
+//! single node on loopback. The file is JSON5 (comments, trailing commas) because
+//! operators annotate their configs; unknown fields are rejected so a typo is an error
+//! at startup, not a silently ignored setting. `${NAME}` inside any string value is
+//! replaced by the environment variable `NAME` (an unset variable is an error), which
+//! keeps secrets and per-host paths out of the file.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::byte_size::ByteSize;
+use crate::error::{Error, Result};
+
+/// The cache node's settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address of the gRPC (REAPI) listener. Default `127.0.0.1:50051`: loopback,
+    /// because remote execution runs commands for whoever connects.
+    pub listen: SocketAddr,
+    /// Address of the HTTP listener serving Bazel's HTTP cache protocol, `/metrics`
+    /// and `/healthz`. Default: none (no HTTP listener).
+    pub http_listen: Option<SocketAddr>,
+    /// Directory holding the store. Default `./cairn-data`.
+    pub data_dir: PathBuf,
+    /// Byte budget of the store, e.g. `"20GiB"`. Default: 90% of the space available
+    /// to the data directory when the node starts (free space on its filesystem plus
+    /// what the directory already holds).
+    pub max_size: Option<ByteSize>,
+    /// Number of shards, each a thread pinned to a core with its own executor.
+    /// Default: the number of CPUs this process may run on.
+    pub shards: Option<usize>,
+    /// Largest total of blob bytes in one BatchUpdateBlobs or BatchReadBlobs call,
+    /// advertised in the capabilities. Default `4MiB`.
+    pub max_batch_total_size: ByteSize,
+    /// Largest blob the node accepts, advertised in the capabilities. Default `16GiB`.
+    pub max_cas_blob_size: ByteSize,
+    /// How long an interrupted ByteStream upload is kept so the client can resume it
+    /// from its committed size, in seconds. Default `60`.
+    pub upload_resume_seconds: u64,
+    /// How long a shutdown waits for in-flight requests before closing connections,
+    /// in seconds. Default `10`.
+    pub shutdown_grace_seconds: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            http_listen: None,
+            data_dir: PathBuf::from("./cairn-data"),
+            max_size: None,
+            shards: None,
+            max_batch_total_size: ByteSize(4 << 20),
+            max_cas_blob_size: ByteSize(16 << 30),
+            upload_resume_seconds: 60,
+            shutdown_grace_seconds: 10,
+        }
+    }
+}
+
+impl Config {
+    /// Reads a JSON5 config file, expanding `${NAME}` in its strings.
+    pub fn load(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path).map_err(|error| {
+            Error::invalid_argument(format!("cannot read config {}: {error}", path.display()))
+        })?;
+        Self::parse(&text)
+            .map_err(|error| Error::invalid_argument(format!("{}: {error}", path.display())))
+    }
+
+    /// Parses the text of a JSON5 config, expanding `${NAME}` in its strings.
+    pub fn parse(text: &str) -> Result<Config> {
+        let mut value: Value =
+            json5::from_str(text).map_err(|error| Error::invalid_argument(error.to_string()))?;
+        expand_env(&mut value, &|name| std::env::var(name).ok())?;
+        serde_json::from_value(value).map_err(|error| Error::invalid_argument(error.to_string()))
+    }
+
+    /// The upload resumption window.
+    pub fn upload_resume(&self) -> Duration {
+        Duration::from_secs(self.upload_resume_seconds)
+    }
+
+    /// The shutdown grace period.
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs(self.shutdown_grace_seconds)
+    }
+}
+
+/// Replaces `${NAME}` in every string of `value` with `lookup(NAME)`.
+fn expand_env(value: &mut Value, lookup: &dyn Fn(&str) -> Option<String>) -> Result<()> {
+    match value {
+        Value::String(text) => *text = expand_string(text, lookup)?,
+        Value::Array(items) => {
+            for item in items {
+                expand_env(item, lookup)?;
+            }
+        }
+        Value::Object(fields) => {
+            for field in fields.values_mut() {
+                expand_env(field, lookup)?;
+            }
+        }
+        Value::Null | Value::Bool(_) | Value::Number(_) => {}
+    }
+    Ok(())
+}
+
+fn expand_string(text: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<String> {
+    let mut expanded = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find("${") {
+        expanded.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let end = after.find('}').ok_or_else(|| {
+            Error::invalid_argument(format!("unterminated `${{` in config value `{text}`"))
+        })?;
+        let name = &after[..end];
+        let value = lookup(name).ok_or_else(|| {
+            Error::invalid_argument(format!(
+                "config value `{text}` names environment variable `{name}`, which is not set"
+            ))
+        })?;
+        expanded.push_str(&value);
+        rest = &after[end + 1..];
+    }
+    expanded.push_str(rest);
+    Ok(expanded)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_config_is_the_defaults() {
+        let config = Config::parse("{}").unwrap();
+        assert_eq!(config.listen, SocketAddr::from(([127, 0, 0, 1], 50051)));
+        assert_eq!(config.data_dir, PathBuf::from("./cairn-data"));
+        assert_eq!(config.max_batch_total_size, ByteSize(4 << 20));
+        assert!(config.max_size.is_none());
+    }
+
+    #[test]
+    fn json5_with_sizes_and_comments() {
+        let config = Config::parse(
+            "{ // a node\n listen: '0.0.0.0:9000', max_size: '20GiB', shards: 2,\n max_cas_blob_size: 1024, }",
+        )
+        .unwrap();
+        assert_eq!(config.listen.port(), 9000);
+        assert_eq!(config.max_size, Some(ByteSize(20 << 30)));
+        assert_eq!(config.shards, Some(2));
+        assert_eq!(config.max_cas_blob_size, ByteSize(1024));
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected() {
+        let error = Config::parse("{ lisen: '127.0.0.1:1' }").unwrap_err();
+        assert!(error.message().contains("lisen"), "{error}");
+    }
+
+    #[test]
+    fn env_expansion() {
+        let lookup = |name: &str| (name == "ROOT").then(|| "/srv".to_string());
+        assert_eq!(
+            expand_string("${ROOT}/cache", &lookup).unwrap(),
+            "/srv/cache"
+        );
+        assert_eq!(
+            expand_string("plain $ text", &lookup).unwrap(),
+            "plain $ text"
+        );
+        assert!(expand_string("${MISSING}", &lookup).is_err());
+        assert!(expand_string("${ROOT", &lookup).is_err());
+        let mut value = serde_json::json!({"a": ["${ROOT}", 1], "b": {"c": "x${ROOT}"}});
+        expand_env(&mut value, &lookup).unwrap();
+        assert_eq!(
+            value,
+            serde_json::json!({"a": ["/srv", 1], "b": {"c": "x/srv"}})
+        );
+    }
+}

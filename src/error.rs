@@ -1,0 +1,146 @@
+//! The crate's one error type.
+//!
+//! Every failure a client can cause or observe ends up as a gRPC status or an HTTP
+//! status code, so errors carry a [`ErrorKind`] chosen where the failure is understood
+//! (a bad resource name is `InvalidArgument` where it is parsed, a missing blob is
+//! `NotFound` where it is looked up) and a message for the human reading the client's
+//! log. The mapping to wire codes lives here, in one place, so every protocol answers
+//! the same failure with the same code.
+
+use std::fmt;
+
+/// What went wrong, in the vocabulary of gRPC status codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The request is malformed: bad resource name, digest, size or offset order.
+    InvalidArgument,
+    /// The blob, action result or upload does not exist.
+    NotFound,
+    /// An offset or limit points outside the blob.
+    OutOfRange,
+    /// The store is full or a limit was exceeded.
+    ResourceExhausted,
+    /// The request is valid but the state does not allow it.
+    FailedPrecondition,
+    /// The node is shutting down or a shard cannot be reached; retrying may help.
+    Unavailable,
+    /// Stored data failed its checksum.
+    DataLoss,
+    /// A bug or an unexpected I/O failure.
+    Internal,
+}
+
+/// An error with the kind that decides its wire status and a human-readable message.
+#[derive(Debug, Clone)]
+pub struct Error {
+    kind: ErrorKind,
+    message: String,
+}
+
+impl Error {
+    /// An error of `kind` described by `message`.
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+        }
+    }
+
+    /// A malformed request.
+    pub fn invalid_argument(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::InvalidArgument, message)
+    }
+
+    /// Something the request names does not exist.
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::NotFound, message)
+    }
+
+    /// An offset or limit outside the blob.
+    pub fn out_of_range(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::OutOfRange, message)
+    }
+
+    /// An unexpected failure.
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Internal, message)
+    }
+
+    /// What went wrong.
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+
+    /// The message, without the kind.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl ErrorKind {
+    /// The gRPC status code for this kind.
+    pub fn grpc_code(self) -> tonic::Code {
+        match self {
+            ErrorKind::InvalidArgument => tonic::Code::InvalidArgument,
+            ErrorKind::NotFound => tonic::Code::NotFound,
+            ErrorKind::OutOfRange => tonic::Code::OutOfRange,
+            ErrorKind::ResourceExhausted => tonic::Code::ResourceExhausted,
+            ErrorKind::FailedPrecondition => tonic::Code::FailedPrecondition,
+            ErrorKind::Unavailable => tonic::Code::Unavailable,
+            ErrorKind::DataLoss => tonic::Code::DataLoss,
+            ErrorKind::Internal => tonic::Code::Internal,
+        }
+    }
+
+    /// The HTTP status code for this kind, as the HTTP cache protocol answers it.
+    pub fn http_status(self) -> http::StatusCode {
+        match self {
+            ErrorKind::InvalidArgument | ErrorKind::OutOfRange => http::StatusCode::BAD_REQUEST,
+            ErrorKind::NotFound => http::StatusCode::NOT_FOUND,
+            ErrorKind::ResourceExhausted => http::StatusCode::INSUFFICIENT_STORAGE,
+            ErrorKind::FailedPrecondition => http::StatusCode::CONFLICT,
+            ErrorKind::Unavailable => http::StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::DataLoss | ErrorKind::Internal => http::StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+impl From<Error> for tonic::Status {
+    fn from(error: Error) -> Self {
+        tonic::Status::new(error.kind.grpc_code(), error.message)
+    }
+}
+
+impl From<std::io::Error> for Error {
+    fn from(error: std::io::Error) -> Self {
+        Error::internal(format!("I/O error: {error}"))
+    }
+}
+
+impl From<cairn_storage::Error> for Error {
+    fn from(error: cairn_storage::Error) -> Self {
+        use cairn_storage::ErrorKind as Storage;
+        let kind = match error.kind() {
+            Storage::NotFound => ErrorKind::NotFound,
+            Storage::InvalidArgument => ErrorKind::InvalidArgument,
+            Storage::OutOfRange => ErrorKind::OutOfRange,
+            Storage::ResourceExhausted => ErrorKind::ResourceExhausted,
+            Storage::FailedPrecondition => ErrorKind::FailedPrecondition,
+            Storage::Unavailable => ErrorKind::Unavailable,
+            Storage::DataLoss => ErrorKind::DataLoss,
+            Storage::Internal => ErrorKind::Internal,
+        };
+        Error::new(kind, error.to_string())
+    }
+}
+
+/// The crate's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,200 @@
+//! The HTTP/1.1 listener: Bazel's HTTP cache protocol, `/metrics` and `/healthz`.
+//!
+//! `--remote_cache=http://host:port` makes Bazel `GET`, `PUT` and `HEAD`
+//! `/ac/{sha256}` (an encoded ActionResult) and `/cas/{sha256}` (the blob). It is the
+//! same store as gRPC: action results are checked for completeness before they are
+//! served, blobs stream to and from the engine without being held whole, and a blob
+//! whose bytes do not hash to the name it was put under is refused with 400.
+//!
+//! The protocol names blobs by hash alone, while the engine keys them by hash and
+//! size. So a blob put over HTTP also records its size under its hash (see
+//! [`Store::remember_size`]), and a GET finds the size there first.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+
+use bytes::Bytes;
+use cairn_proto::reapi::ActionResult;
+use cairn_storage::DigestFunction;
+use futures::StreamExt;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full, Limited, StreamBody};
+use hyper::body::{Frame, Incoming};
+use prost::Message;
+
+use crate::action_results::{self, Inline};
+use crate::error::{Error, Result};
+use crate::http_path::{self, HttpPath};
+use crate::store::Store;
+
+/// A response body: a whole small buffer or a blob's stream.
+pub type Body = UnsyncBoxBody<Bytes, Error>;
+
+/// The HTTP front of the node. Cheap to clone: one per connection.
+#[derive(Clone)]
+pub struct HttpFront {
+    store: Store,
+}
+
+impl HttpFront {
+    /// Serves `store`.
+    pub fn new(store: Store) -> Self {
+        Self { store }
+    }
+
+    async fn handle(self, request: Request<Incoming>) -> Response<Body> {
+        let method = request.method().clone();
+        let path = request.uri().path().to_string();
+        let outcome = match http_path::parse(&path) {
+            Ok(target) => self.route(&method, target, request).await,
+            Err(error) => Err(error),
+        };
+        outcome.unwrap_or_else(|error| {
+            tracing::debug!("{method} {path}: {error}");
+            let body = if method == Method::HEAD {
+                Bytes::new()
+            } else {
+                Bytes::from(format!("{error}\n"))
+            };
+            respond(error.kind().http_status(), body)
+        })
+    }
+
+    async fn route(
+        &self,
+        method: &Method,
+        target: HttpPath<'_>,
+        request: Request<Incoming>,
+    ) -> Result<Response<Body>> {
+        let metrics = self.store.metrics();
+        match (target, method) {
+            (HttpPath::Health, &Method::GET) => Ok(respond(StatusCode::OK, Bytes::from("ok\n"))),
+            (HttpPath::Metrics, &Method::GET) => {
+                let stats = self.store.engine().stats().await.map_err(Error::from)?;
+                let text = metrics.render(&stats)?;
+                Ok(respond(StatusCode::OK, Bytes::from(text)))
+            }
+            (HttpPath::ActionCache { instance, hash }, &Method::GET | &Method::HEAD) => {
+                metrics.request("http", "ac_get");
+                let action = crate::digests::parse_hash(DigestFunction::Sha256, hash, 0)?;
+                let budget = self.store.limits().max_batch_total_size;
+                let result =
+                    action_results::load(&self.store, instance, action, &Inline::default(), budget)
+                        .await?;
+                let encoded = Bytes::from(result.encode_to_vec());
+                Ok(sized(method, encoded.len() as u64, full(encoded)))
+            }
+            (HttpPath::ActionCache { instance, hash }, &Method::PUT) => {
+                metrics.request("http", "ac_put");
+                let action = crate::digests::parse_hash(DigestFunction::Sha256, hash, 0)?;
+                let limit = self.store.limits().max_batch_total_size as usize;
+                let body = Limited::new(request.into_body(), limit)
+                    .collect()
+                    .await
+                    .map_err(|error| {
+                        Error::invalid_argument(format!("cannot read the action result: {error}"))
+                    })?
+                    .to_bytes();
+                let result = ActionResult::decode(body).map_err(|error| {
+                    Error::invalid_argument(format!("the body is not an ActionResult: {error}"))
+                })?;
+                action_results::store_result(&self.store, instance, action, &result).await?;
+                Ok(respond(StatusCode::OK, Bytes::new()))
+            }
+            (HttpPath::Cas { hash, .. }, &Method::GET | &Method::HEAD) => {
+                metrics.request("http", "cas_get");
+                let digest = self.store.lookup_size(DigestFunction::Sha256, hash).await?;
+                if method == Method::HEAD {
+                    if !self.store.contains(digest).await? {
+                        return Err(Error::not_found(format!("blob {hash} not found")));
+                    }
+                    return Ok(sized(method, digest.size, full(Bytes::new())));
+                }
+                let blob = self.store.get(digest, 0, None).await?;
+                let frames = blob.map(|chunk| chunk.map(Frame::data));
+                Ok(sized(
+                    method,
+                    digest.size,
+                    StreamBody::new(frames).boxed_unsync(),
+                ))
+            }
+            (HttpPath::Cas { hash, .. }, &Method::PUT) => {
+                metrics.request("http", "cas_put");
+                self.put_blob(hash, request).await?;
+                Ok(respond(StatusCode::OK, Bytes::new()))
+            }
+            _ => Ok(respond(
+                StatusCode::METHOD_NOT_ALLOWED,
+                Bytes::from(format!("{method} is not allowed here\n")),
+            )),
+        }
+    }
+
+    /// Streams a PUT body into the store under the digest its hash and length name.
+    async fn put_blob(&self, hash: &str, request: Request<Incoming>) -> Result<()> {
+        let size = request
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|length| length.to_str().ok())
+            .and_then(|length| length.parse::<u64>().ok())
+            .ok_or_else(|| Error::invalid_argument("a blob PUT needs a Content-Length"))?;
+        let digest = crate::digests::parse_hash(DigestFunction::Sha256, hash, size)?;
+        if !self.store.contains(digest).await? {
+            let mut upload = self.store.begin_put(digest).await?;
+            let mut body = request.into_body();
+            while let Some(frame) = body.frame().await {
+                let frame = frame.map_err(|error| {
+                    Error::invalid_argument(format!("the upload broke off: {error}"))
+                })?;
+                if let Ok(data) = frame.into_data() {
+                    if upload.committed() + data.len() as u64 > size {
+                        return Err(Error::invalid_argument("more data than Content-Length"));
+                    }
+                    self.store.metrics().bytes_received(data.len() as u64);
+                    upload.write(data).await?;
+                }
+            }
+            upload.finish().await?;
+        }
+        self.store.remember_size(digest).await
+    }
+}
+
+impl hyper::service::Service<Request<Incoming>> for HttpFront {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+
+    fn call(&self, request: Request<Incoming>) -> Self::Future {
+        let front = self.clone();
+        Box::pin(async move { Ok(front.handle(request).await) })
+    }
+}
+
+fn full(bytes: Bytes) -> Body {
+    Full::new(bytes)
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+fn respond(status: StatusCode, body: Bytes) -> Response<Body> {
+    let mut response = Response::new(full(body));
+    *response.status_mut() = status;
+    response
+}
+
+/// A 200 response of `length` bytes; HEAD gets the length and no body.
+fn sized(method: &Method, length: u64, body: Body) -> Response<Body> {
+    let body = if method == Method::HEAD {
+        full(Bytes::new())
+    } else {
+        body
+    };
+    let mut response = Response::new(body);
+    response
+        .headers_mut()
+        .insert(header::CONTENT_LENGTH, header::HeaderValue::from(length));
+    response
+}

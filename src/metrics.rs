@@ -1,0 +1,159 @@
+//! Prometheus metrics of the node, served at `/metrics` on the HTTP listener.
+//!
+//! Request, byte and hit/miss counters are updated by the services as they work; the
+//! storage figures (per-partition usage, objects, evictions, CRC failures, per-shard
+//! queue depth) are read from the engine when the endpoint is scraped, so they cost
+//! nothing between scrapes and are never stale.
+
+use cairn_storage::Stats;
+use prometheus::{Encoder, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+
+use crate::error::{Error, Result};
+
+/// The node's metrics.
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    lookups: IntCounterVec,
+    received: IntCounter,
+    sent: IntCounter,
+    used_bytes: IntGaugeVec,
+    budget_bytes: IntGaugeVec,
+    objects: IntGaugeVec,
+    evictions: IntGaugeVec,
+    crc_failures: IntGaugeVec,
+    queue_depth: IntGaugeVec,
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Result<Self> {
+        let registry = Registry::new_custom(Some("cairn".to_string()), None)
+            .map_err(|error| Error::internal(error.to_string()))?;
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec> {
+            let metric = IntCounterVec::new(Opts::new(name, help), labels)
+                .map_err(|error| Error::internal(error.to_string()))?;
+            registry
+                .register(Box::new(metric.clone()))
+                .map_err(|error| Error::internal(error.to_string()))?;
+            Ok(metric)
+        };
+        let counter = |name: &str, help: &str| -> Result<IntCounter> {
+            let metric =
+                IntCounter::new(name, help).map_err(|error| Error::internal(error.to_string()))?;
+            registry
+                .register(Box::new(metric.clone()))
+                .map_err(|error| Error::internal(error.to_string()))?;
+            Ok(metric)
+        };
+        let gauge = |name: &str, help: &str, label: &str| -> Result<IntGaugeVec> {
+            let metric = IntGaugeVec::new(Opts::new(name, help), &[label])
+                .map_err(|error| Error::internal(error.to_string()))?;
+            registry
+                .register(Box::new(metric.clone()))
+                .map_err(|error| Error::internal(error.to_string()))?;
+            Ok(metric)
+        };
+        Ok(Self {
+            requests: counter_vec(
+                "requests_total",
+                "Requests served, by service and method",
+                &["service", "method"],
+            )?,
+            lookups: counter_vec(
+                "lookups_total",
+                "Cache lookups, by store (cas, ac) and result (hit, miss)",
+                &["store", "result"],
+            )?,
+            received: counter("received_bytes_total", "Blob bytes received from clients")?,
+            sent: counter("sent_bytes_total", "Blob bytes sent to clients")?,
+            used_bytes: gauge(
+                "partition_used_bytes",
+                "Bytes used by each partition",
+                "partition",
+            )?,
+            budget_bytes: gauge(
+                "partition_budget_bytes",
+                "Byte budget of each partition",
+                "partition",
+            )?,
+            objects: gauge(
+                "partition_objects",
+                "Objects held by each partition",
+                "partition",
+            )?,
+            evictions: gauge(
+                "partition_evictions",
+                "Objects evicted by each partition",
+                "partition",
+            )?,
+            crc_failures: gauge(
+                "partition_crc_failures",
+                "Records that failed their checksum, by partition",
+                "partition",
+            )?,
+            queue_depth: gauge(
+                "shard_queue_depth",
+                "Requests waiting for each shard",
+                "shard",
+            )?,
+            registry,
+        })
+    }
+
+    /// Counts one request.
+    pub fn request(&self, service: &str, method: &str) {
+        self.requests.with_label_values(&[service, method]).inc();
+    }
+
+    /// Counts one lookup in `store`.
+    pub fn lookup(&self, store: &str, hit: bool) {
+        let result = if hit { "hit" } else { "miss" };
+        self.lookups.with_label_values(&[store, result]).inc();
+    }
+
+    /// Counts a batch of lookups in `store`.
+    pub fn lookups(&self, store: &str, hits: usize, misses: usize) {
+        self.lookups
+            .with_label_values(&[store, "hit"])
+            .inc_by(hits as u64);
+        self.lookups
+            .with_label_values(&[store, "miss"])
+            .inc_by(misses as u64);
+    }
+
+    /// Counts blob bytes received.
+    pub fn bytes_received(&self, bytes: u64) {
+        self.received.inc_by(bytes);
+    }
+
+    /// Counts blob bytes sent.
+    pub fn bytes_sent(&self, bytes: u64) {
+        self.sent.inc_by(bytes);
+    }
+
+    /// The text exposition of every metric, with the storage figures of `stats`.
+    pub fn render(&self, stats: &Stats) -> Result<String> {
+        let set = |gauge: &IntGaugeVec, label: String, value: u64| {
+            gauge
+                .with_label_values(&[label.as_str()])
+                .set(i64::try_from(value).unwrap_or(i64::MAX));
+        };
+        for partition in &stats.partitions {
+            let label = || partition.partition.to_string();
+            set(&self.used_bytes, label(), partition.used_bytes);
+            set(&self.budget_bytes, label(), partition.budget_bytes);
+            set(&self.objects, label(), partition.objects);
+            set(&self.evictions, label(), partition.evictions);
+            set(&self.crc_failures, label(), partition.crc_failures);
+        }
+        for (shard, depth) in stats.queue_depths.iter().enumerate() {
+            set(&self.queue_depth, shard.to_string(), *depth);
+        }
+        let mut text = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut text)
+            .map_err(|error| Error::internal(error.to_string()))?;
+        String::from_utf8(text).map_err(|error| Error::internal(error.to_string()))
+    }
+}

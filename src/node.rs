@@ -1,0 +1,154 @@
+//! Assembling a cache node from its configuration.
+//!
+//! The order matters: the engine opens first (it runs the environment checks —
+//! io_uring available, locked-memory limit, O_DIRECT on the data directory — and turns
+//! each failure into a sentence before any executor starts), then the services are
+//! built over it, then the runtime starts one executor per shard, and signals are
+//! wired to a graceful stop.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use cairn_proto::bytestream::byte_stream_server::ByteStreamServer;
+use cairn_proto::reapi::action_cache_server::ActionCacheServer;
+use cairn_proto::reapi::capabilities_server::CapabilitiesServer;
+use cairn_proto::reapi::content_addressable_storage_server::ContentAddressableStorageServer;
+use cairn_storage::{Engine, EngineConfig};
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::grpc_ac::ActionCacheService;
+use crate::grpc_bytestream::ByteStreamService;
+use crate::grpc_capabilities::CapabilitiesService;
+use crate::grpc_cas::CasService;
+use crate::http_cache::HttpFront;
+use crate::metrics::Metrics;
+use crate::store::{Limits, Store};
+use crate::uploads::PendingUploads;
+use crate::{runtime, signals};
+
+/// Share of the available space the store may use when no size is configured.
+const DEFAULT_BUDGET_SHARE: f64 = 0.9;
+
+/// Runs a cache node until SIGTERM or SIGINT, then shuts it down cleanly.
+pub fn run(config: Config) -> Result<()> {
+    let shards = config.shards.unwrap_or_else(runtime::available_cores);
+    if shards == 0 {
+        return Err(Error::invalid_argument("shards must be at least 1"));
+    }
+    let max_size = match config.max_size {
+        Some(size) => size.0,
+        None => default_budget(&config.data_dir)?,
+    };
+    tracing::info!(
+        "data in {} with a budget of {}, {shards} shards",
+        config.data_dir.display(),
+        crate::byte_size::ByteSize(max_size)
+    );
+    let (engine, runners) = Engine::open(EngineConfig {
+        dir: config.data_dir.clone(),
+        max_size,
+        shards,
+        ..EngineConfig::default()
+    })?;
+    let limits = Limits {
+        max_batch_total_size: config.max_batch_total_size.0,
+        max_cas_blob_size: config.max_cas_blob_size.0,
+    };
+    let store = Store::new(engine.clone(), limits, Arc::new(Metrics::new()?));
+    let pending = Arc::new(PendingUploads::new(config.upload_resume()));
+    let (stop, _) = watch::channel(false);
+    signals::stop_on_signal(stop.clone())?;
+    let serve = runtime::Serve {
+        grpc_addr: config.listen,
+        http_addr: config.http_listen,
+        grpc: grpc_routes(&store, pending, limits),
+        http: HttpFront::new(store),
+        engine,
+        grace: config.shutdown_grace(),
+    };
+    runtime::run(serve, runners, stop)?;
+    tracing::info!("stopped cleanly");
+    Ok(())
+}
+
+/// Every gRPC service of the node, accepting messages as large as a full batch.
+fn grpc_routes(
+    store: &Store,
+    pending: Arc<PendingUploads>,
+    limits: Limits,
+) -> tonic::service::Routes {
+    // A batch at the limit plus its framing must decode, so an over-limit batch reaches
+    // the handler and gets a clear INVALID_ARGUMENT rather than a transport error.
+    let message_limit = usize::try_from(limits.max_batch_total_size)
+        .unwrap_or(usize::MAX)
+        .saturating_mul(2)
+        .saturating_add(1 << 20);
+    tonic::service::Routes::new(
+        CapabilitiesServer::new(CapabilitiesService::new(store.clone()))
+            .max_decoding_message_size(message_limit),
+    )
+    .add_service(
+        ContentAddressableStorageServer::new(CasService::new(store.clone()))
+            .max_decoding_message_size(message_limit),
+    )
+    .add_service(
+        ActionCacheServer::new(ActionCacheService::new(store.clone()))
+            .max_decoding_message_size(message_limit),
+    )
+    .add_service(
+        ByteStreamServer::new(ByteStreamService::new(store.clone(), pending))
+            .max_decoding_message_size(message_limit),
+    )
+}
+
+/// 90% of the space available to `dir`: the free space of its filesystem plus what the
+/// directory already holds (so the budget does not shrink as the store fills).
+fn default_budget(dir: &Path) -> Result<u64> {
+    let held = directory_size(dir);
+    let free = free_space(dir)?;
+    Ok(((free + held) as f64 * DEFAULT_BUDGET_SHARE) as u64)
+}
+
+/// Bytes available to unprivileged users on the filesystem that holds (or will hold)
+/// `dir`.
+fn free_space(dir: &Path) -> Result<u64> {
+    let existing = dir
+        .ancestors()
+        .find(|candidate| candidate.exists())
+        .unwrap_or_else(|| Path::new("."));
+    let existing = if existing.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        existing
+    };
+    let path = std::ffi::CString::new(existing.as_os_str().as_encoded_bytes())
+        .map_err(|_| Error::invalid_argument("the data directory path contains a NUL byte"))?;
+    // SAFETY: statvfs only writes into the struct passed; the path is NUL-terminated.
+    let mut stats: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: both pointers are valid for the duration of the call.
+    if unsafe { libc::statvfs(path.as_ptr(), &mut stats) } != 0 {
+        return Err(Error::internal(format!(
+            "cannot measure free space at {}: {}",
+            existing.display(),
+            std::io::Error::last_os_error()
+        )));
+    }
+    Ok(stats.f_bavail as u64 * stats.f_frsize as u64)
+}
+
+/// The total size of the files under `dir` (zero if it does not exist).
+fn directory_size(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|entry| match entry.file_type() {
+            Ok(kind) if kind.is_dir() => directory_size(&entry.path()),
+            Ok(_) => entry.metadata().map(|meta| meta.len()).unwrap_or(0),
+            Err(_) => 0,
+        })
+        .sum()
+}

@@ -1,0 +1,222 @@
+//! The node's view of the storage engine: the rules every protocol shares.
+//!
+//! gRPC and HTTP both read and write through a [`Store`], so the protocol-independent
+//! rules live here once: the empty blob exists for every digest function without ever
+//! being stored; action-cache keys ignore the action digest's size, because Bazel's
+//! HTTP protocol names actions by hash alone and both protocols must see the same
+//! entries; lookups count as hits or misses in the metrics.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use cairn_storage::{BlobStream, Digest, DigestFunction, Engine, Upload};
+use futures::stream::{self, BoxStream, StreamExt};
+
+use crate::error::{Error, Result};
+use crate::metrics::Metrics;
+
+/// Limits advertised in the capabilities and enforced by every service.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest total of blob bytes in one batch call.
+    pub max_batch_total_size: u64,
+    /// Largest blob accepted.
+    pub max_cas_blob_size: u64,
+}
+
+/// The engine plus the rules shared by all protocols. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    engine: Engine,
+    limits: Limits,
+    metrics: Arc<Metrics>,
+}
+
+/// A stream of a blob's bytes.
+pub type ByteStream = BoxStream<'static, Result<Bytes>>;
+
+impl Store {
+    /// A store over `engine`.
+    pub fn new(engine: Engine, limits: Limits, metrics: Arc<Metrics>) -> Self {
+        Self {
+            engine,
+            limits,
+            metrics,
+        }
+    }
+
+    /// The limits every service enforces.
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// The metrics every service updates.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// The engine itself, for statistics.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Rejects blobs over the advertised maximum size.
+    pub fn check_blob_size(&self, digest: &Digest) -> Result<()> {
+        if digest.size > self.limits.max_cas_blob_size {
+            return Err(Error::invalid_argument(format!(
+                "blob {}/{} is larger than max_cas_blob_size_bytes ({})",
+                digest.hash_hex(),
+                digest.size,
+                self.limits.max_cas_blob_size
+            )));
+        }
+        Ok(())
+    }
+
+    /// Whether the CAS holds `digest`.
+    pub async fn contains(&self, digest: Digest) -> Result<bool> {
+        if is_empty(&digest) {
+            return Ok(true);
+        }
+        let found = self.engine.contains(digest).await?;
+        self.metrics.lookup("cas", found);
+        Ok(found)
+    }
+
+    /// The digests among `digests` that the CAS does not hold.
+    pub async fn find_missing(&self, digests: Vec<Digest>) -> Result<Vec<Digest>> {
+        let asked: Vec<Digest> = digests.into_iter().filter(|d| !is_empty(d)).collect();
+        let count = asked.len();
+        let missing = if asked.is_empty() {
+            Vec::new()
+        } else {
+            self.engine.find_missing(asked).await?
+        };
+        self.metrics
+            .lookups("cas", count - missing.len(), missing.len());
+        Ok(missing)
+    }
+
+    /// Starts an upload of `digest`.
+    pub async fn begin_put(&self, digest: Digest) -> Result<Upload> {
+        self.check_blob_size(&digest)?;
+        Ok(self.engine.begin_put(digest).await?)
+    }
+
+    /// Stores a blob already held in memory, after checking that it matches `digest`.
+    pub async fn put(&self, digest: Digest, data: Bytes) -> Result<()> {
+        self.check_blob_size(&digest)?;
+        let actual = Digest::of(digest.function, &data);
+        if actual != digest {
+            return Err(Error::invalid_argument(format!(
+                "data does not match digest {}/{}: it hashes to {}/{}",
+                digest.hash_hex(),
+                digest.size,
+                actual.hash_hex(),
+                actual.size
+            )));
+        }
+        if is_empty(&digest) {
+            return Ok(());
+        }
+        self.metrics.bytes_received(data.len() as u64);
+        Ok(self.engine.put(digest, data).await?)
+    }
+
+    /// Streams `digest` from `offset`, at most `limit` bytes.
+    pub async fn get(&self, digest: Digest, offset: u64, limit: Option<u64>) -> Result<ByteStream> {
+        if offset > digest.size {
+            return Err(Error::out_of_range(format!(
+                "read offset {offset} is past the end of blob {}/{}",
+                digest.hash_hex(),
+                digest.size
+            )));
+        }
+        if is_empty(&digest) {
+            return Ok(stream::empty().boxed());
+        }
+        let found = self.engine.get(digest, offset, limit).await;
+        self.metrics.lookup("cas", found.is_ok());
+        let metrics = Arc::clone(&self.metrics);
+        let blob: BlobStream = found?;
+        Ok(blob
+            .map(move |chunk| {
+                let chunk = chunk?;
+                metrics.bytes_sent(chunk.len() as u64);
+                Ok(chunk)
+            })
+            .boxed())
+    }
+
+    /// A whole blob, for callers that bound its size themselves.
+    pub async fn get_bytes(&self, digest: Digest) -> Result<Bytes> {
+        if is_empty(&digest) {
+            return Ok(Bytes::new());
+        }
+        let found = self.engine.get_bytes(digest).await;
+        self.metrics.lookup("cas", found.is_ok());
+        let data = found?;
+        self.metrics.bytes_sent(data.len() as u64);
+        Ok(data)
+    }
+
+    /// The action-cache entry of `action` in `instance`.
+    pub async fn ac_get(&self, instance: &str, action: Digest) -> Result<Bytes> {
+        let found = self.engine.ac_get(instance, ac_key(action)).await;
+        self.metrics.lookup("ac", found.is_ok());
+        Ok(found?)
+    }
+
+    /// Stores the action-cache entry of `action` in `instance`.
+    pub async fn ac_put(&self, instance: &str, action: Digest, value: Bytes) -> Result<()> {
+        Ok(self.engine.ac_put(instance, ac_key(action), value).await?)
+    }
+}
+
+impl Store {
+    /// Records the size of a blob under its hash, for protocols that name blobs by hash
+    /// alone. The record is an action-cache entry whose key has the impossible size
+    /// `u64::MAX`, so it can never collide with an action result (stored with size 0).
+    pub async fn remember_size(&self, blob: Digest) -> Result<()> {
+        if is_empty(&blob) {
+            return Ok(());
+        }
+        let value = Bytes::copy_from_slice(&blob.size.to_le_bytes());
+        Ok(self.engine.ac_put("", size_key(blob), value).await?)
+    }
+
+    /// The full digest of the blob whose hash is `hash`, as recorded by
+    /// [`Store::remember_size`]; `NotFound` if it was never recorded.
+    pub async fn lookup_size(&self, function: DigestFunction, hash: &str) -> Result<Digest> {
+        let named = Digest::from_hex(function, hash, 0)?;
+        if is_empty(&named) {
+            return Ok(named);
+        }
+        let found = self.engine.ac_get("", size_key(named)).await;
+        self.metrics.lookup("cas", found.is_ok());
+        let value = found?;
+        let size = <[u8; 8]>::try_from(value.as_ref())
+            .map(u64::from_le_bytes)
+            .map_err(|_| Error::internal(format!("corrupt size record for blob {hash}")))?;
+        Ok(Digest { size, ..named })
+    }
+}
+
+/// The key of a blob's size record.
+fn size_key(blob: Digest) -> Digest {
+    Digest {
+        size: u64::MAX,
+        ..blob
+    }
+}
+
+/// Whether `digest` is the empty blob of its function.
+pub fn is_empty(digest: &Digest) -> bool {
+    digest.size == 0 && *digest == Digest::empty(digest.function)
+}
+
+/// The action-cache key: the action's hash without its size, so that an action named
+/// by hash alone (HTTP) and by full digest (gRPC) is one entry.
+fn ac_key(action: Digest) -> Digest {
+    Digest { size: 0, ..action }
+}

@@ -1,0 +1,458 @@
+//! ByteStream reads and writes against the real binary, including every bad input.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use cairn_proto::bytestream::{QueryWriteStatusRequest, WriteRequest};
+use cairn_proto::reapi::FindMissingBlobsRequest;
+use cairn_storage::{Digest, DigestFunction};
+use common::{
+    blob, read_blob, read_name, sha256, upload_name, wire, write_blob, write_requests, Node,
+};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Code;
+
+#[tokio::test]
+async fn write_then_read_with_and_without_instance_names() {
+    let node = Node::start();
+    let mut client = node.bytestream().await;
+    for (index, instance) in ["", "main", "team/a/b"].into_iter().enumerate() {
+        let data = blob(10 + index as u64, 300_000);
+        let digest = sha256(&data);
+        let committed = write_blob(&mut client, &upload_name(instance, &digest), &data)
+            .await
+            .unwrap();
+        assert_eq!(committed, data.len() as i64);
+        let read = read_blob(&mut client, &read_name(instance, &digest), 0, 0)
+            .await
+            .unwrap();
+        assert_eq!(read, data);
+        let part = read_blob(&mut client, &read_name(instance, &digest), 1000, 5000)
+            .await
+            .unwrap();
+        assert_eq!(part, &data[1000..6000]);
+        let tail = read_blob(&mut client, &read_name(instance, &digest), 299_990, 0)
+            .await
+            .unwrap();
+        assert_eq!(tail, &data[299_990..]);
+        let at_end = read_blob(&mut client, &read_name(instance, &digest), 300_000, 0)
+            .await
+            .unwrap();
+        assert!(at_end.is_empty());
+    }
+}
+
+#[tokio::test]
+async fn the_empty_blob_is_always_there() {
+    let node = Node::start();
+    let mut client = node.bytestream().await;
+    let empty = sha256(b"");
+    assert!(read_blob(&mut client, &read_name("", &empty), 0, 0)
+        .await
+        .unwrap()
+        .is_empty());
+    let blake3 = Digest::empty(DigestFunction::Blake3);
+    let name = format!("x/blobs/blake3/{}/0", blake3.hash_hex());
+    assert!(read_blob(&mut client, &name, 0, 0)
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+#[tokio::test]
+async fn blake3_and_zstd_resource_names() {
+    let node = Node::start();
+    let mut client = node.bytestream().await;
+    let data: Vec<u8> = (0..2_000_000u32).map(|i| (i / 1000) as u8).collect();
+    let digest = Digest::of(DigestFunction::Blake3, &data);
+    let compressed = zstd::bulk::compress(&data, 3).unwrap();
+    let name = format!(
+        "inst/uploads/0b1e2c6e-1111-4222-8333-444455556666/compressed-blobs/zstd/blake3/{}/{}",
+        digest.hash_hex(),
+        digest.size
+    );
+    let committed = write_blob(&mut client, &name, &compressed).await.unwrap();
+    assert_eq!(committed, compressed.len() as i64);
+    let plain = format!("inst/blobs/blake3/{}/{}", digest.hash_hex(), digest.size);
+    assert_eq!(read_blob(&mut client, &plain, 0, 0).await.unwrap(), data);
+    let zstd_name = format!(
+        "inst/compressed-blobs/zstd/blake3/{}/{}",
+        digest.hash_hex(),
+        digest.size
+    );
+    let frame = read_blob(&mut client, &zstd_name, 0, 0).await.unwrap();
+    assert!(frame.len() < data.len() / 10);
+    assert_eq!(zstd::stream::decode_all(&frame[..]).unwrap(), data);
+    let frame = read_blob(&mut client, &zstd_name, 1_500_000, 0)
+        .await
+        .unwrap();
+    assert_eq!(
+        zstd::stream::decode_all(&frame[..]).unwrap(),
+        &data[1_500_000..]
+    );
+    let status = read_blob(&mut client, &zstd_name, 0, 10).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+
+    let again = write_blob(&mut client, &name, &compressed).await.unwrap();
+    assert_eq!(
+        again, -1,
+        "an existing blob ends a compressed upload with -1"
+    );
+}
+
+#[tokio::test]
+async fn compressed_uploads_that_lie_are_refused() {
+    let node = Node::start();
+    let mut client = node.bytestream().await;
+    let data = vec![42u8; 100_000];
+    let digest = sha256(&data);
+    let name = |size: u64| {
+        format!(
+            "uploads/u/compressed-blobs/zstd/{}/{size}",
+            digest.hash_hex()
+        )
+    };
+    let bomb = zstd::bulk::compress(&vec![42u8; 50_000_000], 3).unwrap();
+    let status = write_blob(&mut client, &name(digest.size), &bomb)
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    let compressed = zstd::bulk::compress(&data, 3).unwrap();
+    let status = write_blob(
+        &mut client,
+        &name(digest.size),
+        &compressed[..compressed.len() - 4],
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    let status = write_blob(&mut client, &name(digest.size), b"not zstd at all")
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+}
+
+#[tokio::test]
+async fn bad_read_requests() {
+    let node = Node::start();
+    let mut client = node.bytestream().await;
+    let data = blob(20, 1000);
+    let digest = sha256(&data);
+    write_blob(&mut client, &upload_name("", &digest), &data)
+        .await
+        .unwrap();
+    let name = read_name("", &digest);
+    let cases: Vec<(String, i64, i64, Code)> = vec![
+        (name.clone(), -1, 0, Code::OutOfRange),
+        (name.clone(), 1001, 0, Code::OutOfRange),
+        (name.clone(), 0, -5, Code::InvalidArgument),
+        (read_name("", &sha256(b"absent")), 0, 0, Code::NotFound),
+        ("blobs/xyz/1000".into(), 0, 0, Code::InvalidArgument),
+        (
+            format!("blobs/{}/1000", "A".repeat(64)),
+            0,
+            0,
+            Code::InvalidArgument,
+        ),
+        (
+            format!("blobs/{}/1000", &digest.hash_hex()[1..]),
+            0,
+            0,
+            Code::InvalidArgument,
+        ),
+        (
+            format!("blobs/{}/-3", digest.hash_hex()),
+            0,
+            0,
+            Code::InvalidArgument,
+        ),
+        (
+            format!("blobs/{}", digest.hash_hex()),
+            0,
+            0,
+            Code::InvalidArgument,
+        ),
+        (
+            format!("nothing/{}/1000", digest.hash_hex()),
+            0,
+            0,
+            Code::InvalidArgument,
+        ),
+        (
+            format!("blobs/sha1/{}/1000", digest.hash_hex()),
+            0,
+            0,
+            Code::InvalidArgument,
+        ),
+        (
+            format!("compressed-blobs/lz4/{}/1000", digest.hash_hex()),
+            0,
+            0,
+            Code::InvalidArgument,
+        ),
+        (String::new(), 0, 0, Code::InvalidArgument),
+    ];
+    for (name, offset, limit, code) in cases {
+        let status = read_blob(&mut client, &name, offset, limit)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            status.code(),
+            code,
+            "{name} offset {offset} limit {limit}: {status:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn bad_write_requests() {
+    let node = Node::start();
+    let mut client = node.bytestream().await;
+    let data = blob(21, 200_000);
+    let digest = sha256(&data);
+    let name = upload_name("", &digest);
+
+    let short = write_blob(&mut client, &name, &data[..100_000])
+        .await
+        .unwrap_err();
+    assert_eq!(short.code(), Code::InvalidArgument, "{short:?}");
+    let mut longer = data.clone();
+    longer.extend_from_slice(b"extra");
+    let long = write_blob(&mut client, &name, &longer).await.unwrap_err();
+    assert_eq!(long.code(), Code::InvalidArgument, "{long:?}");
+    let mut flipped = data.clone();
+    flipped[5] ^= 1;
+    let mismatch = write_blob(&mut client, &name, &flipped).await.unwrap_err();
+    assert_eq!(mismatch.code(), Code::InvalidArgument, "{mismatch:?}");
+
+    let mut skipping = write_requests(&name, &data, 50_000);
+    skipping[2].write_offset += 10;
+    let status = client
+        .write(tokio_stream::iter(skipping))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    let mut rewinding = write_requests(&name, &data, 50_000);
+    rewinding[2].write_offset -= 10;
+    let status = client
+        .write(tokio_stream::iter(rewinding))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    let fresh = upload_name("", &sha256(b"fresh"));
+    let mut resume_nothing = write_requests(&fresh, b"fresh", 5);
+    resume_nothing[0].write_offset = 3;
+    let status = client
+        .write(tokio_stream::iter(resume_nothing))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+
+    for bad in [
+        "uploads/u/blobs/xyz/5".to_string(),
+        format!("blobs/{}/{}", digest.hash_hex(), digest.size),
+        format!("uploads/blobs/{}/{}", digest.hash_hex(), digest.size),
+        format!("uploads/u/blobs/{}/-1", digest.hash_hex()),
+    ] {
+        let status = write_blob(&mut client, &bad, b"hello").await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{bad}");
+    }
+    let empty_stream: Vec<WriteRequest> = Vec::new();
+    let status = client
+        .write(tokio_stream::iter(empty_stream))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+
+    let missing = node
+        .cas()
+        .await
+        .find_missing_blobs(FindMissingBlobsRequest {
+            blob_digests: vec![wire(&digest)],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .missing_blob_digests;
+    assert_eq!(missing.len(), 1, "no failed upload may become visible");
+}
+
+#[tokio::test]
+async fn blobs_over_the_size_limit_are_refused() {
+    let temp = tempfile::tempdir().unwrap();
+    let config = temp.path().join("small.json5");
+    std::fs::write(&config, "{ max_cas_blob_size: '64KiB' }").unwrap();
+    let node = Node::start_in(
+        &temp.path().join("data"),
+        &["--config", config.to_str().unwrap()],
+    );
+    let mut client = node.bytestream().await;
+    let data = blob(22, 65 * 1024);
+    let digest = sha256(&data);
+    let status = write_blob(&mut client, &upload_name("", &digest), &data)
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+}
+
+#[tokio::test]
+async fn existing_blobs_end_the_upload_early() {
+    let node = Node::start();
+    let mut client = node.bytestream().await;
+    let data = blob(23, 500_000);
+    let digest = sha256(&data);
+    write_blob(&mut client, &upload_name("", &digest), &data)
+        .await
+        .unwrap();
+    let (sender, receiver) = tokio::sync::mpsc::channel(4);
+    let first = write_requests(&upload_name("", &digest), &data, 16 << 10).remove(0);
+    sender.send(first).await.unwrap();
+    let response = client.write(ReceiverStream::new(receiver)).await.unwrap();
+    assert_eq!(response.into_inner().committed_size, digest.size as i64);
+    drop(sender);
+}
+
+async fn committed_size(node: &Node, name: &str) -> (i64, bool) {
+    let status = node
+        .bytestream()
+        .await
+        .query_write_status(QueryWriteStatusRequest {
+            resource_name: name.to_string(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    (status.committed_size, status.complete)
+}
+
+#[tokio::test]
+async fn interrupted_uploads_resume_from_the_committed_size() {
+    let node = Node::start();
+    let data = blob(24, 1 << 20);
+    let digest = sha256(&data);
+    let name = upload_name("resume", &digest);
+    let requests = write_requests(&name, &data, 64 << 10);
+
+    let (sender, receiver) = tokio::sync::mpsc::channel(16);
+    let mut client = node.bytestream().await;
+    let call = tokio::spawn(async move { client.write(ReceiverStream::new(receiver)).await });
+    for request in requests.iter().take(6).cloned() {
+        sender.send(request).await.unwrap();
+    }
+    let sent = 6 * (64 << 10);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while committed_size(&node, &name).await.0 != sent {
+        assert!(
+            Instant::now() < deadline,
+            "the server never committed the sent bytes"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The client vanishes: the call is torn down mid-stream.
+    call.abort();
+    drop(sender);
+    assert!(call.await.is_err());
+
+    let mut invisible = node.cas().await;
+    let missing = invisible
+        .find_missing_blobs(FindMissingBlobsRequest {
+            blob_digests: vec![wire(&digest)],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .missing_blob_digests;
+    assert_eq!(missing.len(), 1, "a partial upload is never visible");
+
+    // Like any client, resume from what the server reports, retrying while the
+    // server has not yet noticed that the old stream is gone.
+    let mut client = node.bytestream().await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (committed, complete) = committed_size(&node, &name).await;
+        assert_eq!((committed, complete), (sent, false));
+        let rest: Vec<WriteRequest> = requests
+            .iter()
+            .skip(6)
+            .cloned()
+            .enumerate()
+            .map(|(index, mut request)| {
+                if index == 0 {
+                    request.resource_name = name.clone();
+                }
+                request
+            })
+            .collect();
+        match client.write(tokio_stream::iter(rest)).await {
+            Ok(response) => {
+                assert_eq!(response.into_inner().committed_size, data.len() as i64);
+                break;
+            }
+            Err(status) => {
+                assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+                assert!(
+                    Instant::now() < deadline,
+                    "the upload never became resumable"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+    assert_eq!(
+        committed_size(&node, &name).await,
+        (data.len() as i64, true)
+    );
+    let read = read_blob(&mut client, &read_name("resume", &digest), 0, 0)
+        .await
+        .unwrap();
+    assert_eq!(read, data);
+}
+
+#[tokio::test]
+async fn sixty_four_concurrent_one_mebibyte_writes_and_reads() {
+    let node = Node::start();
+    let channel = node.channel().await;
+    let tasks: Vec<_> = (0..64u64)
+        .map(|seed| {
+            let channel = channel.clone();
+            tokio::spawn(async move {
+                let mut client =
+                    cairn_proto::bytestream::byte_stream_client::ByteStreamClient::new(channel)
+                        .max_decoding_message_size(64 << 20);
+                let data = blob(1000 + seed, 1 << 20);
+                let digest = sha256(&data);
+                let committed = write_blob(&mut client, &upload_name("", &digest), &data)
+                    .await
+                    .unwrap();
+                assert_eq!(committed, 1 << 20);
+                (digest, Bytes::from(data))
+            })
+        })
+        .collect();
+    let mut written = Vec::new();
+    for task in tasks {
+        written.push(task.await.unwrap());
+    }
+    let reads: Vec<_> = written
+        .into_iter()
+        .map(|(digest, data)| {
+            let channel = channel.clone();
+            tokio::spawn(async move {
+                let mut client =
+                    cairn_proto::bytestream::byte_stream_client::ByteStreamClient::new(channel)
+                        .max_decoding_message_size(64 << 20);
+                let read = read_blob(&mut client, &read_name("", &digest), 0, 0)
+                    .await
+                    .unwrap();
+                assert_eq!(read, data);
+            })
+        })
+        .collect();
+    for read in reads {
+        read.await.unwrap();
+    }
+}

@@ -1,0 +1,313 @@
+//! Capabilities and ContentAddressableStorage against the real binary.
+
+mod common;
+
+use bytes::Bytes;
+use cairn_proto::reapi::batch_update_blobs_request::Request as UpdateRequest;
+use cairn_proto::reapi::compressor::Value as Compressor;
+use cairn_proto::reapi::digest_function::Value as FunctionValue;
+use cairn_proto::reapi::{
+    BatchReadBlobsRequest, BatchUpdateBlobsRequest, Directory, DirectoryNode, FileNode,
+    FindMissingBlobsRequest, GetCapabilitiesRequest, GetTreeRequest,
+};
+use cairn_storage::{Digest, DigestFunction};
+use common::{blob, sha256, wire, Node};
+use prost::Message;
+use tonic::Code;
+
+#[tokio::test]
+async fn capabilities_advertise_the_cache() {
+    let node = Node::start();
+    let capabilities = node
+        .capabilities()
+        .await
+        .get_capabilities(GetCapabilitiesRequest {
+            instance_name: "any/instance".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let cache = capabilities.cache_capabilities.unwrap();
+    assert!(cache
+        .digest_functions
+        .contains(&(FunctionValue::Sha256 as i32)));
+    assert!(cache
+        .digest_functions
+        .contains(&(FunctionValue::Blake3 as i32)));
+    assert!(cache
+        .supported_compressors
+        .contains(&(Compressor::Zstd as i32)));
+    assert_eq!(cache.max_batch_total_size_bytes, 4 << 20);
+    assert!(cache.max_cas_blob_size_bytes > 0);
+    assert!(
+        cache
+            .action_cache_update_capabilities
+            .unwrap()
+            .update_enabled
+    );
+    assert_eq!(capabilities.low_api_version.unwrap().major, 2);
+    assert_eq!(capabilities.high_api_version.unwrap().minor, 3);
+}
+
+#[tokio::test]
+async fn batch_update_find_missing_and_batch_read() {
+    let node = Node::start();
+    let mut cas = node.cas().await;
+    let good = blob(1, 1000);
+    let other = blob(2, 5000);
+    let bad_digest = sha256(b"something else");
+    let response = cas
+        .batch_update_blobs(BatchUpdateBlobsRequest {
+            requests: vec![
+                UpdateRequest {
+                    digest: Some(wire(&sha256(&good))),
+                    data: Bytes::from(good.clone()),
+                    compressor: 0,
+                },
+                UpdateRequest {
+                    digest: Some(wire(&bad_digest)),
+                    data: Bytes::from_static(b"not what the digest says"),
+                    compressor: 0,
+                },
+                UpdateRequest {
+                    digest: Some(wire(&sha256(&other))),
+                    data: Bytes::from(zstd::bulk::compress(&other, 3).unwrap()),
+                    compressor: Compressor::Zstd as i32,
+                },
+            ],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let codes: Vec<i32> = response
+        .responses
+        .iter()
+        .map(|r| r.status.as_ref().unwrap().code)
+        .collect();
+    assert_eq!(codes, vec![0, Code::InvalidArgument as i32, 0]);
+
+    let empty = sha256(b"");
+    let missing = cas
+        .find_missing_blobs(FindMissingBlobsRequest {
+            blob_digests: vec![
+                wire(&sha256(&good)),
+                wire(&bad_digest),
+                wire(&sha256(&other)),
+                wire(&empty),
+            ],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .missing_blob_digests;
+    assert_eq!(missing, vec![wire(&bad_digest)]);
+
+    let read = cas
+        .batch_read_blobs(BatchReadBlobsRequest {
+            digests: vec![wire(&sha256(&good)), wire(&bad_digest), wire(&empty)],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .responses;
+    assert_eq!(read[0].data, good);
+    assert_eq!(read[1].status.as_ref().unwrap().code, Code::NotFound as i32);
+    assert_eq!(read[2].status.as_ref().unwrap().code, 0);
+    assert!(read[2].data.is_empty());
+}
+
+#[tokio::test]
+async fn blake3_blobs_are_kept_apart_from_sha256() {
+    let node = Node::start();
+    let mut cas = node.cas().await;
+    let data = blob(3, 300);
+    let digest = Digest::of(DigestFunction::Blake3, &data);
+    let response = cas
+        .batch_update_blobs(BatchUpdateBlobsRequest {
+            requests: vec![UpdateRequest {
+                digest: Some(wire(&digest)),
+                data: Bytes::from(data.clone()),
+                compressor: 0,
+            }],
+            digest_function: FunctionValue::Blake3 as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(response.responses[0].status.as_ref().unwrap().code, 0);
+    let missing = |function: FunctionValue| FindMissingBlobsRequest {
+        blob_digests: vec![wire(&digest)],
+        digest_function: function as i32,
+        ..Default::default()
+    };
+    let as_blake3 = cas
+        .find_missing_blobs(missing(FunctionValue::Blake3))
+        .await
+        .unwrap();
+    assert!(as_blake3.into_inner().missing_blob_digests.is_empty());
+    let as_sha256 = cas
+        .find_missing_blobs(missing(FunctionValue::Sha256))
+        .await
+        .unwrap();
+    assert_eq!(as_sha256.into_inner().missing_blob_digests.len(), 1);
+}
+
+#[tokio::test]
+async fn batches_over_the_limit_and_bad_digests_are_refused() {
+    let node = Node::start();
+    let mut cas = node.cas().await;
+    let big = blob(4, (4 << 20) + 1);
+    let status = cas
+        .batch_update_blobs(BatchUpdateBlobsRequest {
+            requests: vec![UpdateRequest {
+                digest: Some(wire(&sha256(&big))),
+                data: Bytes::from(big.clone()),
+                compressor: 0,
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    let status = cas
+        .batch_read_blobs(BatchReadBlobsRequest {
+            digests: vec![wire(&sha256(&big))],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+
+    for (hash, size) in [
+        ("xyz", 1),
+        (&"g".repeat(64)[..], 1),
+        (&"a".repeat(63)[..], 1),
+    ] {
+        let status = cas
+            .find_missing_blobs(FindMissingBlobsRequest {
+                blob_digests: vec![cairn_proto::reapi::Digest {
+                    hash: hash.to_string(),
+                    size_bytes: size,
+                }],
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{hash}");
+    }
+    let status = cas
+        .find_missing_blobs(FindMissingBlobsRequest {
+            blob_digests: vec![cairn_proto::reapi::Digest {
+                hash: sha256(b"x").hash_hex(),
+                size_bytes: -1,
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+}
+
+fn put_directory(directory: &Directory) -> (Digest, Bytes) {
+    let bytes = Bytes::from(directory.encode_to_vec());
+    (sha256(&bytes), bytes)
+}
+
+#[tokio::test]
+async fn get_tree_pages_through_a_tree() {
+    let node = Node::start();
+    let mut cas = node.cas().await;
+    let file = blob(5, 10);
+    let mut uploads = Vec::new();
+    let leaves: Vec<Directory> = (0..5)
+        .map(|i| Directory {
+            files: vec![FileNode {
+                name: format!("file{i}"),
+                digest: Some(wire(&sha256(&file))),
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+        .collect();
+    let mut root = Directory::default();
+    for (i, leaf) in leaves.iter().enumerate() {
+        let (digest, bytes) = put_directory(leaf);
+        uploads.push((digest, bytes));
+        root.directories.push(DirectoryNode {
+            name: format!("dir{i}"),
+            digest: Some(wire(&digest)),
+        });
+    }
+    root.directories.push(DirectoryNode {
+        name: "missing".into(),
+        digest: Some(wire(&sha256(b"a directory nobody uploaded"))),
+    });
+    let (root_digest, root_bytes) = put_directory(&root);
+    uploads.push((root_digest, root_bytes));
+    cas.batch_update_blobs(BatchUpdateBlobsRequest {
+        requests: uploads
+            .iter()
+            .map(|(digest, bytes)| UpdateRequest {
+                digest: Some(wire(digest)),
+                data: bytes.clone(),
+                compressor: 0,
+            })
+            .collect(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+
+    let mut token = String::new();
+    let mut seen = Vec::new();
+    let mut pages = 0;
+    loop {
+        let mut stream = cas
+            .get_tree(GetTreeRequest {
+                root_digest: Some(wire(&root_digest)),
+                page_size: 2,
+                page_token: token.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let response = stream.message().await.unwrap().unwrap();
+        assert!(response.directories.len() <= 2);
+        seen.extend(response.directories);
+        pages += 1;
+        if response.next_page_token.is_empty() {
+            break;
+        }
+        token = response.next_page_token;
+    }
+    assert_eq!(pages, 3);
+    assert_eq!(
+        seen.len(),
+        6,
+        "the root and five leaves; the missing one left out"
+    );
+    assert_eq!(seen[0], root);
+
+    let status = cas
+        .get_tree(GetTreeRequest {
+            root_digest: Some(wire(&sha256(b"no such root"))),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+    let status = cas
+        .get_tree(GetTreeRequest {
+            root_digest: Some(wire(&root_digest)),
+            page_token: "not a number".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+}

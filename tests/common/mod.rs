@@ -1,0 +1,277 @@
+//! Starting the real `cairn` binary on loopback for integration tests.
+//!
+//! Each test gets its own node: a fresh data directory, ports picked from the kernel's
+//! ephemeral range, and readiness detected by polling until the gRPC port accepts a
+//! connection. Nodes are stopped with SIGTERM (checking the clean exit) or SIGKILL
+//! when a test wants a crash, and killed on drop so a failing test leaves nothing
+//! behind.
+
+#![allow(dead_code)]
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use cairn_proto::bytestream::byte_stream_client::ByteStreamClient;
+use cairn_proto::bytestream::{ReadRequest, WriteRequest};
+use cairn_proto::reapi::action_cache_client::ActionCacheClient;
+use cairn_proto::reapi::capabilities_client::CapabilitiesClient;
+use cairn_proto::reapi::content_addressable_storage_client::ContentAddressableStorageClient;
+use cairn_proto::reapi::Digest as WireDigest;
+use cairn_storage::{Digest, DigestFunction};
+use tonic::transport::Channel;
+
+/// The binary under test.
+pub const BINARY: &str = env!("CARGO_BIN_EXE_cairn");
+
+/// A running node.
+pub struct Node {
+    child: Option<Child>,
+    pub grpc: SocketAddr,
+    pub http: SocketAddr,
+    pub data_dir: PathBuf,
+    _temp: Option<tempfile::TempDir>,
+}
+
+/// A port nobody listens on right now.
+pub fn free_port() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    listener.local_addr().expect("ephemeral port address")
+}
+
+impl Node {
+    /// Starts a node with a fresh data directory.
+    pub fn start() -> Node {
+        let temp = tempfile::tempdir().expect("temporary directory");
+        let dir = temp.path().join("data");
+        let mut node = Node::start_in(&dir, &[]);
+        node._temp = Some(temp);
+        node
+    }
+
+    /// Starts a node on `dir` with extra arguments.
+    pub fn start_in(dir: &Path, extra: &[&str]) -> Node {
+        let grpc = free_port();
+        let http = free_port();
+        let mut command = Command::new(BINARY);
+        command
+            .arg("--listen")
+            .arg(grpc.to_string())
+            .arg("--http-listen")
+            .arg(http.to_string())
+            .arg("--data-dir")
+            .arg(dir)
+            .arg("--max-size")
+            .arg("4GiB")
+            .args(extra);
+        Node::spawn(command, grpc, http, dir.to_path_buf())
+    }
+
+    /// Starts `command`, which must make the node listen on `grpc`.
+    pub fn spawn(mut command: Command, grpc: SocketAddr, http: SocketAddr, dir: PathBuf) -> Node {
+        command.stdin(Stdio::null()).env("RUST_LOG", "error");
+        let child = command.spawn().expect("start cairn");
+        let mut node = Node {
+            child: Some(child),
+            grpc,
+            http,
+            data_dir: dir,
+            _temp: None,
+        };
+        node.wait_ready();
+        node
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if std::net::TcpStream::connect(self.grpc).is_ok() {
+                return;
+            }
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    panic!("cairn exited before listening: {status}");
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "cairn did not listen within 60 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child
+            .as_ref()
+            .map(|child| child.id() as i32)
+            .unwrap_or(0)
+    }
+
+    /// Sends SIGTERM and waits for the exit.
+    pub fn terminate(mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("node is running");
+        // SAFETY: signalling our own child process.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        child.wait().expect("wait for cairn")
+    }
+
+    /// Kills the process with SIGKILL, keeping the data directory.
+    pub fn kill(mut self) -> Option<tempfile::TempDir> {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self._temp.take()
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.grpc))
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("connect to cairn")
+    }
+
+    pub async fn cas(&self) -> ContentAddressableStorageClient<Channel> {
+        ContentAddressableStorageClient::new(self.channel().await)
+            .max_decoding_message_size(64 << 20)
+    }
+
+    pub async fn bytestream(&self) -> ByteStreamClient<Channel> {
+        ByteStreamClient::new(self.channel().await).max_decoding_message_size(64 << 20)
+    }
+
+    pub async fn ac(&self) -> ActionCacheClient<Channel> {
+        ActionCacheClient::new(self.channel().await)
+    }
+
+    pub async fn capabilities(&self) -> CapabilitiesClient<Channel> {
+        CapabilitiesClient::new(self.channel().await)
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+pub fn sha256(data: &[u8]) -> Digest {
+    Digest::of(DigestFunction::Sha256, data)
+}
+
+pub fn wire(digest: &Digest) -> WireDigest {
+    WireDigest {
+        hash: digest.hash_hex(),
+        size_bytes: digest.size as i64,
+    }
+}
+
+/// Deterministic pseudo-random bytes, so every blob is distinct and incompressible.
+pub fn blob(seed: u64, len: usize) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
+
+pub fn upload_name(instance: &str, digest: &Digest) -> String {
+    let prefix = if instance.is_empty() {
+        String::new()
+    } else {
+        format!("{instance}/")
+    };
+    format!(
+        "{prefix}uploads/{}/blobs/{}/{}",
+        uuid_like(digest),
+        digest.hash_hex(),
+        digest.size
+    )
+}
+
+pub fn read_name(instance: &str, digest: &Digest) -> String {
+    let prefix = if instance.is_empty() {
+        String::new()
+    } else {
+        format!("{instance}/")
+    };
+    format!("{prefix}blobs/{}/{}", digest.hash_hex(), digest.size)
+}
+
+fn uuid_like(digest: &Digest) -> String {
+    let hex = digest.hash_hex();
+    format!(
+        "{}-{}-4{}-8{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[13..16],
+        &hex[17..20],
+        &hex[20..32]
+    )
+}
+
+/// The WriteRequests of a whole upload in `chunk`-byte pieces.
+pub fn write_requests(name: &str, data: &[u8], chunk: usize) -> Vec<WriteRequest> {
+    let mut requests = Vec::new();
+    let mut offset = 0;
+    loop {
+        let end = (offset + chunk).min(data.len());
+        requests.push(WriteRequest {
+            resource_name: if offset == 0 {
+                name.to_string()
+            } else {
+                String::new()
+            },
+            write_offset: offset as i64,
+            finish_write: end == data.len(),
+            data: bytes::Bytes::copy_from_slice(&data[offset..end]),
+        });
+        if end == data.len() {
+            return requests;
+        }
+        offset = end;
+    }
+}
+
+/// Uploads `data` with ByteStream and returns the committed size.
+pub async fn write_blob(
+    client: &mut ByteStreamClient<Channel>,
+    name: &str,
+    data: &[u8],
+) -> Result<i64, tonic::Status> {
+    let requests = write_requests(name, data, 64 << 10);
+    let response = client.write(tokio_stream::iter(requests)).await?;
+    Ok(response.into_inner().committed_size)
+}
+
+/// Reads a blob with ByteStream.
+pub async fn read_blob(
+    client: &mut ByteStreamClient<Channel>,
+    name: &str,
+    offset: i64,
+    limit: i64,
+) -> Result<Vec<u8>, tonic::Status> {
+    let mut stream = client
+        .read(ReadRequest {
+            resource_name: name.to_string(),
+            read_offset: offset,
+            read_limit: limit,
+        })
+        .await?
+        .into_inner();
+    let mut data = Vec::new();
+    while let Some(response) = stream.message().await? {
+        data.extend_from_slice(&response.data);
+    }
+    Ok(data)
+}
