@@ -293,6 +293,7 @@ mod tests {
     use super::*;
 
     #[test]
+    #[allow(deprecated)]
     fn wanted_outputs_are_checked() {
         let command = Command {
             output_paths: vec!["out/a".into(), "b".into()],
