@@ -190,7 +190,7 @@ impl Cluster {
             .arg("--ready-file")
             .arg(&ready)
             .stdin(Stdio::null())
-            .env("RUST_LOG", "warn");
+            .env("RUST_LOG", "error");
         match config {
             SchedulerConfig::Default => {}
             SchedulerConfig::File(path) => {
@@ -239,7 +239,7 @@ impl Cluster {
             .arg(&ready)
             .args(args)
             .stdin(Stdio::null())
-            .env("RUST_LOG", "warn");
+            .env("RUST_LOG", "error");
         if self.seccomp {
             forbid_io_uring(&mut command);
         }
@@ -1017,4 +1017,106 @@ async fn scheduler_and_worker_never_set_up_io_uring() {
     let Cluster { scheduler, .. } = cluster;
     let status = scheduler.terminate();
     assert!(status.success(), "cairn-scheduler: {status}");
+}
+
+#[tokio::test]
+async fn draining_finishes_running_work_then_exits() {
+    let mut cluster = Cluster::start(SchedulerConfig::Default, false);
+    cluster.worker("w1", &["--max-inflight-tasks", "1"]);
+    cluster.worker("w2", &["--max-inflight-tasks", "1"]);
+    let marker = cluster.marker("runs");
+    let action = cluster
+        .action(
+            Spec::script(format!(
+                "echo run >> {}; sleep 1; echo finished > out",
+                marker.display()
+            ))
+            .outputs(&["out"]),
+        )
+        .await;
+    let execution = {
+        let channel = cluster.channel().await;
+        let action = action.clone();
+        tokio::spawn(async move {
+            let mut stream = ExecutionClient::new(channel)
+                .execute(ExecuteRequest {
+                    action_digest: Some(action),
+                    ..Default::default()
+                })
+                .await
+                .expect("Execute")
+                .into_inner();
+            let mut last = None;
+            while let Some(operation) = stream.message().await.expect("stream") {
+                last = Some(operation);
+            }
+            response_of(&last.expect("an operation"))
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let busy = loop {
+        let busy = cluster
+            .workers_info()
+            .await
+            .into_iter()
+            .find(|worker| !worker.running_operations.is_empty());
+        if let Some(worker) = busy {
+            break worker.worker_id;
+        }
+        assert!(Instant::now() < deadline, "no worker started the action");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let index = cluster
+        .workers
+        .iter()
+        .position(|(id, _)| *id == busy)
+        .unwrap();
+    let (_, worker) = cluster.workers.remove(index);
+    let status = worker.terminate();
+    assert!(
+        status.success(),
+        "a draining worker exits cleanly: {status}"
+    );
+    let response = execution.await.expect("execution task");
+    assert_eq!(code_of(&response), Code::Ok, "{response:?}");
+    let metadata = response
+        .result
+        .as_ref()
+        .unwrap()
+        .execution_metadata
+        .clone()
+        .unwrap();
+    assert_eq!(
+        metadata.worker, busy,
+        "the drained worker finished its action"
+    );
+    assert_eq!(lines(&marker), 1);
+
+    let (other, _) = &cluster.workers[0];
+    let other = other.clone();
+    WorkerApiClient::new(cluster.channel().await)
+        .drain_worker(cairn_proto::worker::DrainWorkerRequest {
+            worker_id: other.clone(),
+        })
+        .await
+        .expect("DrainWorker");
+    let (_, mut worker) = cluster.workers.remove(0);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = worker
+            .child
+            .as_mut()
+            .and_then(|child| child.try_wait().ok().flatten())
+        {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{other} did not exit after DrainWorker"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(status.success(), "{other}: {status}");
+    worker.child = None;
+    assert!(cluster.workers_info().await.is_empty());
 }
