@@ -199,18 +199,23 @@ impl Runner {
             ..Default::default()
         };
         let mut blobs = Blobs::default();
-        if !matches!(ending, Ending::TimedOut) {
-            outputs::collect(
-                &root,
-                &working_directory,
-                &wanted,
-                function,
-                &mut result,
-                &mut blobs,
-            )?;
-        }
-        result.stdout_digest = Some(blobs.add_file(function, &stdout_path)?);
-        result.stderr_digest = Some(blobs.add_file(function, &stderr_path)?);
+        // Hashing outputs is blocking file I/O, possibly gigabytes: keep it off the
+        // threads that drive the session and the other tasks' network transfers.
+        tokio::task::block_in_place(|| -> Result<()> {
+            if !matches!(ending, Ending::TimedOut) {
+                outputs::collect(
+                    &root,
+                    &working_directory,
+                    &wanted,
+                    function,
+                    &mut result,
+                    &mut blobs,
+                )?;
+            }
+            result.stdout_digest = Some(blobs.add_file(function, &stdout_path)?);
+            result.stderr_digest = Some(blobs.add_file(function, &stderr_path)?);
+            Ok(())
+        })?;
         cas.upload(&blobs.memory, &blobs.files, &blobs.digests)
             .await?;
         metadata.output_upload_completed_timestamp = Some(timestamp(SystemTime::now()));
