@@ -10,9 +10,11 @@
 
 pub mod action_results;
 pub mod byte_size;
+pub mod cas_client;
 pub mod config;
 pub mod digests;
 pub mod error;
+pub mod exec_common;
 pub mod grpc_ac;
 pub mod grpc_bytestream;
 pub mod grpc_capabilities;
@@ -23,9 +25,11 @@ pub mod metrics;
 pub mod node;
 pub mod resource_name;
 mod runtime;
+pub mod scheduler;
 mod signals;
 pub mod store;
 pub mod uploads;
+pub mod worker;
 pub mod zstd_stream;
 
 pub use error::{Error, ErrorKind, Result};

@@ -1,5 +1,6 @@
 //! Rust types and tonic services for the protocols cairn speaks, generated at build
-//! time from the unmodified upstream `.proto` files beside this crate.
+//! time from the unmodified upstream `.proto` files beside this crate, plus cairn's own
+//! scheduler–worker protocol (`cairn/worker/v1`).
 //!
 //! The module tree mirrors the protobuf packages, because the generated code refers to
 //! its neighbours by relative paths (`super::super::...`). Blob fields are
@@ -25,6 +26,14 @@ pub mod build {
     }
 }
 
+pub mod cairn {
+    pub mod worker {
+        pub mod v1 {
+            tonic::include_proto!("cairn.worker.v1");
+        }
+    }
+}
+
 pub mod google {
     pub mod api {
         tonic::include_proto!("google.api");
@@ -42,6 +51,7 @@ pub mod google {
 
 /// REAPI v2, the package every service of the cache node is defined in.
 pub use build::bazel::remote::execution::v2 as reapi;
+pub use cairn::worker::v1 as worker;
 pub use google::bytestream;
 pub use google::longrunning;
 pub use google::rpc;

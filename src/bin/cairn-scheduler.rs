@@ -1,0 +1,82 @@
+//! `cairn-scheduler`: remote execution (REAPI Execution and Operations) in front of a
+//! cairn cache node, handing actions to `cairn-worker`s.
+//!
+//! With no arguments it listens on 127.0.0.1:50061 and uses the cache node on
+//! 127.0.0.1:50051. A JSON5 config file and the flags below adjust it; flags win.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use cairn::exec_common::load_json5;
+use cairn::scheduler::config::SchedulerConfig;
+use clap::Parser;
+use tokio::signal::unix::{signal, SignalKind};
+use tracing_subscriber::EnvFilter;
+
+/// Schedules REAPI actions onto cairn workers.
+///
+/// Logs go to stderr; RUST_LOG adjusts them. SIGTERM or SIGINT stops it.
+#[derive(Parser, Debug)]
+#[command(name = "cairn-scheduler", version)]
+struct Args {
+    /// JSON5 configuration file (see config/ for examples); unknown fields are errors.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+
+    /// Address of the gRPC listener [default: 127.0.0.1:50061]; port 0 picks one.
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<SocketAddr>,
+
+    /// URL of the cache node [default: http://127.0.0.1:50051].
+    #[arg(long, value_name = "URL")]
+    cache: Option<String>,
+
+    /// Once listening, write the bound address (IP:PORT) to this file.
+    #[arg(long, value_name = "FILE")]
+    ready_file: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let config = match &args.config {
+        Some(path) => load_json5::<SchedulerConfig>(path),
+        None => Ok(SchedulerConfig::default()),
+    };
+    let outcome = config.and_then(|mut config| {
+        if let Some(listen) = args.listen {
+            config.listen = listen;
+        }
+        if let Some(cache) = args.cache {
+            config.cache = cache;
+        }
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?;
+        runtime.block_on(async move {
+            let mut terminate = signal(SignalKind::terminate())?;
+            let mut interrupt = signal(SignalKind::interrupt())?;
+            let shutdown = async move {
+                tokio::select! {
+                    _ = terminate.recv() => {}
+                    _ = interrupt.recv() => {}
+                }
+                tracing::info!("stopping");
+            };
+            cairn::scheduler::serve(config, args.ready_file, shutdown).await
+        })
+    });
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("cairn-scheduler: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,124 @@
+//! `cairn-worker`: executes actions for `cairn-scheduler`, reading inputs from and
+//! writing outputs to a cairn cache node.
+//!
+//! With no arguments it connects to the scheduler on 127.0.0.1:50061 and the cache
+//! node on 127.0.0.1:50051 and works in ./cairn-worker. A JSON5 config file and the
+//! flags below adjust it; flags win.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use cairn::exec_common::load_json5;
+use cairn::worker::config::{PropertyValue, WorkerConfig};
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+/// Runs REAPI actions handed out by cairn-scheduler.
+///
+/// Logs go to stderr; RUST_LOG adjusts them. SIGTERM drains: running actions finish,
+/// no new ones are taken, then the worker exits; a second SIGTERM exits at once.
+#[derive(Parser, Debug)]
+#[command(name = "cairn-worker", version)]
+struct Args {
+    /// JSON5 configuration file (see config/ for examples); unknown fields are errors.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+
+    /// URL of the scheduler [default: http://127.0.0.1:50061].
+    #[arg(long, value_name = "URL")]
+    scheduler: Option<String>,
+
+    /// URL of the cache node [default: http://127.0.0.1:50051].
+    #[arg(long, value_name = "URL")]
+    cache: Option<String>,
+
+    /// Worker id at the scheduler [default: HOSTNAME-PID].
+    #[arg(long, value_name = "ID")]
+    id: Option<String>,
+
+    /// Directory for the file cache and action directories [default: ./cairn-worker].
+    #[arg(long, value_name = "DIR")]
+    work_dir: Option<PathBuf>,
+
+    /// Tasks run at once [default: the number of CPUs].
+    #[arg(long, value_name = "N")]
+    max_inflight_tasks: Option<u32>,
+
+    /// A platform property offered, NAME=VALUE; repeatable, added to the config's.
+    #[arg(long = "property", value_name = "NAME=VALUE")]
+    properties: Vec<String>,
+
+    /// Once registered with the scheduler, write the worker id to this file.
+    #[arg(long, value_name = "FILE")]
+    ready_file: Option<PathBuf>,
+}
+
+fn apply(args: Args, mut config: WorkerConfig) -> cairn::Result<(WorkerConfig, Option<PathBuf>)> {
+    if let Some(scheduler) = args.scheduler {
+        config.scheduler = scheduler;
+    }
+    if let Some(cache) = args.cache {
+        config.cache = cache;
+    }
+    if let Some(id) = args.id {
+        config.id = Some(id);
+    }
+    if let Some(work_dir) = args.work_dir {
+        config.work_dir = work_dir;
+    }
+    if let Some(max) = args.max_inflight_tasks {
+        config.max_inflight_tasks = Some(max);
+    }
+    for property in args.properties {
+        let (name, value) = property.split_once('=').ok_or_else(|| {
+            cairn::Error::invalid_argument(format!("--property `{property}` is not NAME=VALUE"))
+        })?;
+        let value = value.to_string();
+        match config.properties.get_mut(name) {
+            Some(PropertyValue::List(values)) => values.push(value),
+            Some(existing) => {
+                let first = match existing {
+                    PropertyValue::Text(text) => text.clone(),
+                    PropertyValue::Number(number) => number.to_string(),
+                    PropertyValue::List(_) => String::new(),
+                };
+                *existing = PropertyValue::List(vec![first, value]);
+            }
+            None => {
+                config
+                    .properties
+                    .insert(name.to_string(), PropertyValue::Text(value));
+            }
+        }
+    }
+    Ok((config, args.ready_file))
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let config = match &args.config {
+        Some(path) => load_json5::<WorkerConfig>(path),
+        None => Ok(WorkerConfig::default()),
+    };
+    let outcome = config
+        .and_then(|config| apply(args, config))
+        .and_then(|(config, ready_file)| {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(cairn::worker::session::run(config, ready_file))
+        });
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("cairn-worker: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,152 @@
+//! The scheduler's configuration: a JSON5 file, overridden by command-line flags.
+//!
+//! Every setting has a default, so `cairn-scheduler` with no file is a scheduler on
+//! loopback in front of a cache node on its default port. Unknown fields are errors,
+//! so a misspelt rule is caught at startup rather than silently matching nothing.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::exec_common::deserialize_duration;
+
+/// How one platform property of an action is compared with what workers offer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PropertyRule {
+    /// The worker must offer exactly the action's value (e.g. `OSFamily`, `cpu_arch`).
+    Exact,
+    /// Both values are whole numbers and the worker's must be at least the action's
+    /// (e.g. `cpu_count`, `memory_gb`).
+    Minimum,
+    /// Not matched; the scheduler passes the property to the worker with the task.
+    Priority,
+    /// Not matched and not passed on.
+    Ignore,
+}
+
+/// Which of several idle-enough matching workers gets a task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkerSelection {
+    /// The one that was given work longest ago: spreads load.
+    Lru,
+    /// The one that was given work most recently: keeps its caches warm and lets the
+    /// others idle (or scale down).
+    Mru,
+}
+
+/// The scheduler's settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SchedulerConfig {
+    /// Address of the gRPC listener serving Execution, Operations, Capabilities and
+    /// the worker protocol. Default `127.0.0.1:50061`. Port 0 picks a free port (see
+    /// the `--ready-file` flag for learning it).
+    pub listen: SocketAddr,
+    /// URL of the cache node, for action-cache lookups and reading Actions. Default
+    /// `http://127.0.0.1:50051`.
+    pub cache: String,
+    /// Rules for platform property names. Default: none, so every property follows
+    /// `default_property_rule`.
+    pub platform_properties: BTreeMap<String, PropertyRule>,
+    /// The rule for property names not in `platform_properties`. Default `exact`.
+    pub default_property_rule: PropertyRule,
+    /// Which matching worker gets a task. Default `lru`.
+    pub worker_selection: WorkerSelection,
+    /// How many times an action is given to another worker after the one running it
+    /// disconnected or stopped sending keepalives; after that the client gets an
+    /// error naming the cause. Default `3`.
+    pub max_job_retries: u32,
+    /// How often workers send keepalives. Default `"5s"`.
+    #[serde(deserialize_with = "deserialize_duration")]
+    pub keepalive_interval: Duration,
+    /// A worker silent for this long is considered dead and its actions are
+    /// requeued. Default `"30s"`.
+    #[serde(deserialize_with = "deserialize_duration")]
+    pub keepalive_timeout: Duration,
+    /// How long an action that no connected worker could ever run (its platform
+    /// properties match none) waits for one to connect before it fails with
+    /// FAILED_PRECONDITION. Default `"60s"`.
+    #[serde(deserialize_with = "deserialize_duration")]
+    pub unschedulable_timeout: Duration,
+    /// Timeout of actions that set none. Default `"15m"`.
+    #[serde(deserialize_with = "deserialize_duration")]
+    pub default_action_timeout: Duration,
+    /// Upper bound on any action's timeout; longer `Action.timeout`s are capped to it.
+    /// Default `"1h"`.
+    #[serde(deserialize_with = "deserialize_duration")]
+    pub max_action_timeout: Duration,
+    /// How long a finished operation stays visible to GetOperation and WaitExecution.
+    /// Default `"10m"`.
+    #[serde(deserialize_with = "deserialize_duration")]
+    pub completed_operation_retention: Duration,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50061)),
+            cache: "http://127.0.0.1:50051".to_string(),
+            platform_properties: BTreeMap::new(),
+            default_property_rule: PropertyRule::Exact,
+            worker_selection: WorkerSelection::Lru,
+            max_job_retries: 3,
+            keepalive_interval: Duration::from_secs(5),
+            keepalive_timeout: Duration::from_secs(30),
+            unschedulable_timeout: Duration::from_secs(60),
+            default_action_timeout: Duration::from_secs(15 * 60),
+            max_action_timeout: Duration::from_secs(3600),
+            completed_operation_retention: Duration::from_secs(600),
+        }
+    }
+}
+
+impl SchedulerConfig {
+    /// The rule for property `name`.
+    pub fn rule(&self, name: &str) -> PropertyRule {
+        self.platform_properties
+            .get(name)
+            .copied()
+            .unwrap_or(self.default_property_rule)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::exec_common::parse_json5;
+
+    #[test]
+    fn empty_is_the_defaults() {
+        let config: SchedulerConfig = parse_json5("{}").unwrap();
+        assert_eq!(config.listen.port(), 50061);
+        assert_eq!(config.worker_selection, WorkerSelection::Lru);
+        assert_eq!(config.rule("anything"), PropertyRule::Exact);
+        assert_eq!(config.keepalive_timeout, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn rules_and_durations() {
+        let config: SchedulerConfig = parse_json5(
+            "{ platform_properties: { cpu_count: 'minimum', pool: 'priority', x: 'ignore' },
+               worker_selection: 'mru', keepalive_timeout: '2s', }",
+        )
+        .unwrap();
+        assert_eq!(config.rule("cpu_count"), PropertyRule::Minimum);
+        assert_eq!(config.rule("pool"), PropertyRule::Priority);
+        assert_eq!(config.rule("x"), PropertyRule::Ignore);
+        assert_eq!(config.worker_selection, WorkerSelection::Mru);
+        assert_eq!(config.keepalive_timeout, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn unknown_fields_and_rules_are_rejected() {
+        assert!(parse_json5::<SchedulerConfig>("{ listn: '127.0.0.1:1' }").is_err());
+        assert!(
+            parse_json5::<SchedulerConfig>("{ platform_properties: { a: 'atleast' } }").is_err()
+        );
+    }
+}

@@ -1,0 +1,311 @@
+//! The worker's life: sessions with the scheduler, tasks, drain.
+//!
+//! [`run`] loops over sessions: check the precondition script, connect, register,
+//! then serve until the session ends. Within a session one loop multiplexes the
+//! scheduler's messages, the results of finished tasks, the keepalive timer and the
+//! drain request, so every message to the scheduler leaves from one place and in
+//! order. Tasks run as separate tokio tasks with a cancellation token each.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cairn_proto::worker::scheduler_message::Message as FromScheduler;
+use cairn_proto::worker::task_result::Outcome;
+use cairn_proto::worker::worker_api_client::WorkerApiClient;
+use cairn_proto::worker::worker_message::Message as ToScheduler;
+use cairn_proto::worker::{
+    Draining, Keepalive, Register, SchedulerMessage, TaskRejected, TaskResult, WorkerMessage,
+};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Endpoint;
+use tonic::Code;
+
+use super::config::WorkerConfig;
+use super::file_cache::FileCache;
+use super::runner::Runner;
+use crate::error::{Error, Result};
+use crate::exec_common::{
+    error_from_status, from_proto_duration, lazy_channel, rpc_status, write_ready_file,
+};
+
+/// How a session ended.
+enum SessionEnd {
+    /// Drained: nothing runs, the worker exits.
+    Drained,
+    /// The precondition script failed: re-register once it passes.
+    Unhealthy,
+}
+
+/// Runs the worker until it has drained. Once registered for the first time it logs
+/// `cairn-worker registered as ID` and writes the id to `ready_file`, if given.
+pub async fn run(config: WorkerConfig, ready_file: Option<PathBuf>) -> Result<()> {
+    let worker_id = config.worker_id();
+    std::fs::create_dir_all(&config.work_dir)?;
+    let file_cache = FileCache::open(&config.work_dir.join("cache"), config.file_cache_size.0)?;
+    let tasks_dir = config.work_dir.join("tasks");
+    if tasks_dir.exists() {
+        std::fs::remove_dir_all(&tasks_dir)?;
+    }
+    std::fs::create_dir_all(&tasks_dir)?;
+    let runner = Arc::new(Runner {
+        cache_channel: lazy_channel(&config.cache)?,
+        worker_id: worker_id.clone(),
+        file_cache,
+        tasks_dir,
+        config,
+    });
+    let drain = CancellationToken::new();
+    watch_signals(drain.clone())?;
+    let mut ready_file = ready_file;
+    loop {
+        if drain.is_cancelled() {
+            return Ok(());
+        }
+        if !precondition_ok(&runner.config).await {
+            tokio::select! {
+                () = tokio::time::sleep(runner.config.retry_delay) => {}
+                () = drain.cancelled() => {}
+            }
+            continue;
+        }
+        match session(&runner, &drain, &mut ready_file).await {
+            Ok(SessionEnd::Drained) => return Ok(()),
+            Ok(SessionEnd::Unhealthy) => {}
+            Err(error) => {
+                tracing::warn!("session with the scheduler ended: {error}");
+                tokio::select! {
+                    () = tokio::time::sleep(runner.config.retry_delay) => {}
+                    () = drain.cancelled() => {}
+                }
+            }
+        }
+    }
+}
+
+/// The first SIGTERM or SIGINT drains; a second exits at once.
+fn watch_signals(drain: CancellationToken) -> Result<()> {
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = terminate.recv() => {}
+                _ = interrupt.recv() => {}
+            }
+            if drain.is_cancelled() {
+                tracing::warn!("second signal: exiting without finishing tasks");
+                std::process::exit(1);
+            }
+            tracing::info!("draining: finishing running tasks, taking no new ones");
+            drain.cancel();
+        }
+    });
+    Ok(())
+}
+
+async fn precondition_ok(config: &WorkerConfig) -> bool {
+    let Some(script) = &config.precondition_script else {
+        return true;
+    };
+    match tokio::process::Command::new(script)
+        .stdin(std::process::Stdio::null())
+        .status()
+        .await
+    {
+        Ok(status) if status.success() => true,
+        Ok(status) => {
+            tracing::warn!("precondition script {} failed: {status}", script.display());
+            false
+        }
+        Err(error) => {
+            tracing::warn!(
+                "cannot run precondition script {}: {error}",
+                script.display()
+            );
+            false
+        }
+    }
+}
+
+fn message(message: ToScheduler) -> WorkerMessage {
+    WorkerMessage {
+        message: Some(message),
+    }
+}
+
+async fn session(
+    runner: &Arc<Runner>,
+    drain: &CancellationToken,
+    ready_file: &mut Option<PathBuf>,
+) -> Result<SessionEnd> {
+    let config = &runner.config;
+    let channel = Endpoint::from_shared(config.scheduler.clone())
+        .map_err(|error| {
+            Error::invalid_argument(format!("bad scheduler URL `{}`: {error}", config.scheduler))
+        })?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .map_err(|error| {
+            Error::new(
+                crate::ErrorKind::Unavailable,
+                format!(
+                    "cannot reach the scheduler at {}: {error}",
+                    config.scheduler
+                ),
+            )
+        })?;
+    let max_inflight = config.max_inflight();
+    let (outbound, outbound_stream) = mpsc::channel::<WorkerMessage>(256);
+    let send = |item: WorkerMessage| {
+        let outbound = outbound.clone();
+        async move {
+            outbound
+                .send(item)
+                .await
+                .map_err(|_| Error::new(crate::ErrorKind::Unavailable, "the session closed"))
+        }
+    };
+    send(message(ToScheduler::Register(Register {
+        worker_id: runner.worker_id.clone(),
+        properties: config.platform(),
+        max_inflight_tasks: max_inflight,
+    })))
+    .await?;
+    let mut inbound = WorkerApiClient::new(channel)
+        .max_decoding_message_size(64 << 20)
+        .connect(ReceiverStream::new(outbound_stream))
+        .await
+        .map_err(|status| error_from_status("WorkerApi.Connect", &status))?
+        .into_inner();
+
+    let (finished, mut finished_results) = mpsc::unbounded_channel::<(String, WorkerMessage)>();
+    let mut running: HashMap<String, CancellationToken> = HashMap::new();
+    let mut keepalive = tokio::time::interval(Duration::from_secs(5));
+    let mut draining = false;
+    let mut unhealthy = false;
+    let end = |unhealthy: bool| {
+        if unhealthy {
+            SessionEnd::Unhealthy
+        } else {
+            SessionEnd::Drained
+        }
+    };
+    let abandon = |running: &HashMap<String, CancellationToken>| {
+        for token in running.values() {
+            token.cancel();
+        }
+    };
+    let outcome = loop {
+        tokio::select! {
+            received = inbound.message() => {
+                let received = match received {
+                    Ok(Some(SchedulerMessage { message: Some(received) })) => received,
+                    Ok(Some(SchedulerMessage { message: None })) => continue,
+                    Ok(None) => {
+                        abandon(&running);
+                        return Err(Error::new(crate::ErrorKind::Unavailable, "the scheduler closed the session"));
+                    }
+                    Err(status) => {
+                        abandon(&running);
+                        return Err(error_from_status("the scheduler session failed", &status));
+                    }
+                };
+                match received {
+                    FromScheduler::Registered(registered) => {
+                        let interval = registered
+                            .keepalive_interval
+                            .as_ref()
+                            .and_then(from_proto_duration)
+                            .unwrap_or(Duration::from_secs(5));
+                        keepalive = tokio::time::interval(interval);
+                        tracing::info!("cairn-worker registered as {}", runner.worker_id);
+                        if let Some(path) = ready_file.take() {
+                            write_ready_file(&path, &runner.worker_id)?;
+                        }
+                    }
+                    FromScheduler::Start(task) => {
+                        let task_id = task.task_id.clone();
+                        if draining || running.len() >= max_inflight as usize {
+                            let reason = if draining { "draining" } else { "no free task slot" };
+                            send(message(ToScheduler::Rejected(TaskRejected {
+                                task_id,
+                                reason: reason.to_string(),
+                            })))
+                            .await?;
+                            continue;
+                        }
+                        let token = CancellationToken::new();
+                        running.insert(task_id.clone(), token.clone());
+                        let runner = runner.clone();
+                        let finished = finished.clone();
+                        tokio::spawn(async move {
+                            let report = if precondition_ok(&runner.config).await {
+                                let response = runner.clone().run(task, token).await;
+                                let outcome = match response {
+                                    Some(response) => Outcome::Response(response),
+                                    None => Outcome::Error(rpc_status(Code::Cancelled, "cancelled")),
+                                };
+                                ToScheduler::Result(TaskResult {
+                                    task_id: task_id.clone(),
+                                    outcome: Some(outcome),
+                                })
+                            } else {
+                                ToScheduler::Rejected(TaskRejected {
+                                    task_id: task_id.clone(),
+                                    reason: "the precondition script failed".to_string(),
+                                })
+                            };
+                            let _ = finished.send((task_id, message(report)));
+                        });
+                    }
+                    FromScheduler::Cancel(cancel) => {
+                        if let Some(token) = running.get(&cancel.task_id) {
+                            token.cancel();
+                        }
+                    }
+                    FromScheduler::Drain(_) => {
+                        tracing::info!("the scheduler asked this worker to drain");
+                        drain.cancel();
+                    }
+                }
+            }
+            Some((task_id, report)) = finished_results.recv() => {
+                running.remove(&task_id);
+                if matches!(report.message, Some(ToScheduler::Rejected(_))) && !draining {
+                    unhealthy = true;
+                    draining = true;
+                    send(message(ToScheduler::Draining(Draining {}))).await?;
+                }
+                send(report).await?;
+                if draining && running.is_empty() {
+                    break end(unhealthy);
+                }
+            }
+            _ = keepalive.tick() => {
+                send(message(ToScheduler::Keepalive(Keepalive {}))).await?;
+            }
+            () = drain.cancelled(), if !draining => {
+                draining = true;
+                send(message(ToScheduler::Draining(Draining {}))).await?;
+                if running.is_empty() {
+                    break end(unhealthy);
+                }
+            }
+        }
+    };
+    // Closing our half of the stream makes the scheduler end the session; waiting for
+    // its half to close makes sure the last reports were delivered before we exit.
+    drop(outbound);
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Ok(Some(_)) = inbound.message().await {}
+    })
+    .await;
+    Ok(outcome)
+}

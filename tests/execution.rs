@@ -1,0 +1,1122 @@
+//! Remote execution against the real binaries: a `cairn` cache node, `cairn-scheduler`
+//! and one or more `cairn-worker`s on loopback.
+//!
+//! Every process gets ports or files of its own; readiness is polled (the scheduler
+//! writes its address to a ready file, a worker writes its id once registered), and
+//! each process is killed when its handle drops. Commands are `/bin/sh` scripts; where
+//! a test needs to know whether or how often a command ran, the script appends to a
+//! marker file in the test's temporary directory.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command as Process, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use cairn_proto::longrunning::operations_client::OperationsClient;
+use cairn_proto::longrunning::{CancelOperationRequest, Operation};
+use cairn_proto::reapi::batch_update_blobs_request::Request as UpdateRequest;
+use cairn_proto::reapi::command::EnvironmentVariable;
+use cairn_proto::reapi::execution_client::ExecutionClient;
+use cairn_proto::reapi::platform::Property;
+use cairn_proto::reapi::{
+    Action, BatchReadBlobsRequest, BatchUpdateBlobsRequest, Command, Digest, Directory,
+    ExecuteOperationMetadata, ExecuteRequest, ExecuteResponse, FileNode, GetActionResultRequest,
+    Platform, SymlinkNode,
+};
+use cairn_proto::worker::worker_api_client::WorkerApiClient;
+use cairn_proto::worker::{ListWorkersRequest, WorkerInfo};
+use common::{sha256, wire, Node};
+use prost::Message;
+use tonic::transport::Channel;
+use tonic::Code;
+
+const SCHEDULER: &str = env!("CARGO_BIN_EXE_cairn-scheduler");
+const WORKER: &str = env!("CARGO_BIN_EXE_cairn-worker");
+
+fn repo(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+/// A process we started; killed on drop.
+struct Proc {
+    child: Option<Child>,
+}
+
+impl Proc {
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, then the exit status (within 60 s).
+    fn terminate(mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "no exit within 60 s of SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn wait_for_file(path: &Path, process: &mut Proc) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(text) = std::fs::read_to_string(path) {
+            return text;
+        }
+        if let Some(child) = process.child.as_mut() {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("process exited before it was ready: {status}");
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} not written within 60 s",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A seccomp filter that kills the process on `io_uring_setup`.
+fn forbid_io_uring(command: &mut Process) {
+    const IO_URING_SETUP: u32 = 425;
+    #[cfg(target_arch = "x86_64")]
+    const ARCH: u32 = 0xC000_003E;
+    #[cfg(target_arch = "aarch64")]
+    const ARCH: u32 = 0xC000_00B7;
+    const LD_W_ABS: u16 = 0x20;
+    const JEQ_K: u16 = 0x15;
+    const RET_K: u16 = 0x06;
+    let filter = [
+        libc::sock_filter {
+            code: LD_W_ABS,
+            jt: 0,
+            jf: 0,
+            k: 4,
+        },
+        libc::sock_filter {
+            code: JEQ_K,
+            jt: 0,
+            jf: 3,
+            k: ARCH,
+        },
+        libc::sock_filter {
+            code: LD_W_ABS,
+            jt: 0,
+            jf: 0,
+            k: 0,
+        },
+        libc::sock_filter {
+            code: JEQ_K,
+            jt: 0,
+            jf: 1,
+            k: IO_URING_SETUP,
+        },
+        libc::sock_filter {
+            code: RET_K,
+            jt: 0,
+            jf: 0,
+            k: libc::SECCOMP_RET_KILL_PROCESS,
+        },
+        libc::sock_filter {
+            code: RET_K,
+            jt: 0,
+            jf: 0,
+            k: libc::SECCOMP_RET_ALLOW,
+        },
+    ];
+    // SAFETY: between fork and exec the closure only calls prctl with a filter that
+    // lives in the closure's captured array.
+    unsafe {
+        command.pre_exec(move || {
+            let program = libc::sock_fprog {
+                len: filter.len() as u16,
+                filter: filter.as_ptr() as *mut libc::sock_filter,
+            };
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+                || libc::prctl(
+                    libc::PR_SET_SECCOMP,
+                    libc::SECCOMP_MODE_FILTER,
+                    &program as *const libc::sock_fprog,
+                ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+struct Cluster {
+    node: Node,
+    scheduler: Proc,
+    address: SocketAddr,
+    workers: Vec<(String, Proc)>,
+    dir: tempfile::TempDir,
+    seccomp: bool,
+}
+
+impl Cluster {
+    /// A node and a scheduler with `config` (a path, or JSON5 text written to a file).
+    fn start(config: SchedulerConfig, seccomp: bool) -> Cluster {
+        let node = Node::start();
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let ready = dir.path().join("scheduler.ready");
+        let mut command = Process::new(SCHEDULER);
+        command
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--cache")
+            .arg(format!("http://{}", node.grpc))
+            .arg("--ready-file")
+            .arg(&ready)
+            .stdin(Stdio::null())
+            .env("RUST_LOG", "error");
+        match config {
+            SchedulerConfig::Default => {}
+            SchedulerConfig::File(path) => {
+                command.arg("--config").arg(path);
+            }
+            SchedulerConfig::Text(text) => {
+                let path = dir.path().join("scheduler.json5");
+                std::fs::write(&path, text).expect("write config");
+                command.arg("--config").arg(path);
+            }
+        }
+        if seccomp {
+            forbid_io_uring(&mut command);
+        }
+        let mut scheduler = Proc {
+            child: Some(command.spawn().expect("start cairn-scheduler")),
+        };
+        let address = wait_for_file(&ready, &mut scheduler)
+            .trim()
+            .parse()
+            .expect("scheduler address");
+        Cluster {
+            node,
+            scheduler,
+            address,
+            workers: Vec::new(),
+            dir,
+            seccomp,
+        }
+    }
+
+    /// Starts a worker with `args` and waits until it has registered.
+    fn worker(&mut self, id: &str, args: &[&str]) {
+        let ready = self.dir.path().join(format!("{id}.ready"));
+        let mut command = Process::new(WORKER);
+        command
+            .arg("--scheduler")
+            .arg(format!("http://{}", self.address))
+            .arg("--cache")
+            .arg(format!("http://{}", self.node.grpc))
+            .arg("--id")
+            .arg(id)
+            .arg("--work-dir")
+            .arg(self.dir.path().join(id))
+            .arg("--ready-file")
+            .arg(&ready)
+            .args(args)
+            .stdin(Stdio::null())
+            .env("RUST_LOG", "error");
+        if self.seccomp {
+            forbid_io_uring(&mut command);
+        }
+        let mut worker = Proc {
+            child: Some(command.spawn().expect("start cairn-worker")),
+        };
+        wait_for_file(&ready, &mut worker);
+        self.workers.push((id.to_string(), worker));
+    }
+
+    fn marker(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.address))
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("connect to the scheduler")
+    }
+
+    async fn workers_info(&self) -> Vec<WorkerInfo> {
+        WorkerApiClient::new(self.channel().await)
+            .list_workers(ListWorkersRequest {})
+            .await
+            .expect("ListWorkers")
+            .into_inner()
+            .workers
+    }
+
+    async fn upload(&self, blobs: &[Vec<u8>]) {
+        let requests = blobs
+            .iter()
+            .map(|data| UpdateRequest {
+                digest: Some(wire(&sha256(data))),
+                data: Bytes::from(data.clone()),
+                compressor: 0,
+            })
+            .collect();
+        let response = self
+            .node
+            .cas()
+            .await
+            .batch_update_blobs(BatchUpdateBlobsRequest {
+                requests,
+                ..Default::default()
+            })
+            .await
+            .expect("BatchUpdateBlobs")
+            .into_inner();
+        for entry in response.responses {
+            assert_eq!(entry.status.map_or(0, |status| status.code), 0);
+        }
+    }
+
+    async fn read(&self, digest: &Digest) -> Vec<u8> {
+        let response = self
+            .node
+            .cas()
+            .await
+            .batch_read_blobs(BatchReadBlobsRequest {
+                digests: vec![digest.clone()],
+                ..Default::default()
+            })
+            .await
+            .expect("BatchReadBlobs")
+            .into_inner();
+        response.responses[0].data.to_vec()
+    }
+
+    /// Uploads the action described by `spec` and returns its digest.
+    async fn action(&self, spec: Spec) -> Digest {
+        let command = Command {
+            arguments: vec!["/bin/sh".into(), "-c".into(), spec.script],
+            environment_variables: vec![
+                EnvironmentVariable {
+                    name: "PATH".into(),
+                    value: "/usr/bin:/bin".into(),
+                },
+                EnvironmentVariable {
+                    name: "SALT".into(),
+                    value: self.dir.path().to_string_lossy().into_owned(),
+                },
+            ],
+            output_paths: spec.outputs,
+            working_directory: spec.working_directory,
+            ..Default::default()
+        };
+        let command = command.encode_to_vec();
+        let root = spec.input_root.encode_to_vec();
+        let action = Action {
+            command_digest: Some(wire(&sha256(&command))),
+            input_root_digest: Some(wire(&sha256(&root))),
+            timeout: spec.timeout.map(|timeout| prost_types::Duration {
+                seconds: timeout.as_secs() as i64,
+                nanos: 0,
+            }),
+            do_not_cache: false,
+            platform: Some(Platform {
+                properties: spec
+                    .platform
+                    .iter()
+                    .map(|(name, value)| Property {
+                        name: name.to_string(),
+                        value: value.to_string(),
+                    })
+                    .collect(),
+            }),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let mut blobs = vec![command, root, action.clone()];
+        blobs.extend(spec.blobs);
+        self.upload(&blobs).await;
+        wire(&sha256(&action))
+    }
+
+    /// Executes `action` and follows the stream to the end.
+    async fn execute(
+        &self,
+        action: &Digest,
+        skip_cache_lookup: bool,
+    ) -> (Vec<Operation>, ExecuteResponse) {
+        let mut stream = ExecutionClient::new(self.channel().await)
+            .execute(ExecuteRequest {
+                action_digest: Some(action.clone()),
+                skip_cache_lookup,
+                ..Default::default()
+            })
+            .await
+            .expect("Execute")
+            .into_inner();
+        let mut operations = Vec::new();
+        while let Some(operation) = stream.message().await.expect("Execute stream") {
+            operations.push(operation);
+        }
+        let last = operations.last().expect("at least one operation");
+        assert!(last.done, "the stream ended before the operation was done");
+        let response = response_of(last);
+        (operations, response)
+    }
+}
+
+enum SchedulerConfig {
+    Default,
+    File(PathBuf),
+    Text(&'static str),
+}
+
+struct Spec {
+    script: String,
+    outputs: Vec<String>,
+    working_directory: String,
+    timeout: Option<Duration>,
+    platform: Vec<(&'static str, &'static str)>,
+    input_root: Directory,
+    blobs: Vec<Vec<u8>>,
+}
+
+impl Spec {
+    fn script(script: impl Into<String>) -> Spec {
+        Spec {
+            script: script.into(),
+            outputs: Vec::new(),
+            working_directory: String::new(),
+            timeout: None,
+            platform: Vec::new(),
+            input_root: Directory::default(),
+            blobs: Vec::new(),
+        }
+    }
+
+    fn outputs(mut self, outputs: &[&str]) -> Spec {
+        self.outputs = outputs.iter().map(|output| output.to_string()).collect();
+        self
+    }
+}
+
+fn response_of(operation: &Operation) -> ExecuteResponse {
+    match &operation.result {
+        Some(cairn_proto::longrunning::operation::Result::Response(any)) => {
+            ExecuteResponse::decode(any.value.as_slice()).expect("ExecuteResponse")
+        }
+        other => panic!("operation has no response: {other:?}"),
+    }
+}
+
+fn stage_of(operation: &Operation) -> i32 {
+    let metadata = operation.metadata.as_ref().expect("metadata");
+    ExecuteOperationMetadata::decode(metadata.value.as_slice())
+        .expect("metadata")
+        .stage
+}
+
+fn code_of(response: &ExecuteResponse) -> Code {
+    Code::from_i32(response.status.as_ref().map_or(0, |status| status.code))
+}
+
+fn lines(path: &Path) -> usize {
+    std::fs::read_to_string(path).map_or(0, |text| text.lines().count())
+}
+
+async fn output_file(cluster: &Cluster, response: &ExecuteResponse, path: &str) -> Vec<u8> {
+    let result = response.result.as_ref().expect("result");
+    let file = result
+        .output_files
+        .iter()
+        .find(|file| file.path == path)
+        .unwrap_or_else(|| panic!("no output {path}: {result:?}"));
+    cluster.read(file.digest.as_ref().expect("digest")).await
+}
+
+#[tokio::test]
+async fn a_cache_hit_skips_execution() {
+    let mut cluster = Cluster::start(SchedulerConfig::File(repo("config/scheduler.json5")), false);
+    cluster.worker(
+        "w1",
+        &[
+            "--config",
+            repo("config/worker.json5").to_str().expect("utf-8"),
+        ],
+    );
+    let marker = cluster.marker("runs");
+    let action = cluster
+        .action(
+            Spec::script(format!(
+                "echo run >> {}; echo hello > out/greeting",
+                marker.display()
+            ))
+            .outputs(&["out/greeting"]),
+        )
+        .await;
+    let (operations, first) = cluster.execute(&action, false).await;
+    assert_eq!(code_of(&first), Code::Ok, "{first:?}");
+    assert!(!first.cached_result);
+    assert_eq!(
+        output_file(&cluster, &first, "out/greeting").await,
+        b"hello\n"
+    );
+    let metadata = first
+        .result
+        .as_ref()
+        .unwrap()
+        .execution_metadata
+        .clone()
+        .unwrap();
+    assert_eq!(metadata.worker, "w1");
+    assert!(metadata.execution_start_timestamp.is_some());
+    assert!(metadata.output_upload_completed_timestamp.is_some());
+    assert_eq!(stage_of(operations.last().unwrap()), 4);
+    assert_eq!(lines(&marker), 1);
+
+    let (operations, second) = cluster.execute(&action, false).await;
+    assert!(second.cached_result);
+    assert_eq!(operations.len(), 1);
+    assert_eq!(
+        second.result.as_ref().unwrap().output_files,
+        first.result.as_ref().unwrap().output_files
+    );
+    assert_eq!(lines(&marker), 1, "a cache hit ran the command");
+
+    let (_, third) = cluster.execute(&action, true).await;
+    assert!(!third.cached_result);
+    assert_eq!(
+        lines(&marker),
+        2,
+        "skip_cache_lookup did not run the command"
+    );
+}
+
+#[tokio::test]
+async fn identical_concurrent_executes_run_once() {
+    let mut cluster = Cluster::start(SchedulerConfig::Default, false);
+    cluster.worker("w1", &["--max-inflight-tasks", "4"]);
+    let marker = cluster.marker("runs");
+    let action = cluster
+        .action(
+            Spec::script(format!(
+                "echo run >> {}; sleep 1; echo same > out",
+                marker.display()
+            ))
+            .outputs(&["out"]),
+        )
+        .await;
+    let ((first_ops, first), (second_ops, second)) = tokio::join!(
+        cluster.execute(&action, false),
+        cluster.execute(&action, false)
+    );
+    assert_eq!(code_of(&first), Code::Ok);
+    assert_eq!(first.result, second.result);
+    assert_ne!(first_ops[0].name, second_ops[0].name);
+    assert_eq!(lines(&marker), 1, "the action ran more than once");
+    assert_eq!(output_file(&cluster, &second, "out").await, b"same\n");
+}
+
+#[tokio::test]
+async fn a_killed_worker_is_retried_on_another() {
+    let mut cluster = Cluster::start(SchedulerConfig::Default, false);
+    cluster.worker("w1", &["--max-inflight-tasks", "1"]);
+    cluster.worker("w2", &["--max-inflight-tasks", "1"]);
+    let marker = cluster.marker("runs");
+    let action = cluster
+        .action(
+            Spec::script(format!(
+                "echo run >> {}; sleep 2; echo done > out",
+                marker.display()
+            ))
+            .outputs(&["out"]),
+        )
+        .await;
+    let execution = {
+        let channel = cluster.channel().await;
+        let action = action.clone();
+        tokio::spawn(async move {
+            let mut stream = ExecutionClient::new(channel)
+                .execute(ExecuteRequest {
+                    action_digest: Some(action),
+                    ..Default::default()
+                })
+                .await
+                .expect("Execute")
+                .into_inner();
+            let mut last = None;
+            while let Some(operation) = stream.message().await.expect("stream") {
+                last = Some(operation);
+            }
+            response_of(&last.expect("an operation"))
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let busy = loop {
+        let busy = cluster
+            .workers_info()
+            .await
+            .into_iter()
+            .find(|worker| !worker.running_operations.is_empty());
+        if let Some(worker) = busy {
+            if lines(&marker) == 1 {
+                break worker.worker_id;
+            }
+        }
+        assert!(Instant::now() < deadline, "no worker started the action");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let index = cluster
+        .workers
+        .iter()
+        .position(|(id, _)| *id == busy)
+        .unwrap();
+    cluster.workers[index].1.kill();
+    let response = execution.await.expect("execution task");
+    assert_eq!(code_of(&response), Code::Ok, "{response:?}");
+    let metadata = response
+        .result
+        .as_ref()
+        .unwrap()
+        .execution_metadata
+        .clone()
+        .unwrap();
+    assert_ne!(metadata.worker, busy);
+    assert_eq!(output_file(&cluster, &response, "out").await, b"done\n");
+    assert_eq!(lines(&marker), 2);
+}
+
+#[tokio::test]
+async fn platform_properties_pick_the_worker_that_satisfies_them() {
+    let mut cluster = Cluster::start(
+        SchedulerConfig::File(repo("config/distributed/scheduler.json5")),
+        false,
+    );
+    for name in ["worker-a", "worker-b"] {
+        let config = repo(&format!("config/distributed/{name}.json5"));
+        cluster.worker(name, &["--config", config.to_str().expect("utf-8")]);
+    }
+    for round in 0..4 {
+        let action = cluster
+            .action(Spec {
+                platform: vec![("cpu_arch", "x86_64"), ("cpu_count", "4")],
+                ..Spec::script(format!("echo {round}"))
+            })
+            .await;
+        let (_, response) = cluster.execute(&action, false).await;
+        assert_eq!(code_of(&response), Code::Ok, "{response:?}");
+        let worker = response.result.unwrap().execution_metadata.unwrap().worker;
+        assert_eq!(worker, "worker-b");
+    }
+}
+
+#[tokio::test]
+async fn an_action_no_worker_can_run_fails_naming_the_property() {
+    let mut cluster = Cluster::start(
+        SchedulerConfig::Text(
+            "{ platform_properties: { cpu_count: 'minimum' }, unschedulable_timeout: '1s' }",
+        ),
+        false,
+    );
+    cluster.worker("small", &["--property", "cpu_count=2"]);
+    let action = cluster
+        .action(Spec {
+            platform: vec![("cpu_count", "64")],
+            ..Spec::script("true")
+        })
+        .await;
+    let (_, response) = cluster.execute(&action, false).await;
+    assert_eq!(code_of(&response), Code::FailedPrecondition);
+    let message = response.status.unwrap().message;
+    assert!(message.contains("cpu_count>=64"), "{message}");
+}
+
+#[tokio::test]
+async fn a_timeout_ends_with_deadline_exceeded() {
+    let mut cluster = Cluster::start(SchedulerConfig::Default, false);
+    cluster.worker("w1", &[]);
+    let action = cluster
+        .action(Spec {
+            timeout: Some(Duration::from_secs(1)),
+            ..Spec::script("echo started; sleep 60")
+        })
+        .await;
+    let started = Instant::now();
+    let (_, response) = cluster.execute(&action, false).await;
+    assert_eq!(code_of(&response), Code::DeadlineExceeded, "{response:?}");
+    assert!(started.elapsed() < Duration::from_secs(30));
+    let stdout = response.result.unwrap().stdout_digest.unwrap();
+    assert_eq!(cluster.read(&stdout).await, b"started\n");
+    let cached = cluster
+        .node
+        .ac()
+        .await
+        .get_action_result(GetActionResultRequest {
+            action_digest: Some(action),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(cached.unwrap_err().code(), Code::NotFound);
+}
+
+#[tokio::test]
+async fn cancellation_kills_the_command() {
+    let mut cluster = Cluster::start(SchedulerConfig::Default, false);
+    cluster.worker("w1", &[]);
+    let pid_file = cluster.marker("pid");
+    let action = cluster
+        .action(Spec::script(format!(
+            "echo $$ > {}; exec sleep 60",
+            pid_file.display()
+        )))
+        .await;
+    let mut stream = ExecutionClient::new(cluster.channel().await)
+        .execute(ExecuteRequest {
+            action_digest: Some(action),
+            ..Default::default()
+        })
+        .await
+        .expect("Execute")
+        .into_inner();
+    let first = stream
+        .message()
+        .await
+        .expect("stream")
+        .expect("an operation");
+    let mut process = Proc { child: None };
+    let pid: i32 = wait_for_file(&pid_file, &mut process)
+        .trim()
+        .parse()
+        .expect("pid");
+    OperationsClient::new(cluster.channel().await)
+        .cancel_operation(CancelOperationRequest {
+            name: first.name.clone(),
+        })
+        .await
+        .expect("CancelOperation");
+    let mut last = first;
+    while let Some(operation) = stream.message().await.expect("stream") {
+        last = operation;
+    }
+    assert_eq!(code_of(&response_of(&last)), Code::Cancelled);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    // SAFETY: signal 0 only checks whether the process exists.
+    while unsafe { libc::kill(pid, 0) } == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the cancelled command still runs"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while cluster
+        .workers_info()
+        .await
+        .iter()
+        .any(|worker| !worker.running_operations.is_empty())
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the worker still runs the cancelled task"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_failing_command_is_reported_and_not_cached() {
+    let mut cluster = Cluster::start(SchedulerConfig::Default, false);
+    cluster.worker("w1", &[]);
+    let action = cluster.action(Spec::script("echo oops >&2; exit 3")).await;
+    let (_, response) = cluster.execute(&action, false).await;
+    assert_eq!(code_of(&response), Code::Ok);
+    let result = response.result.unwrap();
+    assert_eq!(result.exit_code, 3);
+    assert_eq!(
+        cluster.read(&result.stderr_digest.unwrap()).await,
+        b"oops\n"
+    );
+    let cached = cluster
+        .node
+        .ac()
+        .await
+        .get_action_result(GetActionResultRequest {
+            action_digest: Some(action.clone()),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(cached.unwrap_err().code(), Code::NotFound);
+    let (_, again) = cluster.execute(&action, false).await;
+    assert!(!again.cached_result);
+}
+
+#[tokio::test]
+async fn inputs_and_outputs_are_materialized() {
+    let mut cluster = Cluster::start(SchedulerConfig::Default, false);
+    cluster.worker("w1", &[]);
+    let tool = b"#!/bin/sh\necho tool ran\n".to_vec();
+    let data = b"input data\n".to_vec();
+    let sub = Directory {
+        files: vec![FileNode {
+            name: "data.txt".into(),
+            digest: Some(wire(&sha256(&data))),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let sub_bytes = sub.encode_to_vec();
+    let root = Directory {
+        files: vec![FileNode {
+            name: "tool.sh".into(),
+            digest: Some(wire(&sha256(&tool))),
+            is_executable: true,
+            ..Default::default()
+        }],
+        directories: vec![cairn_proto::reapi::DirectoryNode {
+            name: "src".into(),
+            digest: Some(wire(&sha256(&sub_bytes))),
+        }],
+        symlinks: vec![SymlinkNode {
+            name: "link".into(),
+            target: "src/data.txt".into(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let action = cluster
+        .action(Spec {
+            input_root: root,
+            blobs: vec![tool, data, sub_bytes],
+            working_directory: "src".into(),
+            ..Spec::script("../tool.sh > ../out/log; cat ../link >> ../out/log; mkdir -p ../out/tree/d; echo x > ../out/tree/d/f")
+                .outputs(&["../out/log"])
+        })
+        .await;
+    let (_, response) = cluster.execute(&action, false).await;
+    assert_eq!(
+        code_of(&response),
+        Code::InvalidArgument,
+        "an output path with `..`"
+    );
+
+    let tool = b"#!/bin/sh\necho tool ran\n".to_vec();
+    let root = Directory {
+        files: vec![FileNode {
+            name: "tool.sh".into(),
+            digest: Some(wire(&sha256(&tool))),
+            is_executable: true,
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let action = cluster
+        .action(Spec {
+            input_root: root,
+            blobs: vec![tool],
+            ..Spec::script("./tool.sh > out/log; mkdir -p out/tree/d; echo x > out/tree/d/f; ln -s log out/alias")
+                .outputs(&["out/log", "out/tree", "out/alias"])
+        })
+        .await;
+    let (_, response) = cluster.execute(&action, false).await;
+    assert_eq!(code_of(&response), Code::Ok, "{response:?}");
+    let result = response.result.clone().unwrap();
+    assert_eq!(
+        result.exit_code,
+        0,
+        "{}",
+        String::from_utf8_lossy(&cluster.read(result.stderr_digest.as_ref().unwrap()).await)
+    );
+    assert_eq!(
+        output_file(&cluster, &response, "out/log").await,
+        b"tool ran\n"
+    );
+    assert_eq!(result.output_directories.len(), 1);
+    assert_eq!(result.output_symlinks[0].target, "log");
+    let tree = cairn_proto::reapi::Tree::decode(
+        cluster
+            .read(result.output_directories[0].tree_digest.as_ref().unwrap())
+            .await
+            .as_slice(),
+    )
+    .unwrap();
+    assert_eq!(tree.root.unwrap().directories[0].name, "d");
+}
+
+#[tokio::test]
+async fn hostile_paths_are_rejected() {
+    let mut cluster = Cluster::start(SchedulerConfig::Default, false);
+    cluster.worker("w1", &[]);
+    let data = b"payload".to_vec();
+    let file = |name: &str| FileNode {
+        name: name.into(),
+        digest: Some(wire(&sha256(&data))),
+        ..Default::default()
+    };
+    let symlink = |target: &str| SymlinkNode {
+        name: "link".into(),
+        target: target.into(),
+        ..Default::default()
+    };
+    let cases: Vec<(&str, Spec)> = vec![
+        (
+            "file named ..",
+            Spec {
+                input_root: Directory {
+                    files: vec![file("..")],
+                    ..Default::default()
+                },
+                ..Spec::script("true")
+            },
+        ),
+        (
+            "file named ../escape",
+            Spec {
+                input_root: Directory {
+                    files: vec![file("../escape")],
+                    ..Default::default()
+                },
+                ..Spec::script("true")
+            },
+        ),
+        (
+            "file with a slash",
+            Spec {
+                input_root: Directory {
+                    files: vec![file("a/b")],
+                    ..Default::default()
+                },
+                ..Spec::script("true")
+            },
+        ),
+        (
+            "absolute file name",
+            Spec {
+                input_root: Directory {
+                    files: vec![file("/tmp/escape")],
+                    ..Default::default()
+                },
+                ..Spec::script("true")
+            },
+        ),
+        (
+            "symlink climbing out",
+            Spec {
+                input_root: Directory {
+                    symlinks: vec![symlink("../../../../etc/passwd")],
+                    ..Default::default()
+                },
+                ..Spec::script("true")
+            },
+        ),
+        (
+            "absolute symlink",
+            Spec {
+                input_root: Directory {
+                    symlinks: vec![symlink("/etc/passwd")],
+                    ..Default::default()
+                },
+                ..Spec::script("true")
+            },
+        ),
+        (
+            "output path with ..",
+            Spec::script("true").outputs(&["../../outside"]),
+        ),
+        (
+            "absolute output path",
+            Spec::script("true").outputs(&["/tmp/outside"]),
+        ),
+        (
+            "working directory with ..",
+            Spec {
+                working_directory: "..".into(),
+                ..Spec::script("true")
+            },
+        ),
+        (
+            "output through a symlink",
+            Spec::script("rm -r out && ln -s / out").outputs(&["out/etc/passwd"]),
+        ),
+        (
+            "output symlink escaping",
+            Spec::script("ln -s /etc/passwd out").outputs(&["out"]),
+        ),
+    ];
+    for (what, mut spec) in cases {
+        spec.blobs.push(data.clone());
+        let action = cluster.action(spec).await;
+        let (_, response) = cluster.execute(&action, false).await;
+        assert_eq!(
+            code_of(&response),
+            Code::InvalidArgument,
+            "{what}: {response:?}"
+        );
+    }
+    let work_dir = cluster.dir.path().join("w1");
+    for escaped in [
+        work_dir.join("escape"),
+        work_dir.join("tasks/escape"),
+        PathBuf::from("/tmp/escape"),
+    ] {
+        assert!(!escaped.exists(), "{} was written", escaped.display());
+    }
+}
+
+#[tokio::test]
+async fn scheduler_and_worker_never_set_up_io_uring() {
+    // The filter works: the cache node, which needs io_uring, is killed by it.
+    let temp = tempfile::tempdir().expect("temporary directory");
+    let mut node = Process::new(common::BINARY);
+    node.arg("--listen")
+        .arg(common::free_port().to_string())
+        .arg("--data-dir")
+        .arg(temp.path().join("data"))
+        .arg("--max-size")
+        .arg("1GiB")
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .env("RUST_LOG", "error");
+    forbid_io_uring(&mut node);
+    let status = node.status().expect("run cairn");
+    assert_eq!(
+        status.signal(),
+        Some(libc::SIGSYS),
+        "cairn survived the filter: {status}"
+    );
+
+    let mut cluster = Cluster::start(SchedulerConfig::Default, true);
+    cluster.worker("w1", &[]);
+    let action = cluster
+        .action(Spec::script("echo remote > out").outputs(&["out"]))
+        .await;
+    let (_, response) = cluster.execute(&action, false).await;
+    assert_eq!(code_of(&response), Code::Ok, "{response:?}");
+    assert_eq!(output_file(&cluster, &response, "out").await, b"remote\n");
+    let (_, worker) = cluster.workers.pop().expect("worker");
+    let status = worker.terminate();
+    assert!(status.success(), "cairn-worker: {status}");
+    let Cluster { scheduler, .. } = cluster;
+    let status = scheduler.terminate();
+    assert!(status.success(), "cairn-scheduler: {status}");
+}
+
+#[tokio::test]
+async fn draining_finishes_running_work_then_exits() {
+    let mut cluster = Cluster::start(SchedulerConfig::Default, false);
+    cluster.worker("w1", &["--max-inflight-tasks", "1"]);
+    cluster.worker("w2", &["--max-inflight-tasks", "1"]);
+    let marker = cluster.marker("runs");
+    let action = cluster
+        .action(
+            Spec::script(format!(
+                "echo run >> {}; sleep 1; echo finished > out",
+                marker.display()
+            ))
+            .outputs(&["out"]),
+        )
+        .await;
+    let execution = {
+        let channel = cluster.channel().await;
+        let action = action.clone();
+        tokio::spawn(async move {
+            let mut stream = ExecutionClient::new(channel)
+                .execute(ExecuteRequest {
+                    action_digest: Some(action),
+                    ..Default::default()
+                })
+                .await
+                .expect("Execute")
+                .into_inner();
+            let mut last = None;
+            while let Some(operation) = stream.message().await.expect("stream") {
+                last = Some(operation);
+            }
+            response_of(&last.expect("an operation"))
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let busy = loop {
+        let busy = cluster
+            .workers_info()
+            .await
+            .into_iter()
+            .find(|worker| !worker.running_operations.is_empty());
+        if let Some(worker) = busy {
+            break worker.worker_id;
+        }
+        assert!(Instant::now() < deadline, "no worker started the action");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let index = cluster
+        .workers
+        .iter()
+        .position(|(id, _)| *id == busy)
+        .unwrap();
+    let (_, worker) = cluster.workers.remove(index);
+    let status = worker.terminate();
+    assert!(
+        status.success(),
+        "a draining worker exits cleanly: {status}"
+    );
+    let response = execution.await.expect("execution task");
+    assert_eq!(code_of(&response), Code::Ok, "{response:?}");
+    let metadata = response
+        .result
+        .as_ref()
+        .unwrap()
+        .execution_metadata
+        .clone()
+        .unwrap();
+    assert_eq!(
+        metadata.worker, busy,
+        "the drained worker finished its action"
+    );
+    assert_eq!(lines(&marker), 1);
+
+    let (other, _) = &cluster.workers[0];
+    let other = other.clone();
+    WorkerApiClient::new(cluster.channel().await)
+        .drain_worker(cairn_proto::worker::DrainWorkerRequest {
+            worker_id: other.clone(),
+        })
+        .await
+        .expect("DrainWorker");
+    let (_, mut worker) = cluster.workers.remove(0);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = worker
+            .child
+            .as_mut()
+            .and_then(|child| child.try_wait().ok().flatten())
+        {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{other} did not exit after DrainWorker"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(status.success(), "{other}: {status}");
+    worker.child = None;
+    assert!(cluster.workers_info().await.is_empty());
+}
