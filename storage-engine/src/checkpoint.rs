@@ -148,7 +148,7 @@ impl Partition {
                 prefix: prefix.get(),
                 seg: loc.seg,
                 off: loc.off,
-                len: loc.len(),
+                len: loc.record_len(),
                 flags: u8::from(loc.accessed()),
             })
             .collect();

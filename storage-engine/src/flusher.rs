@@ -176,13 +176,13 @@ impl Partition {
         let st = self.st.borrow();
         let p = st.packed.as_ref()?;
         let off = u64::from(loc.off);
-        let end = off + u64::from(loc.len());
+        let end = off + u64::from(loc.record_len());
         if p.seg != loc.seg || off < p.tail_base || end > p.flushed {
             return None;
         }
         let from = (off - p.tail_base) as usize;
         Some(Bytes::copy_from_slice(
-            &p.tail[from..from + loc.len() as usize],
+            &p.tail[from..from + loc.record_len() as usize],
         ))
     }
 }

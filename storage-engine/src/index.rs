@@ -58,7 +58,7 @@ impl Loc {
     }
 
     /// The record length (saturated, see above).
-    pub fn len(&self) -> u32 {
+    pub fn record_len(&self) -> u32 {
         self.len_flags & LEN_MASK
     }
 
@@ -106,12 +106,12 @@ mod tests {
     #[test]
     fn length_saturates_and_keeps_the_mark_apart() {
         let mut loc = Loc::new(1, 2, 5 << 30, false);
-        assert_eq!(loc.len(), LEN_MASK);
+        assert_eq!(loc.record_len(), LEN_MASK);
         assert!(!loc.accessed());
         loc.mark_accessed();
         assert!(loc.accessed());
-        assert_eq!(loc.len(), LEN_MASK);
-        assert_eq!(Loc::new(1, 2, 100, true).len(), 100);
+        assert_eq!(loc.record_len(), LEN_MASK);
+        assert_eq!(Loc::new(1, 2, 100, true).record_len(), 100);
         assert_eq!(
             Prefix::new(0xDEAD_BEEF_0123_4567).get(),
             0xDEAD_BEEF_0123_4567

@@ -54,10 +54,13 @@ impl Partition {
         let Some(file) = self.segment_file(loc.seg) else {
             return Ok(None);
         };
-        if u64::from(loc.len()) <= WHOLE_READ_MAX {
+        if u64::from(loc.record_len()) <= WHOLE_READ_MAX {
             let bytes = match self.read_from_tail(&loc) {
                 Some(b) => b,
-                None => file.read(u64::from(loc.off), loc.len() as usize).await?,
+                None => {
+                    file.read(u64::from(loc.off), loc.record_len() as usize)
+                        .await?
+                }
             };
             let Some(payload) = self.check_whole(prefix, loc, key, bytes) else {
                 return Ok(None);

@@ -107,7 +107,7 @@ impl Partition {
                 if loc.seg != victim {
                     return true;
                 }
-                let len = u64::from(loc.len());
+                let len = u64::from(loc.record_len());
                 if loc.accessed() && len <= small_max && len <= *reinsert_left {
                     *reinsert_left -= len;
                     keep.push(*loc);
@@ -122,7 +122,7 @@ impl Partition {
         for loc in keep {
             let bytes = seg
                 .file
-                .read(u64::from(loc.off), loc.len() as usize)
+                .read(u64::from(loc.off), loc.record_len() as usize)
                 .await?;
             let Ok(header) = Header::decode(&bytes, self.nonce) else {
                 continue;
