@@ -136,19 +136,9 @@ impl Partition {
         let segments = st
             .segments
             .iter()
-            .map(|(&id, seg)| {
-                let head = if st.packed.as_ref().map(|p| p.seg) == Some(id) {
-                    st.packed.as_ref().map_or(seg.size, |p| p.flushed)
-                } else if st.extents.as_ref().map(|e| e.seg) == Some(id) {
-                    st.extents.as_ref().map_or(seg.size, |e| e.head)
-                } else {
-                    seg.size
-                };
-                let inflight = seg.inflight.iter().map(|&o| u64::from(o)).min();
-                SegmentMark {
-                    id,
-                    replay_from: inflight.map_or(head, |o| o.min(head)),
-                }
+            .map(|(&id, seg)| SegmentMark {
+                id,
+                replay_from: st.committed_end(id, seg).0,
             })
             .collect();
         let entries = st

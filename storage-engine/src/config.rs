@@ -39,6 +39,9 @@ pub struct EngineConfig {
     /// Pin shard k to CPU k when the engine runs its own threads (`Engine::start`).
     /// Default: false.
     pub pin_shards: bool,
+    /// Keep every record until an uploader confirms it reached a slow tier (see
+    /// `Engine::replication_batch`). Default: false.
+    pub replicate: bool,
 }
 
 impl Default for EngineConfig {
@@ -55,6 +58,7 @@ impl Default for EngineConfig {
             checkpoint_interval: Some(Duration::from_secs(300)),
             reinsert_fraction: 0.5,
             pin_shards: false,
+            replicate: false,
         }
     }
 }
@@ -67,6 +71,15 @@ pub(crate) struct PartitionLimits {
     pub small_blob_max: u64,
     pub max_ac_value: u64,
     pub reinsert_budget: u64,
+    pub replicate: bool,
+}
+
+impl PartitionLimits {
+    /// The largest blob accepted: half a partition's budget, so that storing one never
+    /// reclaims more than half of what the partition holds.
+    pub fn max_blob_size(&self) -> u64 {
+        self.budget / 2
+    }
 }
 
 /// Segments a partition needs at least: the packed one, the extent one, and room to
@@ -116,6 +129,7 @@ impl EngineConfig {
             small_blob_max: self.small_blob_max,
             max_ac_value: self.max_ac_value,
             reinsert_budget: (segment_size as f64 * self.reinsert_fraction.clamp(0.0, 0.9)) as u64,
+            replicate: self.replicate,
         })
     }
 }

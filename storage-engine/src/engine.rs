@@ -11,6 +11,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::format::Key;
 use crate::key::{ac_key, cas_key, partition_of};
 use crate::manifest::Manifest;
+use crate::replication::ReplicationBatch;
 use crate::shard::{Request, ShardRunner, Shared, UploadMsg};
 use crate::stream::BlobStream;
 use crate::{checks, io, PartitionStats, Stats};
@@ -32,6 +33,7 @@ struct Inner {
     shards: Vec<flume::Sender<Request>>,
     partitions: u32,
     max_ac_value: u64,
+    max_blob_size: u64,
     ready: Mutex<Option<(flume::Receiver<Result<()>>, usize)>>,
     threads: Mutex<Vec<io::ExecutorThread>>,
 }
@@ -78,6 +80,7 @@ impl Engine {
                 shards: senders,
                 partitions: manifest.partitions,
                 max_ac_value: limits.max_ac_value,
+                max_blob_size: limits.max_blob_size(),
                 ready: Mutex::new(Some((ready_rx, config.shards))),
                 threads: Mutex::new(Vec::new()),
             }),
@@ -128,6 +131,16 @@ impl Engine {
         self.inner.partitions
     }
 
+    /// The largest CAS blob `begin_put` accepts (half of one partition's budget).
+    pub fn max_blob_size(&self) -> u64 {
+        self.inner.max_blob_size
+    }
+
+    /// The largest action-cache value `ac_put` accepts.
+    pub fn max_ac_value(&self) -> u64 {
+        self.inner.max_ac_value
+    }
+
     fn route(&self, key: &Key) -> (u32, &flume::Sender<Request>) {
         let part = partition_of(key, self.inner.partitions);
         let shard = part as usize % self.inner.shards.len();
@@ -151,6 +164,15 @@ impl Engine {
     pub async fn begin_put(&self, digest: Digest) -> Result<Upload> {
         if digest.is_empty_blob() {
             return Ok(Upload::already_stored());
+        }
+        if digest.size > self.inner.max_blob_size {
+            return Err(Error::new(
+                ErrorKind::ResourceExhausted,
+                format!(
+                    "blob {digest} is larger than the {}-byte limit of this cache",
+                    self.inner.max_blob_size
+                ),
+            ));
         }
         let key = cas_key(&digest);
         let (part, tx) = self.route(&key);
@@ -306,6 +328,47 @@ impl Engine {
             partitions,
             queue_depths,
         })
+    }
+
+    /// The next finished records of `partition` that have not reached the slow tier,
+    /// about `max_bytes` of them (requires `EngineConfig::replicate`).
+    pub async fn replication_batch(
+        &self,
+        partition: u32,
+        max_bytes: u64,
+    ) -> Result<ReplicationBatch> {
+        let tx = self.shard_of_partition(partition)?;
+        self.call(tx, |reply| Request::ReplicationBatch {
+            part: partition,
+            max_bytes,
+            reply,
+        })
+        .await?
+    }
+
+    /// Confirms that every record of `batch` reached the slow tier: they may now be
+    /// evicted locally, and a restart will not offer them again.
+    pub async fn replication_done(&self, batch: &ReplicationBatch) -> Result<()> {
+        let tx = self.shard_of_partition(batch.partition)?;
+        self.call(tx, |reply| Request::ReplicationDone {
+            part: batch.partition,
+            next: batch.next.clone(),
+            reply,
+        })
+        .await?
+    }
+
+    /// The key under which the action-cache value of `action` in `instance` is
+    /// replicated: the same on every node.
+    pub fn ac_object_key(instance: &str, action: &Digest) -> [u8; 32] {
+        ac_key(instance, action).hash
+    }
+
+    fn shard_of_partition(&self, partition: u32) -> Result<&flume::Sender<Request>> {
+        if partition >= self.inner.partitions {
+            return Err(Error::invalid(format!("no partition {partition}")));
+        }
+        Ok(&self.inner.shards[partition as usize % self.inner.shards.len()])
     }
 
     /// Writes every partition's index checkpoint now.

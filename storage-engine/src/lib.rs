@@ -34,6 +34,7 @@ mod partition;
 mod reader;
 mod reclaimer;
 mod recover;
+mod replication;
 mod shard;
 mod stream;
 
@@ -41,6 +42,7 @@ pub use config::EngineConfig;
 pub use digest::{Digest, DigestFunction, Hasher};
 pub use engine::{Engine, Upload};
 pub use error::{Error, ErrorKind, Result};
+pub use replication::{Replica, ReplicationBatch};
 pub use shard::ShardRunner;
 pub use stream::BlobStream;
 
@@ -68,6 +70,13 @@ impl Stats {
     pub fn evictions(&self) -> u64 {
         self.partitions.iter().map(|p| p.evictions).sum()
     }
+
+    pub fn replication_backlog_bytes(&self) -> u64 {
+        self.partitions
+            .iter()
+            .map(|p| p.replication_backlog_bytes)
+            .sum()
+    }
 }
 
 /// One partition's usage and counters.
@@ -82,4 +91,6 @@ pub struct PartitionStats {
     pub evicted_bytes: u64,
     pub reinserted: u64,
     pub crc_failures: u64,
+    /// Bytes written locally but not yet confirmed in the slow tier.
+    pub replication_backlog_bytes: u64,
 }

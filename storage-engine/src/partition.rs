@@ -94,6 +94,25 @@ pub struct ExtentHead {
     pub head: u64,
 }
 
+impl State {
+    /// How far segment `id` holds only finished records (the packed segment's flushed
+    /// end, the lowest extent still being uploaded, or its size), and whether nothing
+    /// more will ever be written to it.
+    pub fn committed_end(&self, id: u32, seg: &Segment) -> (u64, bool) {
+        let (head, active) = if self.packed.as_ref().map(|p| p.seg) == Some(id) {
+            (self.packed.as_ref().map_or(seg.size, |p| p.flushed), true)
+        } else if self.extents.as_ref().map(|e| e.seg) == Some(id) {
+            (self.extents.as_ref().map_or(seg.size, |e| e.head), true)
+        } else {
+            (seg.size, false)
+        };
+        match seg.inflight.iter().map(|&o| u64::from(o)).min() {
+            Some(o) => (o.min(head), false),
+            None => (head, !active),
+        }
+    }
+}
+
 pub struct State {
     pub index: Index,
     pub segments: BTreeMap<u32, Segment>,
@@ -106,6 +125,8 @@ pub struct State {
     pub checkpoint_bytes: u64,
     /// Index changes since the last checkpoint.
     pub changes: u64,
+    /// With replication on: everything before this position reached the slow tier.
+    pub replicated: Option<crate::replication::Cursor>,
 }
 
 #[derive(Default)]
@@ -201,6 +222,7 @@ impl Partition {
 
     /// Partition statistics for `Engine::stats`.
     pub fn stats(&self) -> crate::PartitionStats {
+        let backlog = self.replication_backlog();
         let st = self.st.borrow();
         crate::PartitionStats {
             partition: self.id,
@@ -212,6 +234,7 @@ impl Partition {
             evicted_bytes: self.counters.evicted_bytes.get(),
             reinserted: self.counters.reinserted.get(),
             crc_failures: self.counters.crc_failures.get(),
+            replication_backlog_bytes: backlog,
         }
     }
 }

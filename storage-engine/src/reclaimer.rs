@@ -66,17 +66,24 @@ impl Partition {
                     st.packed.as_ref().map(|p| p.seg),
                     st.extents.as_ref().map(|e| e.seg),
                 ];
-                st.segments
-                    .keys()
-                    .copied()
-                    .find(|id| !active.contains(&Some(*id)))
+                // With replication on, a segment is freed only once it reached the slow tier.
+                st.segments.keys().copied().find(|id| {
+                    !active.contains(&Some(*id))
+                        && st.replicated.as_ref().is_none_or(|c| c.is_done(*id))
+                })
             };
             let Some(victim) = victim else {
                 return Err(Error::new(
                     ErrorKind::ResourceExhausted,
                     format!(
-                        "partition {} cannot fit {extra} more bytes in its budget of {} bytes",
-                        self.id, self.limits.budget
+                        "partition {} cannot fit {extra} more bytes in its budget of {} bytes{}",
+                        self.id,
+                        self.limits.budget,
+                        if st_replicating(self) {
+                            " (data not yet replicated to the slow tier is never evicted)"
+                        } else {
+                            ""
+                        }
                     ),
                 ));
             };
@@ -157,4 +164,8 @@ impl Partition {
             }
         }
     }
+}
+
+fn st_replicating(p: &Partition) -> bool {
+    p.st.borrow().replicated.is_some()
 }

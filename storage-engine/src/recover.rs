@@ -186,6 +186,9 @@ pub async fn recover(
         used,
         checkpoint_bytes,
         changes: 0,
+        replicated: limits
+            .replicate
+            .then(|| crate::replication::load_cursor(dir)),
     };
     Ok((
         Rc::new(Partition::new(id, dir.to_path_buf(), nonce, limits, state)),

@@ -12,6 +12,7 @@ use crate::format::Key;
 use crate::io;
 use crate::partition::Partition;
 use crate::reader::Found;
+use crate::replication::{Cursor, ReplicationBatch};
 use crate::stream::BlobStream;
 use crate::PartitionStats;
 use bytes::{Bytes, BytesMut};
@@ -53,6 +54,16 @@ pub(crate) enum Request {
         reply: oneshot::Sender<Vec<PartitionStats>>,
     },
     Checkpoint {
+        reply: oneshot::Sender<Result<()>>,
+    },
+    ReplicationBatch {
+        part: u32,
+        max_bytes: u64,
+        reply: oneshot::Sender<Result<ReplicationBatch>>,
+    },
+    ReplicationDone {
+        part: u32,
+        next: Cursor,
         reply: oneshot::Sender<Result<()>>,
     },
     Shutdown {
@@ -258,6 +269,20 @@ async fn handle(parts: Parts, req: Request) {
         }
         Request::Checkpoint { reply } => {
             let _ = reply.send(checkpoint_all(&parts).await);
+        }
+        Request::ReplicationBatch {
+            part,
+            max_bytes,
+            reply,
+        } => {
+            let res = match partition(&parts, part) {
+                Ok(p) => p.replication_batch(max_bytes).await,
+                Err(e) => Err(e),
+            };
+            let _ = reply.send(res);
+        }
+        Request::ReplicationDone { part, next, reply } => {
+            let _ = reply.send(partition(&parts, part).and_then(|p| p.replication_done(&next)));
         }
         Request::Shutdown { reply } => {
             let _ = reply.send(Ok(()));

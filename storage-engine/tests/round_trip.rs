@@ -114,3 +114,20 @@ fn empty_blob_is_always_present_and_functions_are_separate_keys() {
     block_on(engine.put(sha, Bytes::new())).unwrap_err();
     block_on(engine.shutdown()).unwrap();
 }
+
+#[test]
+fn blob_over_the_size_limit_is_refused_without_evicting_anything() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = start(config(dir.path()));
+    let kept = put(&engine, &blob(1, 5000));
+    let limit = engine.max_blob_size();
+    let huge = Digest {
+        size: limit + 1,
+        ..digest(b"whatever")
+    };
+    let err = block_on(engine.begin_put(huge)).err().unwrap();
+    assert_eq!(err.kind(), ErrorKind::ResourceExhausted, "{err}");
+    assert!(block_on(engine.contains(kept)).unwrap());
+    assert_eq!(block_on(engine.stats()).unwrap().evictions(), 0);
+    block_on(engine.shutdown()).unwrap();
+}

@@ -23,6 +23,7 @@ pub fn config(dir: &Path) -> EngineConfig {
         checkpoint_interval: None,
         reinsert_fraction: 0.5,
         pin_shards: false,
+        replicate: false,
     }
 }
 

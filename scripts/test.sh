@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Runs every test cairn has, from a fresh clone, installing what it needs first.
+#
+#   scripts/test.sh
+#
+# Steps: system packages (Debian), formatting and lint gates, the Rust test suite
+# (unit, engine crash/corruption tests, integration tests against the real binaries),
+# the fuzz smoke run, and the end-to-end Bazel tests. Each step prints its name; the
+# script stops at the first failure and exits non-zero.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "cargo is not installed: install a Rust toolchain (https://rustup.rs) and rerun" >&2
+  exit 1
+fi
+
+step "system packages"
+scripts/install-deps.sh
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy -D warnings"
+cargo clippy --workspace --all-targets -- -D warnings
+
+step "cargo test"
+cargo test --workspace
