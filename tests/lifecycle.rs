@@ -1,0 +1,286 @@
+//! The node as a process: configs, the HTTP listener, garbage on the wire, clean
+//! shutdown on SIGTERM and crash consistency under SIGKILL.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use cairn_proto::bytestream::QueryWriteStatusRequest;
+use cairn_proto::reapi::{FindMissingBlobsRequest, GetCapabilitiesRequest};
+use common::{blob, free_port, read_blob, read_name, sha256, upload_name, wire, write_blob, Node};
+use tokio_stream::wrappers::ReceiverStream;
+
+/// One HTTP/1.1 request on a fresh connection; returns the status and the body.
+fn http(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
+    let mut stream = TcpStream::connect(addr).expect("connect to the HTTP listener");
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    stream.write_all(body).unwrap();
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).unwrap();
+    let split = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("an HTTP response head");
+    let head = String::from_utf8_lossy(&response[..split]).to_string();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .expect("a status code");
+    (status, response[split + 4..].to_vec())
+}
+
+#[test]
+fn http_cache_protocol_metrics_and_health() {
+    let node = Node::start();
+    let data = blob(40, 100_000);
+    let hash = sha256(&data).hash_hex();
+    assert_eq!(http(node.http, "GET", "/healthz", b"").0, 200);
+    assert_eq!(http(node.http, "GET", &format!("/cas/{hash}"), b"").0, 404);
+    assert_eq!(
+        http(node.http, "PUT", &format!("/cas/{hash}"), &data).0,
+        200
+    );
+    let (status, body) = http(node.http, "GET", &format!("/cas/{hash}"), b"");
+    assert_eq!((status, body.len()), (200, data.len()));
+    assert_eq!(body, data);
+    assert_eq!(http(node.http, "HEAD", &format!("/cas/{hash}"), b"").0, 200);
+    let wrong = sha256(b"other").hash_hex();
+    assert_eq!(
+        http(node.http, "PUT", &format!("/cas/{wrong}"), &data).0,
+        400
+    );
+    assert_eq!(http(node.http, "GET", "/cas/not-a-hash", b"").0, 400);
+    assert_eq!(
+        http(node.http, "DELETE", &format!("/cas/{hash}"), b"").0,
+        405
+    );
+
+    let result = cairn_proto::reapi::ActionResult {
+        output_files: vec![cairn_proto::reapi::OutputFile {
+            path: "out".into(),
+            digest: Some(wire(&sha256(&data))),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let encoded = prost::Message::encode_to_vec(&result);
+    let action = sha256(b"an action").hash_hex();
+    assert_eq!(
+        http(node.http, "PUT", &format!("/team/ac/{action}"), &encoded).0,
+        200
+    );
+    let (status, body) = http(node.http, "GET", &format!("/team/ac/{action}"), b"");
+    assert_eq!((status, body), (200, encoded));
+    assert_eq!(http(node.http, "GET", &format!("/ac/{action}"), b"").0, 404);
+    assert_eq!(
+        http(node.http, "PUT", &format!("/ac/{action}"), b"\xff\xff").0,
+        400
+    );
+
+    let (status, metrics) = http(node.http, "GET", "/metrics", b"");
+    let metrics = String::from_utf8(metrics).unwrap();
+    assert_eq!(status, 200);
+    for name in [
+        "cairn_requests_total",
+        "cairn_lookups_total",
+        "cairn_received_bytes_total",
+        "cairn_partition_used_bytes",
+        "cairn_shard_queue_depth",
+    ] {
+        assert!(metrics.contains(name), "{name} missing from /metrics");
+    }
+}
+
+#[tokio::test]
+async fn garbage_on_the_port_does_not_hurt_the_node() {
+    let node = Node::start();
+    for garbage in [
+        &b"\x00\x01\x02 this is not HTTP/2 at all"[..],
+        b"GET / HTTP/1.1\r\n\r\n",
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\xff\xff\xff\xff\xff\xff\xff\xff\xff",
+        &[0xAB; 100_000],
+    ] {
+        let mut stream = TcpStream::connect(node.grpc).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(1)))
+            .unwrap();
+        let _ = stream.write_all(garbage);
+        let mut sink = Vec::new();
+        let _ = stream.read_to_end(&mut sink);
+    }
+    let mut http_garbage = TcpStream::connect(node.http).unwrap();
+    let _ = http_garbage.write_all(b"\x16\x03\x01 not a request\r\n\r\n");
+    let mut capabilities = node.capabilities().await;
+    capabilities
+        .get_capabilities(GetCapabilitiesRequest::default())
+        .await
+        .expect("the node still serves after garbage");
+    assert_eq!(http(node.http, "GET", "/healthz", b"").0, 200);
+}
+
+#[tokio::test]
+async fn sigterm_stops_cleanly_and_keeps_the_data() {
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path().join("data");
+    let node = Node::start_in(&dir, &[]);
+    let data = blob(41, 700_000);
+    let digest = sha256(&data);
+    let mut client = node.bytestream().await;
+    write_blob(&mut client, &upload_name("", &digest), &data)
+        .await
+        .unwrap();
+    drop(client);
+    let status = node.terminate();
+    assert!(status.success(), "cairn exited with {status}");
+
+    let node = Node::start_in(&dir, &[]);
+    let mut client = node.bytestream().await;
+    let read = read_blob(&mut client, &read_name("", &digest), 0, 0)
+        .await
+        .unwrap();
+    assert_eq!(read, data);
+}
+
+#[tokio::test]
+async fn sigkill_mid_upload_loses_nothing_acknowledged() {
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path().join("data");
+    let node = Node::start_in(&dir, &[]);
+    let mut client = node.bytestream().await;
+    let mut acknowledged = Vec::new();
+    for seed in 0..8 {
+        let data = blob(50 + seed, 10_000 + seed as usize * 50_000);
+        let digest = sha256(&data);
+        write_blob(&mut client, &upload_name("", &digest), &data)
+            .await
+            .unwrap();
+        acknowledged.push((digest, data));
+    }
+    let interrupted = blob(99, 1 << 20);
+    let interrupted_digest = sha256(&interrupted);
+    let name = upload_name("", &interrupted_digest);
+    let (sender, receiver) = tokio::sync::mpsc::channel(16);
+    let mut writer = node.bytestream().await;
+    let call = tokio::spawn(async move { writer.write(ReceiverStream::new(receiver)).await });
+    for request in common::write_requests(&name, &interrupted, 64 << 10)
+        .into_iter()
+        .take(4)
+    {
+        sender.send(request).await.unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = client
+            .query_write_status(QueryWriteStatusRequest {
+                resource_name: name.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if status.committed_size == 4 * (64 << 10) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the upload never progressed");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    node.kill();
+    drop(sender);
+    let _ = call.await;
+
+    let node = Node::start_in(&dir, &[]);
+    let mut client = node.bytestream().await;
+    for (digest, data) in &acknowledged {
+        let read = read_blob(&mut client, &read_name("", digest), 0, 0)
+            .await
+            .unwrap();
+        assert_eq!(&read, data);
+    }
+    let missing = node
+        .cas()
+        .await
+        .find_missing_blobs(FindMissingBlobsRequest {
+            blob_digests: vec![wire(&interrupted_digest)],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .missing_blob_digests;
+    assert_eq!(
+        missing.len(),
+        1,
+        "the interrupted upload must not be visible"
+    );
+}
+
+#[tokio::test]
+async fn the_example_config_starts() {
+    let temp = tempfile::tempdir().unwrap();
+    let grpc = free_port();
+    let http_addr = free_port();
+    let config = concat!(env!("CARGO_MANIFEST_DIR"), "/config/single-node.json5");
+    let mut command = Command::new(common::BINARY);
+    command
+        .env("CAIRN_DATA", temp.path().join("data"))
+        .args(["--config", config])
+        .args(["--listen", &grpc.to_string()])
+        .args(["--http-listen", &http_addr.to_string()]);
+    let node = Node::spawn(command, grpc, http_addr, temp.path().join("data"));
+    let capabilities = node
+        .capabilities()
+        .await
+        .get_capabilities(GetCapabilitiesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        capabilities
+            .cache_capabilities
+            .unwrap()
+            .max_batch_total_size_bytes,
+        4 << 20
+    );
+    assert_eq!(http(node.http, "GET", "/healthz", b"").0, 200);
+    assert!(node.terminate().success());
+}
+
+#[test]
+fn bad_configs_and_flags_fail_with_a_message() {
+    let temp = tempfile::tempdir().unwrap();
+    let config = temp.path().join("typo.json5");
+    std::fs::write(&config, "{ lisen: '127.0.0.1:1' }").unwrap();
+    let output = Command::new(common::BINARY)
+        .args(["--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("lisen"));
+
+    let output = Command::new(common::BINARY)
+        .args(["--max-size", "lots"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("not a size"));
+
+    let output = Command::new(common::BINARY).arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&output.stdout);
+    for flag in [
+        "--config",
+        "--listen",
+        "--http-listen",
+        "--data-dir",
+        "--max-size",
+        "--shards",
+    ] {
+        assert!(help.contains(flag), "{flag} missing from --help");
+    }
+}
