@@ -24,6 +24,7 @@ pub mod node;
 pub mod resource_name;
 mod runtime;
 mod signals;
+pub mod slow_tier;
 pub mod store;
 pub mod uploads;
 pub mod zstd_stream;
