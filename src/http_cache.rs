@@ -73,7 +73,10 @@ impl HttpFront {
             (HttpPath::Health, &Method::GET) => match self.store.slow_tier() {
                 Some(slow_tier) => {
                     let stats = self.store.engine().stats().await.map_err(Error::from)?;
-                    Ok(respond(StatusCode::OK, Bytes::from(slow_tier.health(&stats))))
+                    Ok(respond(
+                        StatusCode::OK,
+                        Bytes::from(slow_tier.health(&stats)),
+                    ))
                 }
                 None => Ok(respond(StatusCode::OK, Bytes::from("ok\n"))),
             },

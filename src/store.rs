@@ -229,7 +229,10 @@ impl Store {
 
     /// Reads a blob locally; on a local miss it is first copied in from the slow tier.
     async fn read(&self, digest: Digest, offset: u64, limit: Option<u64>) -> Result<BlobStream> {
-        match (self.engine.get(digest, offset, limit).await, &self.slow_tier) {
+        match (
+            self.engine.get(digest, offset, limit).await,
+            &self.slow_tier,
+        ) {
             (Err(error), Some(slow_tier)) if error.kind() == ErrorKind::NotFound => {
                 slow_tier.fetch_blob(digest).await?;
                 Ok(self.engine.get(digest, offset, limit).await?)

@@ -166,7 +166,11 @@ async fn bucket_keys(s3: &aws_sdk_s3::Client) -> HashSet<String> {
         else {
             return keys;
         };
-        keys.extend(page.contents().iter().filter_map(|o| o.key().map(String::from)));
+        keys.extend(
+            page.contents()
+                .iter()
+                .filter_map(|o| o.key().map(String::from)),
+        );
         match page.next_continuation_token() {
             Some(next) => token = Some(next.to_string()),
             None => return keys,
@@ -256,7 +260,10 @@ async fn wait_metric(node: &Node, name: &str, labels: &str, check: impl Fn(u64) 
         if check(value) {
             return;
         }
-        assert!(Instant::now() < deadline, "{name}{labels} stayed at {value}");
+        assert!(
+            Instant::now() < deadline,
+            "{name}{labels} stayed at {value}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -492,7 +499,10 @@ async fn s3_outage_queues_uploads_and_a_restart_drains_them() {
     assert!(status.contains("200"), "{status}");
     assert!(body.starts_with("degraded"), "{body}");
     let read = get_blobs(&a, &during).await;
-    assert!(read.iter().zip(&blobs).all(|(r, b)| r.as_ref().ok() == Some(b)));
+    assert!(read
+        .iter()
+        .zip(&blobs)
+        .all(|(r, b)| r.as_ref().ok() == Some(b)));
     assert!(get_blobs(&a, &before).await.iter().all(Result::is_ok));
 
     moto.run().await;
@@ -566,7 +576,10 @@ async fn an_object_altered_in_the_bucket_is_neither_served_nor_cached() {
         .await
         .expect_err("a corrupt object is not served");
     assert_eq!(error.code(), Code::NotFound);
-    wait_metric(&b, "cairn_s3_fetches_total", "result=\"corrupt\"", |n| n >= 2).await;
+    wait_metric(&b, "cairn_s3_fetches_total", "result=\"corrupt\"", |n| {
+        n >= 2
+    })
+    .await;
     // Not cached locally, and no longer believed to be in the bucket.
     assert_eq!(find_missing(&b, &digests).await, digests);
     assert_eq!(metric(&b, "cairn_partition_objects", "").await, 0);

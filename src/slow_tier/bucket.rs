@@ -274,10 +274,7 @@ mod tests {
     fn blob_keys_round_trip() {
         let digest = Digest::of(DigestFunction::Blake3, b"hello");
         let key = cas_key("fleet/", &digest);
-        assert_eq!(
-            key,
-            format!("fleet/cas/blake3/{}-5", digest.hash_hex())
-        );
+        assert_eq!(key, format!("fleet/cas/blake3/{}-5", digest.hash_hex()));
         assert_eq!(parse_cas_key("fleet/cas/", &key), Some(digest));
     }
 

@@ -62,7 +62,10 @@ impl BucketIndex {
 
     /// Blobs known to be in the bucket.
     pub fn len(&self) -> usize {
-        self.inner.read().map(|inner| inner.known.len()).unwrap_or(0)
+        self.inner
+            .read()
+            .map(|inner| inner.known.len())
+            .unwrap_or(0)
     }
 
     /// Whether no blob is known to be in the bucket.

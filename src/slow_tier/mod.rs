@@ -24,7 +24,7 @@ pub mod bucket;
 pub mod config;
 pub mod index;
 pub mod status;
-pub mod uploader;
+mod uploader;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -86,9 +86,7 @@ impl SlowTier {
             .thread_name("cairn-s3")
             .enable_all()
             .build()
-            .map_err(|error| {
-                Error::internal(format!("cannot start the S3 runtime: {error}"))
-            })?;
+            .map_err(|error| Error::internal(format!("cannot start the S3 runtime: {error}")))?;
         let bucket = runtime.block_on(Bucket::connect(&config));
         tracing::info!(
             "slow tier: bucket {} at {}, key prefix {:?}",
@@ -303,9 +301,11 @@ async fn fetch_action_result(tier: &Tier, instance: &str, action: Digest) -> Res
     let limit = tier.engine.max_ac_value();
     let mut body = body;
     let mut value = BytesMut::new();
-    while let Some(chunk) = body.try_next().await.map_err(|error| {
-        Error::not_found(format!("reading {key} from S3 failed: {error}"))
-    })? {
+    while let Some(chunk) = body
+        .try_next()
+        .await
+        .map_err(|error| Error::not_found(format!("reading {key} from S3 failed: {error}")))?
+    {
         if (value.len() + chunk.len()) as u64 > limit {
             tier.status.fetches.with_label_values(&["corrupt"]).inc();
             return Err(Error::not_found(format!(
@@ -329,10 +329,12 @@ async fn list_periodically(tier: Arc<Tier>) {
     loop {
         tier.index.begin_listing();
         let mut listed = HashSet::new();
-        match tier.bucket.list_blobs(|digest| {
-            listed.insert(digest);
-        })
-        .await
+        match tier
+            .bucket
+            .list_blobs(|digest| {
+                listed.insert(digest);
+            })
+            .await
         {
             Ok(()) => {
                 tracing::info!("bucket index: {} blobs in S3", listed.len());

@@ -59,7 +59,11 @@ impl Status {
             Ok(metric)
         };
         Ok(Self {
-            uploads: counter_vec("s3_uploads_total", "Objects uploaded to S3, by kind", "kind")?,
+            uploads: counter_vec(
+                "s3_uploads_total",
+                "Objects uploaded to S3, by kind",
+                "kind",
+            )?,
             uploaded_bytes: counter("s3_uploaded_bytes_total", "Bytes uploaded to S3")?,
             upload_failures: counter(
                 "s3_upload_failures_total",

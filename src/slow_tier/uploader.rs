@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use cairn_storage::{Digest, Engine, Replica, ReplicationBatch};
+use cairn_storage::{Digest, Replica, ReplicationBatch};
 use futures::{stream, StreamExt, TryStreamExt};
 use tokio::sync::Semaphore;
 
