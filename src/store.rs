@@ -181,7 +181,7 @@ impl Store {
     pub async fn ac_get(&self, instance: &str, action: Digest) -> Result<Bytes> {
         let found = self.ac_read(instance, ac_key(action)).await;
         self.metrics.lookup("ac", found.is_ok());
-        Ok(found?)
+        found
     }
 
     /// Stores the action-cache entry of `action` in `instance`.
