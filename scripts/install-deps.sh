@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Install the Debian packages the test suite needs, skipping what is already
-# installed. Safe to run repeatedly; runs `apt-get update` at most once and only
-# when something is missing. Talks to the Debian archive only.
+# Install the Debian packages the test suite needs, and moto's S3 server from PyPI,
+# skipping what is already installed. Safe to run repeatedly; runs `apt-get update` at most once and only
+# when something is missing. Talks to the Debian archive and PyPI only.
 #
 #   scripts/install-deps.sh            # install what's missing
 #   scripts/install-deps.sh --check    # exit 1 and list what's missing, install nothing
@@ -18,6 +18,7 @@ set -euo pipefail
 # procps               ps/pgrep-by-PID checks in the test drivers
 # protobuf-compiler    protoc for tonic/prost code generation
 # ca-certificates      cargo fetching from crates.io over TLS
+# python3-pip          installs moto (below) where python3 has no pip of its own
 PACKAGES=(
   bazel-bootstrap
   default-jdk-headless
@@ -27,7 +28,11 @@ PACKAGES=(
   procps
   protobuf-compiler
   ca-certificates
+  python3-pip
 )
+
+# From PyPI, not Debian:
+# moto[server]         moto_server, a real S3-protocol server for the slow-tier tests
 
 LOG="${CAIRN_DEPS_LOG:-/tmp/cairn-install-deps.log}"
 CHECK_ONLY=0
@@ -48,8 +53,35 @@ for p in "${PACKAGES[@]}"; do
   if is_installed "$p"; then present+=("$p"); else missing+=("$p"); fi
 done
 
+# moto_server for the S3 tests. A Debian python3 refuses pip installs into the system
+# environment (PEP 668) unless told otherwise; a python3 of its own (pyenv, venv) does not.
+ensure_moto() {
+  if command -v moto_server >/dev/null 2>&1; then
+    echo "install-deps: moto_server already installed"
+    return 0
+  fi
+  if [ "$CHECK_ONLY" -eq 1 ]; then
+    echo "install-deps: missing: moto[server] (PyPI)"
+    exit 1
+  fi
+  echo "install-deps: installing moto[server] from PyPI (log: $LOG)"
+  echo "+ python3 -m pip install moto[server]" >>"$LOG"
+  if ! python3 -m pip install --quiet 'moto[server]' >>"$LOG" 2>&1 &&
+     ! python3 -m pip install --quiet --break-system-packages 'moto[server]' >>"$LOG" 2>&1; then
+    echo "install-deps: FAILED: pip install 'moto[server]'" >&2
+    tail -n 40 "$LOG" >&2
+    exit 1
+  fi
+  hash -r
+  command -v moto_server >/dev/null 2>&1 || {
+    echo "install-deps: moto_server is not on PATH after installing moto[server]" >&2
+    exit 1
+  }
+}
+
 if [ "${#missing[@]}" -eq 0 ]; then
   echo "install-deps: all ${#PACKAGES[@]} packages already installed"
+  ensure_moto
   exit 0
 fi
 
@@ -95,3 +127,4 @@ fi
 ver=$(dpkg-query -W -f='${Version}' bazel-bootstrap 2>/dev/null || true)
 echo "install-deps: installed ${#missing[@]} package(s) in $(( $(date +%s) - start ))s;" \
      "already present: ${#present[@]}; bazel-bootstrap ${ver:-?}"
+ensure_moto

@@ -16,6 +16,7 @@ use serde_json::Value;
 
 use crate::byte_size::ByteSize;
 use crate::error::{Error, Result};
+use crate::slow_tier::config::S3Config;
 
 /// The cache node's settings.
 #[derive(Debug, Clone, Deserialize)]
@@ -47,6 +48,10 @@ pub struct Config {
     /// How long a shutdown waits for in-flight requests before closing connections,
     /// in seconds. Default `10`.
     pub shutdown_grace_seconds: u64,
+    /// The S3 slow tier shared by a fleet of nodes (see `docs/s3.md` and
+    /// [`S3Config`] for its settings and their defaults). Default: none, the node keeps
+    /// everything on local disk only.
+    pub s3: Option<S3Config>,
 }
 
 impl Default for Config {
@@ -61,6 +66,7 @@ impl Default for Config {
             max_cas_blob_size: ByteSize(16 << 30),
             upload_resume_seconds: 60,
             shutdown_grace_seconds: 10,
+            s3: None,
         }
     }
 }

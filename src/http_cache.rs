@@ -70,10 +70,22 @@ impl HttpFront {
     ) -> Result<Response<Body>> {
         let metrics = self.store.metrics();
         match (target, method) {
-            (HttpPath::Health, &Method::GET) => Ok(respond(StatusCode::OK, Bytes::from("ok\n"))),
+            (HttpPath::Health, &Method::GET) => match self.store.slow_tier() {
+                Some(slow_tier) => {
+                    let stats = self.store.engine().stats().await.map_err(Error::from)?;
+                    Ok(respond(
+                        StatusCode::OK,
+                        Bytes::from(slow_tier.health(&stats)),
+                    ))
+                }
+                None => Ok(respond(StatusCode::OK, Bytes::from("ok\n"))),
+            },
             (HttpPath::Metrics, &Method::GET) => {
                 let stats = self.store.engine().stats().await.map_err(Error::from)?;
-                let text = metrics.render(&stats)?;
+                let mut text = metrics.render(&stats)?;
+                if let Some(slow_tier) = self.store.slow_tier() {
+                    text.push_str(&slow_tier.render_metrics(&stats)?);
+                }
                 Ok(respond(StatusCode::OK, Bytes::from(text)))
             }
             (HttpPath::ActionCache { instance, hash }, &Method::GET | &Method::HEAD) => {

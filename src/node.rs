@@ -24,6 +24,7 @@ use crate::grpc_capabilities::CapabilitiesService;
 use crate::grpc_cas::CasService;
 use crate::http_cache::HttpFront;
 use crate::metrics::Metrics;
+use crate::slow_tier::SlowTier;
 use crate::store::{Limits, Store};
 use crate::uploads::PendingUploads;
 use crate::{runtime, signals};
@@ -50,13 +51,20 @@ pub fn run(config: Config) -> Result<()> {
         dir: config.data_dir.clone(),
         max_size,
         shards,
+        replicate: config.s3.is_some(),
         ..EngineConfig::default()
     })?;
     let limits = Limits {
         max_batch_total_size: config.max_batch_total_size.0,
         max_cas_blob_size: config.max_cas_blob_size.0,
     };
-    let store = Store::new(engine.clone(), limits, Arc::new(Metrics::new()?));
+    let mut store = Store::new(engine.clone(), limits, Arc::new(Metrics::new()?));
+    let mut slow_tier_runtime = None;
+    if let Some(s3) = &config.s3 {
+        let (slow_tier, runtime) = SlowTier::start(s3.clone(), engine.clone())?;
+        store = store.with_slow_tier(slow_tier);
+        slow_tier_runtime = Some(runtime);
+    }
     let pending = Arc::new(PendingUploads::new(config.upload_resume()));
     let (stop, _) = watch::channel(false);
     signals::stop_on_signal(stop.clone())?;
@@ -68,7 +76,9 @@ pub fn run(config: Config) -> Result<()> {
         engine,
         grace: config.shutdown_grace(),
     };
-    runtime::run(serve, runners, stop)?;
+    let served = runtime::run(serve, runners, stop);
+    drop(slow_tier_runtime);
+    served?;
     tracing::info!("stopped cleanly");
     Ok(())
 }

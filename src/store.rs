@@ -4,16 +4,19 @@
 //! rules live here once: the empty blob exists for every digest function without ever
 //! being stored; action-cache keys ignore the action digest's size, because Bazel's
 //! HTTP protocol names actions by hash alone and both protocols must see the same
-//! entries; lookups count as hits or misses in the metrics.
+//! entries; lookups count as hits or misses in the metrics. With a slow tier (S3)
+//! configured, a local miss falls through to it here, once for every protocol, and
+//! existence questions also count what the bucket index knows the bucket holds.
 
 use std::sync::Arc;
 
 use bytes::Bytes;
-use cairn_storage::{BlobStream, Digest, DigestFunction, Engine, Upload};
+use cairn_storage::{BlobStream, Digest, DigestFunction, Engine, ErrorKind, Upload};
 use futures::stream::{self, BoxStream, StreamExt};
 
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
+use crate::slow_tier::SlowTier;
 
 /// Limits advertised in the capabilities and enforced by every service.
 #[derive(Debug, Clone, Copy)]
@@ -30,6 +33,7 @@ pub struct Store {
     engine: Engine,
     limits: Limits,
     metrics: Arc<Metrics>,
+    slow_tier: Option<SlowTier>,
 }
 
 /// A stream of a blob's bytes.
@@ -42,7 +46,19 @@ impl Store {
             engine,
             limits,
             metrics,
+            slow_tier: None,
         }
+    }
+
+    /// This store with `slow_tier` behind its engine.
+    pub fn with_slow_tier(mut self, slow_tier: SlowTier) -> Self {
+        self.slow_tier = Some(slow_tier);
+        self
+    }
+
+    /// The slow tier, when one is configured.
+    pub fn slow_tier(&self) -> Option<&SlowTier> {
+        self.slow_tier.as_ref()
     }
 
     /// The limits every service enforces.
@@ -78,7 +94,7 @@ impl Store {
         if is_empty(&digest) {
             return Ok(true);
         }
-        let found = self.engine.contains(digest).await?;
+        let found = self.engine.contains(digest).await? || self.in_slow_tier(&digest);
         self.metrics.lookup("cas", found);
         Ok(found)
     }
@@ -87,11 +103,12 @@ impl Store {
     pub async fn find_missing(&self, digests: Vec<Digest>) -> Result<Vec<Digest>> {
         let asked: Vec<Digest> = digests.into_iter().filter(|d| !is_empty(d)).collect();
         let count = asked.len();
-        let missing = if asked.is_empty() {
+        let mut missing = if asked.is_empty() {
             Vec::new()
         } else {
             self.engine.find_missing(asked).await?
         };
+        missing.retain(|digest| !self.in_slow_tier(digest));
         self.metrics
             .lookups("cas", count - missing.len(), missing.len());
         Ok(missing)
@@ -135,7 +152,7 @@ impl Store {
         if is_empty(&digest) {
             return Ok(stream::empty().boxed());
         }
-        let found = self.engine.get(digest, offset, limit).await;
+        let found = self.read(digest, offset, limit).await;
         self.metrics.lookup("cas", found.is_ok());
         let metrics = Arc::clone(&self.metrics);
         let blob: BlobStream = found?;
@@ -153,18 +170,18 @@ impl Store {
         if is_empty(&digest) {
             return Ok(Bytes::new());
         }
-        let found = self.engine.get_bytes(digest).await;
+        let found = self.read(digest, 0, None).await;
         self.metrics.lookup("cas", found.is_ok());
-        let data = found?;
+        let data = found?.collect_bytes().await?;
         self.metrics.bytes_sent(data.len() as u64);
         Ok(data)
     }
 
     /// The action-cache entry of `action` in `instance`.
     pub async fn ac_get(&self, instance: &str, action: Digest) -> Result<Bytes> {
-        let found = self.engine.ac_get(instance, ac_key(action)).await;
+        let found = self.ac_read(instance, ac_key(action)).await;
         self.metrics.lookup("ac", found.is_ok());
-        Ok(found?)
+        found
     }
 
     /// Stores the action-cache entry of `action` in `instance`.
@@ -192,13 +209,46 @@ impl Store {
         if is_empty(&named) {
             return Ok(named);
         }
-        let found = self.engine.ac_get("", size_key(named)).await;
+        let found = self.ac_read("", size_key(named)).await;
         self.metrics.lookup("cas", found.is_ok());
         let value = found?;
         let size = <[u8; 8]>::try_from(value.as_ref())
             .map(u64::from_le_bytes)
             .map_err(|_| Error::internal(format!("corrupt size record for blob {hash}")))?;
         Ok(Digest { size, ..named })
+    }
+}
+
+impl Store {
+    /// Whether the slow tier is known to hold `digest`, without asking it.
+    fn in_slow_tier(&self, digest: &Digest) -> bool {
+        self.slow_tier
+            .as_ref()
+            .is_some_and(|slow_tier| slow_tier.holds(digest))
+    }
+
+    /// Reads a blob locally; on a local miss it is first copied in from the slow tier.
+    async fn read(&self, digest: Digest, offset: u64, limit: Option<u64>) -> Result<BlobStream> {
+        match (
+            self.engine.get(digest, offset, limit).await,
+            &self.slow_tier,
+        ) {
+            (Err(error), Some(slow_tier)) if error.kind() == ErrorKind::NotFound => {
+                slow_tier.fetch_blob(digest).await?;
+                Ok(self.engine.get(digest, offset, limit).await?)
+            }
+            (found, _) => Ok(found?),
+        }
+    }
+
+    /// Reads an action-cache value locally, else from the slow tier.
+    async fn ac_read(&self, instance: &str, key: Digest) -> Result<Bytes> {
+        match (self.engine.ac_get(instance, key).await, &self.slow_tier) {
+            (Err(error), Some(slow_tier)) if error.kind() == ErrorKind::NotFound => {
+                slow_tier.fetch_action_result(instance, key).await
+            }
+            (found, _) => Ok(found?),
+        }
     }
 }
 

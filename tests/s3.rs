@@ -1,0 +1,588 @@
+//! The S3 slow tier against a real S3-protocol server (moto) on loopback.
+//!
+//! Every test starts its own `moto_server` on an ephemeral port and one or more
+//! `cairn` nodes from `config/fleet-node.json5`, each with its own data directory and
+//! the same bucket. Readiness and progress are observed by polling (the node's
+//! `/metrics`, the bucket's listing), never by sleeping for a fixed time. moto keeps
+//! its state in memory, so "S3 restarted" is a fresh, empty server on the same port.
+//! moto's request log on stderr is how the tests count requests made to S3.
+//!
+//! When `moto_server` is not installed (scripts/install-deps.sh installs it) every
+//! test says so and passes without running.
+
+mod common;
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
+use aws_sdk_s3::primitives::ByteStream;
+use aws_smithy_http_client::tls::{rustls_provider::CryptoMode, Provider};
+use bytes::Bytes;
+use cairn_proto::reapi::batch_update_blobs_request::Request as UpdateRequest;
+use cairn_proto::reapi::{
+    ActionResult, BatchReadBlobsRequest, BatchUpdateBlobsRequest, FindMissingBlobsRequest,
+    GetActionResultRequest, OutputFile, UpdateActionResultRequest,
+};
+use cairn_storage::Digest;
+use common::{blob, free_port, read_blob, read_name, sha256, upload_name, wire, write_blob, Node};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::Code;
+
+const BUCKET: &str = "cairn-test";
+const PREFIX: &str = "cairn/";
+const WAIT: Duration = Duration::from_secs(120);
+
+/// A moto server this test started, killed (by its own PID) on drop.
+struct Moto {
+    child: Option<Child>,
+    addr: SocketAddr,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Moto {
+    /// Starts moto, or `None` (after saying why) when it is not installed.
+    async fn start() -> Option<Moto> {
+        if Command::new("moto_server")
+            .arg("--help")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_err()
+        {
+            eprintln!(
+                "skipping: moto_server is not installed (scripts/install-deps.sh runs \
+                 pip install 'moto[server]')"
+            );
+            return None;
+        }
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let mut moto = Moto {
+            child: None,
+            addr: free_port(),
+            log: dir.path().join("moto.log"),
+            _dir: dir,
+        };
+        moto.run().await;
+        Some(moto)
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Starts the server process on `addr` and creates the bucket.
+    async fn run(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("moto log");
+        let child = Command::new("moto_server")
+            .arg("-H")
+            .arg("127.0.0.1")
+            .arg("-p")
+            .arg(self.addr.port().to_string())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("moto log"))
+            .stderr(log)
+            .spawn()
+            .expect("start moto_server");
+        self.child = Some(child);
+        let s3 = client(&self.endpoint());
+        let deadline = Instant::now() + WAIT;
+        while s3.list_buckets().send().await.is_err() {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
+                panic!("moto_server exited: {status}");
+            }
+            assert!(Instant::now() < deadline, "moto_server did not start");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        s3.create_bucket()
+            .bucket(BUCKET)
+            .send()
+            .await
+            .expect("create the bucket");
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Requests moto has served so far (one log line each).
+    fn requests(&self) -> usize {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|line| line.contains(" HTTP/1.1\""))
+            .count()
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// An S3 client of the test's own, to look into and tamper with the bucket.
+fn client(endpoint: &str) -> aws_sdk_s3::Client {
+    let http = aws_smithy_http_client::Builder::new()
+        .tls_provider(Provider::Rustls(CryptoMode::Ring))
+        .build_https();
+    let config = aws_sdk_s3::Config::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .region(Region::new("us-east-1"))
+        .endpoint_url(endpoint)
+        .force_path_style(true)
+        .credentials_provider(Credentials::new("test", "test", None, None, "test"))
+        .http_client(http)
+        .build();
+    aws_sdk_s3::Client::from_conf(config)
+}
+
+fn blob_key(digest: &Digest) -> String {
+    format!("{PREFIX}cas/sha256/{}-{}", digest.hash_hex(), digest.size)
+}
+
+/// Every key in the bucket.
+async fn bucket_keys(s3: &aws_sdk_s3::Client) -> HashSet<String> {
+    let mut keys = HashSet::new();
+    let mut token = None;
+    loop {
+        let Ok(page) = s3
+            .list_objects_v2()
+            .bucket(BUCKET)
+            .set_continuation_token(token)
+            .send()
+            .await
+        else {
+            return keys;
+        };
+        keys.extend(
+            page.contents()
+                .iter()
+                .filter_map(|o| o.key().map(String::from)),
+        );
+        match page.next_continuation_token() {
+            Some(next) => token = Some(next.to_string()),
+            None => return keys,
+        }
+    }
+}
+
+/// Waits until the bucket holds every blob of `digests`.
+async fn wait_in_bucket(s3: &aws_sdk_s3::Client, digests: &[Digest]) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let keys = bucket_keys(s3).await;
+        let missing = digests
+            .iter()
+            .filter(|d| !keys.contains(&blob_key(d)))
+            .count();
+        if missing == 0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{missing} blobs never reached the bucket"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Starts a node from the fleet config on `dir`.
+fn fleet_node(moto: &Moto, dir: &Path) -> Node {
+    let grpc = free_port();
+    let http = free_port();
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/fleet-node.json5");
+    let mut command = Command::new(common::BINARY);
+    command
+        .arg("--config")
+        .arg(config)
+        .env("CAIRN_LISTEN", grpc.to_string())
+        .env("CAIRN_HTTP_LISTEN", http.to_string())
+        .env("CAIRN_DATA_DIR", dir)
+        .env("CAIRN_MAX_SIZE", "4GiB")
+        .env("CAIRN_S3_ENDPOINT", moto.endpoint())
+        .env("CAIRN_S3_BUCKET", BUCKET)
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env_remove("AWS_PROFILE");
+    Node::spawn(command, grpc, http, dir.to_path_buf())
+}
+
+/// An HTTP GET on the node's admin listener: (status line, body).
+async fn http_get(node: &Node, path: &str) -> (String, String) {
+    let mut stream = tokio::net::TcpStream::connect(node.http)
+        .await
+        .expect("connect to the HTTP listener");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: cairn\r\nConnection: close\r\n\r\n");
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .expect("send the request");
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .await
+        .expect("read the response");
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let status = head.lines().next().unwrap_or_default().to_string();
+    (status, body.to_string())
+}
+
+/// The sum of every sample of metric `name` whose labels contain `labels`.
+async fn metric(node: &Node, name: &str, labels: &str) -> u64 {
+    let (_, body) = http_get(node, "/metrics").await;
+    body.lines()
+        .filter(|line| line.contains(labels))
+        .filter_map(|line| line.rsplit_once(' '))
+        .filter(|(series, _)| *series == name || series.starts_with(&format!("{name}{{")))
+        .filter_map(|(_, value)| value.parse::<f64>().ok())
+        .map(|value| value as u64)
+        .sum()
+}
+
+/// Waits until `check` holds for the metric.
+async fn wait_metric(node: &Node, name: &str, labels: &str, check: impl Fn(u64) -> bool) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let value = metric(node, name, labels).await;
+        if check(value) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name}{labels} stayed at {value}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Stores small blobs through BatchUpdateBlobs.
+async fn put_blobs(node: &Node, blobs: &[Vec<u8>]) -> Vec<Digest> {
+    let mut cas = node.cas().await;
+    let response = cas
+        .batch_update_blobs(BatchUpdateBlobsRequest {
+            requests: blobs
+                .iter()
+                .map(|data| UpdateRequest {
+                    digest: Some(wire(&sha256(data))),
+                    data: Bytes::copy_from_slice(data),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        })
+        .await
+        .expect("BatchUpdateBlobs")
+        .into_inner();
+    for answer in response.responses {
+        assert_eq!(answer.status.map_or(0, |s| s.code), 0, "a blob was refused");
+    }
+    blobs.iter().map(|data| sha256(data)).collect()
+}
+
+/// Reads blobs through BatchReadBlobs: the data of each, or the error code.
+async fn get_blobs(node: &Node, digests: &[Digest]) -> Vec<Result<Vec<u8>, i32>> {
+    let mut cas = node.cas().await;
+    let response = cas
+        .batch_read_blobs(BatchReadBlobsRequest {
+            digests: digests.iter().map(wire).collect(),
+            ..Default::default()
+        })
+        .await
+        .expect("BatchReadBlobs")
+        .into_inner();
+    response
+        .responses
+        .into_iter()
+        .map(|answer| match answer.status.map_or(0, |s| s.code) {
+            0 => Ok(answer.data.to_vec()),
+            code => Err(code),
+        })
+        .collect()
+}
+
+async fn find_missing(node: &Node, digests: &[Digest]) -> Vec<Digest> {
+    let mut cas = node.cas().await;
+    let response = cas
+        .find_missing_blobs(FindMissingBlobsRequest {
+            blob_digests: digests.iter().map(wire).collect(),
+            ..Default::default()
+        })
+        .await
+        .expect("FindMissingBlobs")
+        .into_inner();
+    response
+        .missing_blob_digests
+        .iter()
+        .map(|d| {
+            Digest::from_hex(
+                cairn_storage::DigestFunction::Sha256,
+                &d.hash,
+                d.size_bytes as u64,
+            )
+            .expect("digest")
+        })
+        .collect()
+}
+
+fn small_blobs(seed: u64, count: usize) -> Vec<Vec<u8>> {
+    (0..count as u64)
+        .map(|i| blob(seed + i, 1000 + i as usize))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_sharing_a_bucket_serve_each_others_blobs_and_action_results() {
+    let Some(moto) = Moto::start().await else {
+        return;
+    };
+    let s3 = client(&moto.endpoint());
+    let temp = tempfile::tempdir().expect("temporary directory");
+    let a = fleet_node(&moto, &temp.path().join("a"));
+
+    let blobs = small_blobs(100, 20);
+    let digests = put_blobs(&a, &blobs).await;
+    let large = blob(7, (64 << 20) + (3 << 20) + 17);
+    let large_digest = sha256(&large);
+    let mut bytestream = a.bytestream().await;
+    let committed = write_blob(&mut bytestream, &upload_name("", &large_digest), &large)
+        .await
+        .expect("upload the large blob");
+    assert_eq!(committed as usize, large.len());
+    let action = sha256(b"an action");
+    let result = ActionResult {
+        output_files: vec![OutputFile {
+            path: "out".into(),
+            digest: Some(wire(&digests[0])),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    a.ac()
+        .await
+        .update_action_result(UpdateActionResultRequest {
+            action_digest: Some(wire(&action)),
+            action_result: Some(result.clone()),
+            ..Default::default()
+        })
+        .await
+        .expect("UpdateActionResult");
+
+    let mut all = digests.clone();
+    all.push(large_digest);
+    wait_in_bucket(&s3, &all).await;
+    let parts = s3
+        .head_object()
+        .bucket(BUCKET)
+        .key(blob_key(&large_digest))
+        .send()
+        .await
+        .expect("the large blob is in the bucket");
+    assert!(
+        parts.e_tag().unwrap_or_default().contains('-'),
+        "the large blob was not a multipart upload: etag {:?}",
+        parts.e_tag()
+    );
+    wait_metric(&a, "cairn_s3_uploads_total", "kind=\"ac\"", |n| n >= 1).await;
+
+    let b = fleet_node(&moto, &temp.path().join("b"));
+    let read = get_blobs(&b, &digests).await;
+    for (data, expected) in read.iter().zip(&blobs) {
+        assert_eq!(data.as_ref().ok(), Some(expected));
+    }
+    let mut bytestream = b.bytestream().await;
+    let large_read = read_blob(&mut bytestream, &read_name("", &large_digest), 0, 0)
+        .await
+        .expect("read the large blob through node B");
+    assert!(large_read == large, "the large blob came back different");
+    let got = b
+        .ac()
+        .await
+        .get_action_result(GetActionResultRequest {
+            action_digest: Some(wire(&action)),
+            ..Default::default()
+        })
+        .await
+        .expect("node B serves node A's action result")
+        .into_inner();
+    assert_eq!(got, result);
+    wait_metric(&b, "cairn_s3_fetches_total", "result=\"hit\"", |n| n >= 22).await;
+    a.terminate();
+    b.terminate();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn find_missing_answers_from_the_bucket_index_without_asking_s3() {
+    let Some(moto) = Moto::start().await else {
+        return;
+    };
+    let s3 = client(&moto.endpoint());
+    let temp = tempfile::tempdir().expect("temporary directory");
+    let a = fleet_node(&moto, &temp.path().join("a"));
+    let stored = put_blobs(&a, &small_blobs(1000, 50)).await;
+    wait_in_bucket(&s3, &stored).await;
+
+    let b = fleet_node(&moto, &temp.path().join("b"));
+    wait_metric(&b, "cairn_s3_bucket_index_listed", "", |n| n == 1).await;
+    let mut asked: Vec<Digest> = (0..10_000u64 - stored.len() as u64)
+        .map(|i| sha256(format!("never stored {i}").as_bytes()))
+        .collect();
+    asked.extend(&stored);
+    let before = moto.requests();
+    let missing = find_missing(&b, &asked).await;
+    let during = moto.requests() - before;
+    assert_eq!(missing.len(), 10_000 - stored.len());
+    assert!(stored.iter().all(|d| !missing.contains(d)));
+    // Background uploader polls never reach S3 on an idle node; allow none at all.
+    assert_eq!(during, 0, "FindMissingBlobs made {during} requests to S3");
+
+    // The completeness check of an action result sees blobs known only to S3.
+    let action = sha256(b"complete only with S3");
+    let result = ActionResult {
+        output_files: vec![OutputFile {
+            path: "out".into(),
+            digest: Some(wire(&stored[1])),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let mut ac = b.ac().await;
+    ac.update_action_result(UpdateActionResultRequest {
+        action_digest: Some(wire(&action)),
+        action_result: Some(result.clone()),
+        ..Default::default()
+    })
+    .await
+    .expect("UpdateActionResult");
+    let got = ac
+        .get_action_result(GetActionResultRequest {
+            action_digest: Some(wire(&action)),
+            ..Default::default()
+        })
+        .await
+        .expect("an entry whose outputs are in S3 is complete");
+    assert_eq!(got.into_inner(), result);
+    a.terminate();
+    b.terminate();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_outage_queues_uploads_and_a_restart_drains_them() {
+    let Some(mut moto) = Moto::start().await else {
+        return;
+    };
+    let s3 = client(&moto.endpoint());
+    let temp = tempfile::tempdir().expect("temporary directory");
+    let dir = temp.path().join("a");
+    let a = fleet_node(&moto, &dir);
+    let before = put_blobs(&a, &small_blobs(2000, 10)).await;
+    wait_in_bucket(&s3, &before).await;
+
+    moto.stop();
+    let blobs = small_blobs(3000, 200);
+    let during = put_blobs(&a, &blobs).await;
+    wait_metric(&a, "cairn_replication_backlog_bytes", "", |n| n > 0).await;
+    wait_metric(&a, "cairn_s3_up", "", |n| n == 0).await;
+    let (status, body) = http_get(&a, "/healthz").await;
+    assert!(status.contains("200"), "{status}");
+    assert!(body.starts_with("degraded"), "{body}");
+    let read = get_blobs(&a, &during).await;
+    assert!(read
+        .iter()
+        .zip(&blobs)
+        .all(|(r, b)| r.as_ref().ok() == Some(b)));
+    assert!(get_blobs(&a, &before).await.iter().all(Result::is_ok));
+
+    moto.run().await;
+    wait_in_bucket(&s3, &during).await;
+    wait_metric(&a, "cairn_replication_backlog_bytes", "", |n| n == 0).await;
+    let (_, body) = http_get(&a, "/healthz").await;
+    assert!(body.starts_with("ok"), "{body}");
+
+    // A crash with a backlog: the cursor on disk resumes it after the restart.
+    moto.stop();
+    let more = put_blobs(&a, &small_blobs(4000, 200)).await;
+    wait_metric(&a, "cairn_replication_backlog_bytes", "", |n| n > 0).await;
+    a.kill();
+    moto.run().await;
+    let a = fleet_node(&moto, &dir);
+    wait_in_bucket(&s3, &more).await;
+    wait_metric(&a, "cairn_replication_backlog_bytes", "", |n| n == 0).await;
+    a.terminate();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wiped_node_serves_everything_from_s3() {
+    let Some(moto) = Moto::start().await else {
+        return;
+    };
+    let s3 = client(&moto.endpoint());
+    let temp = tempfile::tempdir().expect("temporary directory");
+    let dir = temp.path().join("a");
+    let a = fleet_node(&moto, &dir);
+    let blobs = small_blobs(5000, 100);
+    let digests = put_blobs(&a, &blobs).await;
+    wait_in_bucket(&s3, &digests).await;
+    a.terminate();
+    std::fs::remove_dir_all(&dir).expect("wipe the data directory");
+
+    let a = fleet_node(&moto, &dir);
+    let read = get_blobs(&a, &digests).await;
+    for (data, expected) in read.iter().zip(&blobs) {
+        assert_eq!(data.as_ref().ok(), Some(expected));
+    }
+    a.terminate();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_object_altered_in_the_bucket_is_neither_served_nor_cached() {
+    let Some(moto) = Moto::start().await else {
+        return;
+    };
+    let s3 = client(&moto.endpoint());
+    let temp = tempfile::tempdir().expect("temporary directory");
+    let a = fleet_node(&moto, &temp.path().join("a"));
+    let data = blob(6000, 4096);
+    let digests = put_blobs(&a, std::slice::from_ref(&data)).await;
+    wait_in_bucket(&s3, &digests).await;
+    let mut altered = data.clone();
+    altered[100] ^= 1;
+    s3.put_object()
+        .bucket(BUCKET)
+        .key(blob_key(&digests[0]))
+        .body(ByteStream::from(altered))
+        .send()
+        .await
+        .expect("alter the object");
+
+    let b = fleet_node(&moto, &temp.path().join("b"));
+    wait_metric(&b, "cairn_s3_bucket_index_listed", "", |n| n == 1).await;
+    assert!(find_missing(&b, &digests).await.is_empty());
+    assert_eq!(get_blobs(&b, &digests).await[0], Err(Code::NotFound as i32));
+    let mut bytestream = b.bytestream().await;
+    let error = read_blob(&mut bytestream, &read_name("", &digests[0]), 0, 0)
+        .await
+        .expect_err("a corrupt object is not served");
+    assert_eq!(error.code(), Code::NotFound);
+    wait_metric(&b, "cairn_s3_fetches_total", "result=\"corrupt\"", |n| {
+        n >= 2
+    })
+    .await;
+    // Not cached locally, and no longer believed to be in the bucket.
+    assert_eq!(find_missing(&b, &digests).await, digests);
+    assert_eq!(metric(&b, "cairn_partition_objects", "").await, 0);
+    a.terminate();
+    b.terminate();
+}
