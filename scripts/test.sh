@@ -28,3 +28,10 @@ cargo clippy --workspace --all-targets -- -D warnings
 
 step "cargo test"
 cargo test --workspace
+
+step "fuzz smoke (each target briefly, from its seeds)"
+scripts/fuzz-smoke.sh
+
+step "Bazel end-to-end (real Bazel 4.2.3 against real cairn processes)"
+cargo build --bins
+scripts/e2e-bazel.sh target/debug/cairn
