@@ -83,8 +83,13 @@ pub async fn load(dir: &Path, nonce: u64) -> Result<Option<(Checkpoint, u64)>> {
         return Ok(None);
     }
     let file = SegFile::open(&path).await?;
-    let size = file.size().await?;
-    let image = file.read(0, size as usize).await?;
+    let read = async {
+        let size = file.size().await?;
+        Ok::<_, Error>((size, file.read(0, size as usize).await?))
+    }
+    .await;
+    file.close().await?;
+    let (size, image) = read?;
     match decode(&image, nonce) {
         Some(cp) => Ok(Some((cp, size))),
         None => {
@@ -115,8 +120,10 @@ impl Partition {
         .await;
         if let Err(e) = written {
             let _ = file.remove().await;
+            let _ = file.close().await;
             return Err(e);
         }
+        file.close().await?;
         std::fs::rename(&tmp, self.dir.join(FILE))
             .and_then(|()| std::fs::File::open(&self.dir)?.sync_all())
             .map_err(|e| Error::io("installing checkpoint", e))?;

@@ -22,9 +22,11 @@ pub struct EngineConfig {
     /// rounded down to a power of two and clamped to 1 MiB..=64 MiB. Default: `None`.
     pub segment_size: Option<u64>,
     /// CAS blobs up to this size are staged in memory and group-committed into the
-    /// packed segment; larger ones stream into a reserved extent. Default: 256 KiB.
+    /// packed segment; larger ones stream into a reserved extent. Clamped to a quarter
+    /// segment less the 72-byte record header. Default: 256 KiB.
     pub small_blob_max: u64,
-    /// Largest action-cache value accepted. Default: 1 MiB.
+    /// Largest action-cache value accepted, clamped like `small_blob_max`.
+    /// Default: 1 MiB.
     pub max_ac_value: u64,
     /// How often written segments are `fdatasync`ed (power-loss durability; a
     /// process crash loses nothing acknowledged either way). `None` never syncs.
@@ -117,17 +119,16 @@ impl EngineConfig {
                 ),
             ));
         }
-        let header = crate::format::HEADER_LEN as u64;
-        if (self.small_blob_max.max(self.max_ac_value) + header) * 4 > segment_size {
-            return Err(Error::invalid(
-                "small_blob_max and max_ac_value must be under a quarter of segment_size",
-            ));
-        }
+        // Small records must fit a quarter segment; small budgets get small segments,
+        // so the two limits shrink with them rather than making the budget an error.
+        let quarter = segment_size / 4 - crate::format::HEADER_LEN as u64;
+        let small_blob_max = self.small_blob_max.min(quarter);
+        let max_ac_value = self.max_ac_value.min(quarter);
         Ok(PartitionLimits {
             budget,
             segment_size,
-            small_blob_max: self.small_blob_max,
-            max_ac_value: self.max_ac_value,
+            small_blob_max,
+            max_ac_value,
             reinsert_budget: (segment_size as f64 * self.reinsert_fraction.clamp(0.0, 0.9)) as u64,
             replicate: self.replicate,
         })

@@ -17,12 +17,15 @@ use crate::format::{
     align_up, encode_chunk_table, record_len, Header, Key, ALIGN, CRC_CHUNK, HEADER_LEN,
 };
 use crate::index::Loc;
-use crate::io::{IoBuf, SegFile};
+use crate::io::{self, IoBuf, SegFile};
 use crate::key::prefix;
 use crate::partition::{ExtentHead, Partition, SegKind};
+use futures::future::LocalBoxFuture;
+use futures::FutureExt;
 use std::rc::Rc;
 
-/// Bytes an upload buffers before writing them (one O_DIRECT write each).
+/// Bytes an upload buffers before writing them (one O_DIRECT write each). An upload
+/// holds two: one being written while the next fills.
 pub const WRITE_UNIT: usize = 1 << 20;
 
 impl Partition {
@@ -134,6 +137,9 @@ pub struct ExtentWriter {
     first_block: Vec<u8>,
     buf: IoBuf,
     buf_len: usize,
+    /// The previous unit's write, still in flight while this one fills: hashing and
+    /// copying overlap with the device instead of adding to it.
+    inflight: Option<LocalBoxFuture<'static, Result<()>>>,
     /// Record offset at which `buf` starts.
     buf_start: u64,
 }
@@ -165,6 +171,7 @@ impl ExtentWriter {
             first_block: Vec::new(),
             buf,
             buf_len: HEADER_LEN,
+            inflight: None,
             buf_start: 0,
         }
     }
@@ -218,10 +225,22 @@ impl ExtentWriter {
         if self.buf_start == 0 {
             self.first_block = full.as_mut()[..ALIGN as usize].to_vec();
         }
-        self.file.write(full, self.base + self.buf_start).await?;
+        self.drain().await?;
+        let file = self.file.clone();
+        let pos = self.base + self.buf_start;
+        self.inflight =
+            Some(io::spawn_joinable(async move { file.write(full, pos).await }).boxed_local());
         self.buf_start += len as u64;
         self.buf_len = 0;
         Ok(())
+    }
+
+    /// Waits for the write in flight, if any.
+    async fn drain(&mut self) -> Result<()> {
+        match self.inflight.take() {
+            Some(write) => write.await,
+            None => Ok(()),
+        }
     }
 
     /// Verifies size and digest, writes the rest and then the header, and indexes the
@@ -263,6 +282,7 @@ impl ExtentWriter {
             payload_crc,
         }
         .encode(self.part.nonce);
+        self.drain().await?;
         if self.buf_start == 0 {
             // The whole record is still in memory: one write, header included.
             self.buf.as_mut()[..HEADER_LEN].copy_from_slice(&header);

@@ -119,6 +119,16 @@ impl SegFile {
             .map_err(|e| Error::io(format!("stat {}", self.path.display()), e))
     }
 
+    /// Closes the descriptor. Files must be closed while their executor still runs:
+    /// glommio closes a dropped file through the executor's ring, and leaks the
+    /// descriptor if the executor is gone.
+    pub async fn close(self) -> Result<()> {
+        self.file
+            .close()
+            .await
+            .map_err(|e| Error::io(format!("closing {}", self.path.display()), e))
+    }
+
     /// Unlinks the file. Readers and writers holding it keep a valid descriptor.
     pub async fn remove(&self) -> Result<()> {
         self.file
@@ -160,6 +170,13 @@ pub async fn prime_iopoll_probe(dir: &Path, shard: usize) -> Result<()> {
 /// Spawns a task on the current shard's executor.
 pub fn spawn<F: std::future::Future<Output = ()> + 'static>(fut: F) {
     glommio::spawn_local(fut).detach();
+}
+
+/// Spawns a task on the current shard's executor and returns a future of its result.
+pub fn spawn_joinable<T: 'static>(
+    fut: impl std::future::Future<Output = T> + 'static,
+) -> impl std::future::Future<Output = T> {
+    glommio::spawn_local(fut)
 }
 
 pub async fn sleep(d: std::time::Duration) {

@@ -220,6 +220,40 @@ impl Partition {
         s
     }
 
+    /// `fdatasync`s every segment written since the last call.
+    pub async fn sync_dirty(&self) {
+        let files: Vec<_> = {
+            let mut st = self.st.borrow_mut();
+            st.segments
+                .values_mut()
+                .filter_map(|s| std::mem::take(&mut s.dirty).then(|| s.file.clone()))
+                .collect()
+        };
+        for f in files {
+            if let Err(e) = f.sync().await {
+                tracing::error!(partition = self.id, "fdatasync failed: {e}");
+            }
+        }
+    }
+
+    /// Closes every segment file at shutdown (those no reader still holds).
+    pub async fn close_files(&self) {
+        let segments = {
+            let mut st = self.st.borrow_mut();
+            st.packed = None;
+            st.extents = None;
+            st.index = Default::default();
+            std::mem::take(&mut st.segments)
+        };
+        for seg in segments.into_values() {
+            if let Ok(file) = Rc::try_unwrap(seg.file) {
+                if let Err(e) = file.close().await {
+                    tracing::warn!(partition = self.id, "{e}");
+                }
+            }
+        }
+    }
+
     /// Partition statistics for `Engine::stats`.
     pub fn stats(&self) -> crate::PartitionStats {
         let backlog = self.replication_backlog();

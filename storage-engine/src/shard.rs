@@ -17,7 +17,7 @@ use crate::stream::BlobStream;
 use crate::PartitionStats;
 use bytes::{Bytes, BytesMut};
 use futures::channel::oneshot;
-use std::cell::Cell;
+use futures::FutureExt;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::rc::Rc;
@@ -114,38 +114,54 @@ impl ShardRunner {
                 return Err(e);
             }
         };
-        let stop = Rc::new(Cell::new(false));
+        // Dropping `stop` wakes the background loops, which then end.
+        let (stop, stopped) = flume::bounded::<()>(1);
+        let mut loops = Vec::new();
         if let Some(every) = self.shared.sync_interval {
-            io::spawn(sync_loop(parts.clone(), every, stop.clone()));
+            loops.push(
+                io::spawn_joinable(sync_loop(parts.clone(), every, stopped.clone())).boxed_local(),
+            );
         }
         if let Some(every) = self.shared.checkpoint_interval {
-            io::spawn(checkpoint_loop(parts.clone(), every, stop.clone()));
+            loops.push(
+                io::spawn_joinable(checkpoint_loop(parts.clone(), every, stopped)).boxed_local(),
+            );
         }
+        let mut reply_to = None;
         while let Ok(req) = self.requests.recv_async().await {
             if let Request::Shutdown { reply } = req {
-                stop.set(true);
-                let _ = reply.send(checkpoint_all(&parts).await);
-                return Ok(());
+                reply_to = Some(reply);
+                break;
             }
             io::spawn(handle(parts.clone(), req));
         }
-        stop.set(true);
+        drop(stop);
+        futures::future::join_all(loops).await;
+        let result = checkpoint_all(&parts).await;
+        for part in parts.values() {
+            part.sync_dirty().await;
+            part.close_files().await;
+        }
+        if let Some(reply) = reply_to {
+            let _ = reply.send(result);
+        }
         Ok(())
     }
 
+    /// Recovers the shard's partitions concurrently, so that one partition's reads
+    /// overlap with another's index building.
     async fn recover(&self) -> Result<Parts> {
-        let mut parts = HashMap::new();
-        for &p in &self.partitions {
-            let dir = self.shared.dir.join(format!("p{p:03}"));
+        let recovered = futures::future::join_all(self.partitions.iter().map(|&p| async move {
             let started = std::time::Instant::now();
-            let (part, report) = crate::recover::recover(
-                p,
-                &dir,
-                self.shared.nonce,
-                self.shared.limits.clone(),
-                true,
-            )
-            .await?;
+            let dir = self.shared.dir.join(format!("p{p:03}"));
+            let limits = self.shared.limits.clone();
+            let res = crate::recover::recover(p, &dir, self.shared.nonce, limits, true).await;
+            (p, started, res)
+        }))
+        .await;
+        let mut parts = HashMap::new();
+        for (p, started, res) in recovered {
+            let (part, report) = res?;
             tracing::info!(
                 shard = self.shard,
                 partition = p,
@@ -173,32 +189,26 @@ async fn checkpoint_all(parts: &Parts) -> Result<()> {
     result
 }
 
-async fn sync_loop(parts: Parts, every: Duration, stop: Rc<Cell<bool>>) {
-    while !stop.get() {
-        io::sleep(every).await;
+/// Sleeps for `every`, or returns false at once when the shard is stopping.
+async fn tick(every: Duration, stop: &flume::Receiver<()>) -> bool {
+    let sleep = std::pin::pin!(io::sleep(every));
+    let stopped = std::pin::pin!(stop.recv_async());
+    matches!(
+        futures::future::select(sleep, stopped).await,
+        futures::future::Either::Left(_)
+    )
+}
+
+async fn sync_loop(parts: Parts, every: Duration, stop: flume::Receiver<()>) {
+    while tick(every, &stop).await {
         for part in parts.values() {
-            let files: Vec<_> = {
-                let mut st = part.st.borrow_mut();
-                st.segments
-                    .values_mut()
-                    .filter_map(|s| std::mem::take(&mut s.dirty).then(|| s.file.clone()))
-                    .collect()
-            };
-            for f in files {
-                if let Err(e) = f.sync().await {
-                    tracing::error!(partition = part.id, "fdatasync failed: {e}");
-                }
-            }
+            part.sync_dirty().await;
         }
     }
 }
 
-async fn checkpoint_loop(parts: Parts, every: Duration, stop: Rc<Cell<bool>>) {
-    while !stop.get() {
-        io::sleep(every).await;
-        if stop.get() {
-            return;
-        }
+async fn checkpoint_loop(parts: Parts, every: Duration, stop: flume::Receiver<()>) {
+    while tick(every, &stop).await {
         for part in parts.values() {
             if part.st.borrow().changes == 0 {
                 continue;

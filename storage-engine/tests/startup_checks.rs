@@ -84,3 +84,19 @@ fn too_small_a_budget_is_explained() {
     assert_eq!(err.kind(), ErrorKind::InvalidArgument);
     assert!(err.message().contains("too small"), "{err}");
 }
+
+#[test]
+fn small_budget_with_default_limits_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = cairn_storage::EngineConfig {
+        dir: dir.path().to_path_buf(),
+        max_size: 256 * MIB,
+        ..Default::default()
+    };
+    let engine = start(cfg);
+    assert!(engine.max_ac_value() < 1 << 20);
+    let data = blob(1, 100_000);
+    let d = put(&engine, &data);
+    assert!(block_on(engine.get_bytes(d)).unwrap() == data);
+    block_on(engine.shutdown()).unwrap();
+}
