@@ -11,7 +11,7 @@
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::{decode_chunk_table, verify_body, Header, Key, CRC_CHUNK, HEADER_LEN};
 use crate::index::{Loc, Prefix};
-use crate::io::SegFile;
+use crate::io::{self, SegFile};
 use crate::partition::Partition;
 use bytes::Bytes;
 use std::rc::Rc;
@@ -123,17 +123,29 @@ impl Partition {
         tx: flume::Sender<Result<Bytes>>,
     ) {
         let payload_start = u64::from(rec.loc.off) + HEADER_LEN as u64;
-        let mut chunk = offset / CRC_CHUNK;
-        while chunk * CRC_CHUNK < end {
+        // One chunk is read ahead while the previous one is checked and sent, so the
+        // device never waits for the consumer.
+        let read_chunk = |chunk: u64| {
+            let file = rec.file.clone();
             let start = chunk * CRC_CHUNK;
             let len = CRC_CHUNK.min(rec.payload_len - start);
-            let data = match rec.file.read(payload_start + start, len as usize).await {
+            io::spawn_joinable(async move { file.read(payload_start + start, len as usize).await })
+        };
+        let mut chunk = offset / CRC_CHUNK;
+        let mut ahead = (chunk * CRC_CHUNK < end).then(|| read_chunk(chunk));
+        while let Some(pending) = ahead.take() {
+            let start = chunk * CRC_CHUNK;
+            let len = CRC_CHUNK.min(rec.payload_len - start);
+            let data = match pending.await {
                 Ok(d) => d,
                 Err(e) => {
                     let _ = tx.send_async(Err(e)).await;
                     return;
                 }
             };
+            if (chunk + 1) * CRC_CHUNK < end {
+                ahead = Some(read_chunk(chunk + 1));
+            }
             let want = rec.crcs.get(chunk as usize).copied();
             if data.len() as u64 != len || want != Some(crate::format::crc(&data)) {
                 self.drop_corrupt(rec.prefix, rec.loc, "a payload chunk");
