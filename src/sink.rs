@@ -212,7 +212,10 @@ mod tests {
         assert!(!sink.contains(blob));
         upload.finish();
         assert!(sink.contains(blob));
-        assert_eq!(sink.get_bytes(blob).unwrap(), Bytes::from_static(b"abcdefgh"));
+        assert_eq!(
+            sink.get_bytes(blob).unwrap(),
+            Bytes::from_static(b"abcdefgh")
+        );
         let range = concat(sink.get(blob, 2, Some(4)).unwrap());
         assert_eq!(range, Bytes::from_static(b"cdef"));
         assert!(concat(sink.get(blob, 8, None).unwrap()).is_empty());
