@@ -36,6 +36,9 @@ const DEFAULT_BUDGET_SHARE: f64 = 0.9;
 /// Memory budget of a sink when no size is configured.
 const DEFAULT_SINK_BUDGET: u64 = 1 << 30;
 
+/// Budget of the (idle) engine under a sink: large enough for any engine layout.
+const SINK_ENGINE_BUDGET: u64 = 4 << 30;
+
 /// Runs a cache node until SIGTERM or SIGINT, then shuts it down cleanly.
 pub fn run(config: Config) -> Result<()> {
     let shards = config.shards.unwrap_or_else(runtime::available_cores);
@@ -54,7 +57,11 @@ pub fn run(config: Config) -> Result<()> {
     );
     let (engine, runners) = Engine::open(EngineConfig {
         dir: config.data_dir.clone(),
-        max_size,
+        max_size: if config.sink {
+            SINK_ENGINE_BUDGET
+        } else {
+            max_size
+        },
         shards,
         replicate: config.s3.is_some(),
         ..EngineConfig::default()
