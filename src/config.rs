@@ -52,6 +52,12 @@ pub struct Config {
     /// [`S3Config`] for its settings and their defaults). Default: none, the node keeps
     /// everything on local disk only.
     pub s3: Option<S3Config>,
+    /// Benchmarking only: serve every request from a bounded in-memory [`Sink`]
+    /// instead of the store, to measure the network stack alone (see `bench/`).
+    /// `max_size` bounds its memory (default `1GiB`). Default `false`.
+    ///
+    /// [`Sink`]: crate::sink::Sink
+    pub sink: bool,
 }
 
 impl Default for Config {
@@ -67,6 +73,7 @@ impl Default for Config {
             upload_resume_seconds: 60,
             shutdown_grace_seconds: 10,
             s3: None,
+            sink: false,
         }
     }
 }

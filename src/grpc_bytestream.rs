@@ -21,13 +21,13 @@ use cairn_proto::bytestream::{
     QueryWriteStatusRequest, QueryWriteStatusResponse, ReadRequest, ReadResponse, WriteRequest,
     WriteResponse,
 };
-use cairn_storage::{Digest, Upload};
+use cairn_storage::Digest;
 use futures::stream::{self, BoxStream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::error::{Error, Result};
 use crate::resource_name::{parse_read, parse_write, Compression};
-use crate::store::Store;
+use crate::store::{Store, Upload};
 use crate::uploads::PendingUploads;
 use crate::zstd_stream::{Compressor, Decompressor};
 

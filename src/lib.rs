@@ -27,6 +27,7 @@ pub mod resource_name;
 mod runtime;
 pub mod scheduler;
 mod signals;
+pub mod sink;
 pub mod slow_tier;
 pub mod store;
 pub mod uploads;

@@ -24,6 +24,7 @@ use crate::grpc_capabilities::CapabilitiesService;
 use crate::grpc_cas::CasService;
 use crate::http_cache::HttpFront;
 use crate::metrics::Metrics;
+use crate::sink::Sink;
 use crate::slow_tier::SlowTier;
 use crate::store::{Limits, Store};
 use crate::uploads::PendingUploads;
@@ -31,6 +32,12 @@ use crate::{runtime, signals};
 
 /// Share of the available space the store may use when no size is configured.
 const DEFAULT_BUDGET_SHARE: f64 = 0.9;
+
+/// Memory budget of a sink when no size is configured.
+const DEFAULT_SINK_BUDGET: u64 = 1 << 30;
+
+/// Budget of the (idle) engine under a sink: large enough for any engine layout.
+const SINK_ENGINE_BUDGET: u64 = 4 << 30;
 
 /// Runs a cache node until SIGTERM or SIGINT, then shuts it down cleanly.
 pub fn run(config: Config) -> Result<()> {
@@ -40,6 +47,7 @@ pub fn run(config: Config) -> Result<()> {
     }
     let max_size = match config.max_size {
         Some(size) => size.0,
+        None if config.sink => DEFAULT_SINK_BUDGET,
         None => default_budget(&config.data_dir)?,
     };
     tracing::info!(
@@ -49,7 +57,11 @@ pub fn run(config: Config) -> Result<()> {
     );
     let (engine, runners) = Engine::open(EngineConfig {
         dir: config.data_dir.clone(),
-        max_size,
+        max_size: if config.sink {
+            SINK_ENGINE_BUDGET
+        } else {
+            max_size
+        },
         shards,
         replicate: config.s3.is_some(),
         ..EngineConfig::default()
@@ -59,6 +71,10 @@ pub fn run(config: Config) -> Result<()> {
         max_cas_blob_size: config.max_cas_blob_size.0,
     };
     let mut store = Store::new(engine.clone(), limits, Arc::new(Metrics::new()?));
+    if config.sink {
+        tracing::warn!("sink mode: blobs are kept in memory only, up to the budget");
+        store = store.with_sink(Sink::new(max_size));
+    }
     let mut slow_tier_runtime = None;
     if let Some(s3) = &config.s3 {
         let (slow_tier, runtime) = SlowTier::start(s3.clone(), engine.clone())?;

@@ -7,15 +7,18 @@
 //! entries; lookups count as hits or misses in the metrics. With a slow tier (S3)
 //! configured, a local miss falls through to it here, once for every protocol, and
 //! existence questions also count what the bucket index knows the bucket holds.
+//! A node started with `--sink` sends the data calls to a [`Sink`] in memory instead
+//! of the engine, to measure the network stack alone.
 
 use std::sync::Arc;
 
 use bytes::Bytes;
-use cairn_storage::{BlobStream, Digest, DigestFunction, Engine, ErrorKind, Upload};
+use cairn_storage::{BlobStream, Digest, DigestFunction, Engine, ErrorKind};
 use futures::stream::{self, BoxStream, StreamExt};
 
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
+use crate::sink::{Sink, SinkUpload};
 use crate::slow_tier::SlowTier;
 
 /// Limits advertised in the capabilities and enforced by every service.
@@ -34,6 +37,7 @@ pub struct Store {
     limits: Limits,
     metrics: Arc<Metrics>,
     slow_tier: Option<SlowTier>,
+    sink: Option<Sink>,
 }
 
 /// A stream of a blob's bytes.
@@ -47,7 +51,14 @@ impl Store {
             limits,
             metrics,
             slow_tier: None,
+            sink: None,
         }
+    }
+
+    /// This store with its data calls sent to `sink` instead of the engine.
+    pub fn with_sink(mut self, sink: Sink) -> Self {
+        self.sink = Some(sink);
+        self
     }
 
     /// This store with `slow_tier` behind its engine.
@@ -94,7 +105,10 @@ impl Store {
         if is_empty(&digest) {
             return Ok(true);
         }
-        let found = self.engine.contains(digest).await? || self.in_slow_tier(&digest);
+        let found = match &self.sink {
+            Some(sink) => sink.contains(digest),
+            None => self.engine.contains(digest).await? || self.in_slow_tier(&digest),
+        };
         self.metrics.lookup("cas", found);
         Ok(found)
     }
@@ -105,6 +119,8 @@ impl Store {
         let count = asked.len();
         let mut missing = if asked.is_empty() {
             Vec::new()
+        } else if let Some(sink) = &self.sink {
+            sink.find_missing(asked)
         } else {
             self.engine.find_missing(asked).await?
         };
@@ -117,7 +133,11 @@ impl Store {
     /// Starts an upload of `digest`.
     pub async fn begin_put(&self, digest: Digest) -> Result<Upload> {
         self.check_blob_size(&digest)?;
-        Ok(self.engine.begin_put(digest).await?)
+        let upload = match &self.sink {
+            Some(sink) => Upload(UploadTo::Sink(sink.begin_put(digest))),
+            None => Upload(UploadTo::Engine(self.engine.begin_put(digest).await?)),
+        };
+        Ok(upload)
     }
 
     /// Stores a blob already held in memory, after checking that it matches `digest`.
@@ -137,6 +157,10 @@ impl Store {
             return Ok(());
         }
         self.metrics.bytes_received(data.len() as u64);
+        if let Some(sink) = &self.sink {
+            sink.put(digest, vec![data]);
+            return Ok(());
+        }
         Ok(self.engine.put(digest, data).await?)
     }
 
@@ -151,6 +175,18 @@ impl Store {
         }
         if is_empty(&digest) {
             return Ok(stream::empty().boxed());
+        }
+        if let Some(sink) = &self.sink {
+            let chunks = sink.get(digest, offset, limit);
+            self.metrics.lookup("cas", chunks.is_some());
+            let chunks = chunks.ok_or_else(|| not_found(&digest))?;
+            let metrics = Arc::clone(&self.metrics);
+            return Ok(stream::iter(chunks)
+                .map(move |chunk| {
+                    metrics.bytes_sent(chunk.len() as u64);
+                    Ok(chunk)
+                })
+                .boxed());
         }
         let found = self.read(digest, offset, limit).await;
         self.metrics.lookup("cas", found.is_ok());
@@ -170,9 +206,15 @@ impl Store {
         if is_empty(&digest) {
             return Ok(Bytes::new());
         }
-        let found = self.read(digest, 0, None).await;
-        self.metrics.lookup("cas", found.is_ok());
-        let data = found?.collect_bytes().await?;
+        let data = if let Some(sink) = &self.sink {
+            let data = sink.get_bytes(digest);
+            self.metrics.lookup("cas", data.is_some());
+            data.ok_or_else(|| not_found(&digest))?
+        } else {
+            let found = self.read(digest, 0, None).await;
+            self.metrics.lookup("cas", found.is_ok());
+            found?.collect_bytes().await?
+        };
         self.metrics.bytes_sent(data.len() as u64);
         Ok(data)
     }
@@ -186,7 +228,7 @@ impl Store {
 
     /// Stores the action-cache entry of `action` in `instance`.
     pub async fn ac_put(&self, instance: &str, action: Digest, value: Bytes) -> Result<()> {
-        Ok(self.engine.ac_put(instance, ac_key(action), value).await?)
+        self.ac_write(instance, ac_key(action), value).await
     }
 }
 
@@ -199,7 +241,7 @@ impl Store {
             return Ok(());
         }
         let value = Bytes::copy_from_slice(&blob.size.to_le_bytes());
-        Ok(self.engine.ac_put("", size_key(blob), value).await?)
+        self.ac_write("", size_key(blob), value).await
     }
 
     /// The full digest of the blob whose hash is `hash`, as recorded by
@@ -243,6 +285,11 @@ impl Store {
 
     /// Reads an action-cache value locally, else from the slow tier.
     async fn ac_read(&self, instance: &str, key: Digest) -> Result<Bytes> {
+        if let Some(sink) = &self.sink {
+            return sink
+                .ac_get(instance, key)
+                .ok_or_else(|| Error::not_found("no action-cache entry for this key"));
+        }
         match (self.engine.ac_get(instance, key).await, &self.slow_tier) {
             (Err(error), Some(slow_tier)) if error.kind() == ErrorKind::NotFound => {
                 slow_tier.fetch_action_result(instance, key).await
@@ -250,6 +297,68 @@ impl Store {
             (found, _) => Ok(found?),
         }
     }
+}
+
+impl Store {
+    /// Writes an action-cache value to the engine, or to the sink.
+    async fn ac_write(&self, instance: &str, key: Digest, value: Bytes) -> Result<()> {
+        if let Some(sink) = &self.sink {
+            sink.ac_put(instance, key, value);
+            return Ok(());
+        }
+        Ok(self.engine.ac_put(instance, key, value).await?)
+    }
+}
+
+/// A streaming upload started by [`Store::begin_put`]. Dropping it without `finish`
+/// abandons the upload.
+pub struct Upload(UploadTo);
+
+enum UploadTo {
+    Engine(cairn_storage::Upload),
+    Sink(SinkUpload),
+}
+
+impl Upload {
+    /// Bytes accepted so far.
+    pub fn committed(&self) -> u64 {
+        match &self.0 {
+            UploadTo::Engine(upload) => upload.committed(),
+            UploadTo::Sink(upload) => upload.committed(),
+        }
+    }
+
+    /// Appends `chunk` to the blob.
+    pub async fn write(&mut self, chunk: Bytes) -> cairn_storage::Result<()> {
+        match &mut self.0 {
+            UploadTo::Engine(upload) => upload.write(chunk).await,
+            UploadTo::Sink(upload) => {
+                upload.write(chunk);
+                Ok(())
+            }
+        }
+    }
+
+    /// Completes the upload: the blob is verified, durable and visible when this
+    /// returns `Ok` (in a sink: visible).
+    pub async fn finish(self) -> cairn_storage::Result<()> {
+        match self.0 {
+            UploadTo::Engine(upload) => upload.finish().await,
+            UploadTo::Sink(upload) => {
+                upload.finish();
+                Ok(())
+            }
+        }
+    }
+}
+
+/// The error for a blob that is not stored.
+fn not_found(digest: &Digest) -> Error {
+    Error::not_found(format!(
+        "blob {}/{} not found",
+        digest.hash_hex(),
+        digest.size
+    ))
 }
 
 /// The key of a blob's size record.

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use cairn_storage::Upload;
+use crate::store::Upload;
 
 struct Parked {
     upload: Upload,

@@ -5,6 +5,8 @@
 //! Scratch directories are created under `$CAIRN_BENCH_DIR` when it is set, else under
 //! the system temporary directory. Either must be on a filesystem with O_DIRECT (not
 //! tmpfs), like a real data directory.
+//!
+//! [`loadgen`] is the REAPI load generator behind the `cairn-bench` binary.
 
 use bytes::Bytes;
 use cairn_storage::{Digest, DigestFunction, Engine, EngineConfig, Result};
@@ -15,6 +17,8 @@ use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use tempfile::TempDir;
+
+pub mod loadgen;
 
 pub const KIB: usize = 1 << 10;
 pub const MIB: usize = 1 << 20;

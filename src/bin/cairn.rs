@@ -50,6 +50,11 @@ struct Args {
     /// of CPUs cairn may run on].
     #[arg(long, value_name = "N")]
     shards: Option<usize>,
+
+    /// Benchmarking only: keep blobs in memory (bounded by --max-size, default 1GiB)
+    /// instead of the store, to measure the network stack alone. Nothing is durable.
+    #[arg(long)]
+    sink: bool,
 }
 
 fn main() -> ExitCode {
@@ -79,6 +84,9 @@ fn main() -> ExitCode {
         }
         if let Some(shards) = args.shards {
             config.shards = Some(shards);
+        }
+        if args.sink {
+            config.sink = true;
         }
         cairn::node::run(config)
     });

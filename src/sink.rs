@@ -1,0 +1,235 @@
+//! The sink: a stand-in for the storage engine that keeps blobs in memory, for
+//! measuring the ceiling of the network stack (`cairn --sink`).
+//!
+//! A node started with `--sink` is the same process as a normal one — the same
+//! executors, listeners, HTTP/2 handling and gRPC services — except that the
+//! [`Store`](crate::store::Store) sends every data call here instead of to the engine.
+//! What the sink leaves out is exactly what the storage path costs: no disk, no
+//! hashing of streamed uploads (batch uploads are still checked by the store's shared
+//! rules), no copies — a blob is held as the very chunks it arrived in, and served as
+//! them. So benchmarks against a sink and against a real node differ only by storage.
+//!
+//! Memory is bounded by a byte budget: once full, the oldest entries are dropped, so
+//! a read of a blob written long ago may be `NOT_FOUND`. Keep a read benchmark's
+//! working set under the budget. Nothing survives a restart.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::{Bytes, BytesMut};
+use cairn_storage::Digest;
+
+/// What the sink holds an entry under.
+#[derive(Clone, PartialEq, Eq, Hash)]
+enum Key {
+    Blob(Digest),
+    Action(String, Digest),
+}
+
+#[derive(Default)]
+struct Held {
+    entries: HashMap<Key, Arc<[Bytes]>>,
+    /// Insertion order, oldest first, for eviction.
+    order: VecDeque<Key>,
+    bytes: u64,
+}
+
+/// In-memory blobs and action-cache entries, bounded by a byte budget. Cheap to clone.
+#[derive(Clone)]
+pub struct Sink {
+    held: Arc<Mutex<Held>>,
+    budget: u64,
+}
+
+impl Sink {
+    /// An empty sink that holds at most `budget` bytes.
+    pub fn new(budget: u64) -> Self {
+        Self {
+            held: Arc::new(Mutex::new(Held::default())),
+            budget,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Held> {
+        match self.held.lock() {
+            Ok(held) => held,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// Whether the sink holds the blob `digest`.
+    pub fn contains(&self, digest: Digest) -> bool {
+        self.lock().entries.contains_key(&Key::Blob(digest))
+    }
+
+    /// The digests among `digests` that the sink does not hold.
+    pub fn find_missing(&self, digests: Vec<Digest>) -> Vec<Digest> {
+        let held = self.lock();
+        digests
+            .into_iter()
+            .filter(|digest| !held.entries.contains_key(&Key::Blob(*digest)))
+            .collect()
+    }
+
+    /// Keeps a blob, as the chunks it arrived in.
+    pub fn put(&self, digest: Digest, chunks: Vec<Bytes>) {
+        self.insert(Key::Blob(digest), chunks);
+    }
+
+    /// The chunks of blob `digest` from `offset`, at most `limit` bytes; `None` if the
+    /// sink does not hold it.
+    pub fn get(&self, digest: Digest, offset: u64, limit: Option<u64>) -> Option<Vec<Bytes>> {
+        let chunks = self.lock().entries.get(&Key::Blob(digest)).cloned()?;
+        let mut skip = offset;
+        let mut left = limit.unwrap_or(u64::MAX);
+        let mut out = Vec::with_capacity(chunks.len());
+        for chunk in chunks.iter() {
+            let len = chunk.len() as u64;
+            if skip >= len {
+                skip -= len;
+                continue;
+            }
+            if left == 0 {
+                break;
+            }
+            let end = len.min(skip.saturating_add(left));
+            out.push(chunk.slice(skip as usize..end as usize));
+            left -= end - skip;
+            skip = 0;
+        }
+        Some(out)
+    }
+
+    /// The whole blob `digest` in one piece, if held.
+    pub fn get_bytes(&self, digest: Digest) -> Option<Bytes> {
+        self.get(digest, 0, None).map(concat)
+    }
+
+    /// The action-cache entry under `key` in `instance`, if held.
+    pub fn ac_get(&self, instance: &str, key: Digest) -> Option<Bytes> {
+        let held = self.lock();
+        let chunks = held
+            .entries
+            .get(&Key::Action(instance.to_string(), key))
+            .cloned();
+        drop(held);
+        chunks.map(|chunks| concat(chunks.to_vec()))
+    }
+
+    /// Keeps (or replaces) the action-cache entry under `key` in `instance`.
+    pub fn ac_put(&self, instance: &str, key: Digest, value: Bytes) {
+        self.insert(Key::Action(instance.to_string(), key), vec![value]);
+    }
+
+    /// An upload that collects its chunks and hands them to the sink on `finish`.
+    pub fn begin_put(&self, digest: Digest) -> SinkUpload {
+        SinkUpload {
+            sink: self.clone(),
+            digest,
+            chunks: Vec::new(),
+            committed: 0,
+        }
+    }
+
+    fn insert(&self, key: Key, chunks: Vec<Bytes>) {
+        let len: u64 = chunks.iter().map(|chunk| chunk.len() as u64).sum();
+        if len > self.budget {
+            return;
+        }
+        let mut held = self.lock();
+        if let Some(old) = held.entries.remove(&key) {
+            held.bytes -= old.iter().map(|chunk| chunk.len() as u64).sum::<u64>();
+            held.order.retain(|queued| *queued != key);
+        }
+        while held.bytes + len > self.budget {
+            let Some(oldest) = held.order.pop_front() else {
+                break;
+            };
+            if let Some(old) = held.entries.remove(&oldest) {
+                held.bytes -= old.iter().map(|chunk| chunk.len() as u64).sum::<u64>();
+            }
+        }
+        held.bytes += len;
+        held.order.push_back(key.clone());
+        held.entries.insert(key, chunks.into());
+    }
+}
+
+/// A streaming upload into the sink. Dropping it without `finish` discards it.
+pub struct SinkUpload {
+    sink: Sink,
+    digest: Digest,
+    chunks: Vec<Bytes>,
+    committed: u64,
+}
+
+impl SinkUpload {
+    /// Bytes accepted so far.
+    pub fn committed(&self) -> u64 {
+        self.committed
+    }
+
+    /// Accepts one chunk, without copying it.
+    pub fn write(&mut self, chunk: Bytes) {
+        self.committed += chunk.len() as u64;
+        self.chunks.push(chunk);
+    }
+
+    /// Makes the blob readable.
+    pub fn finish(self) {
+        self.sink.put(self.digest, self.chunks);
+    }
+}
+
+/// The chunks as one buffer; a single chunk is returned as is.
+fn concat(mut chunks: Vec<Bytes>) -> Bytes {
+    if chunks.len() == 1 {
+        return chunks.swap_remove(0);
+    }
+    let mut whole = BytesMut::with_capacity(chunks.iter().map(Bytes::len).sum());
+    for chunk in chunks {
+        whole.extend_from_slice(&chunk);
+    }
+    whole.freeze()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cairn_storage::DigestFunction;
+
+    fn digest(data: &[u8]) -> Digest {
+        Digest::of(DigestFunction::Sha256, data)
+    }
+
+    #[test]
+    fn serves_ranges_across_chunks() {
+        let sink = Sink::new(1 << 20);
+        let blob = digest(b"abcdefgh");
+        let mut upload = sink.begin_put(blob);
+        upload.write(Bytes::from_static(b"abc"));
+        upload.write(Bytes::from_static(b"defgh"));
+        assert!(!sink.contains(blob));
+        upload.finish();
+        assert!(sink.contains(blob));
+        assert_eq!(
+            sink.get_bytes(blob).unwrap(),
+            Bytes::from_static(b"abcdefgh")
+        );
+        let range = concat(sink.get(blob, 2, Some(4)).unwrap());
+        assert_eq!(range, Bytes::from_static(b"cdef"));
+        assert!(concat(sink.get(blob, 8, None).unwrap()).is_empty());
+    }
+
+    #[test]
+    fn evicts_the_oldest_beyond_its_budget() {
+        let sink = Sink::new(10);
+        let (first, second) = (digest(b"123456"), digest(b"abcdef"));
+        sink.put(first, vec![Bytes::from_static(b"123456")]);
+        sink.put(second, vec![Bytes::from_static(b"abcdef")]);
+        assert_eq!(sink.find_missing(vec![first, second]), vec![first]);
+        sink.ac_put("", first, Bytes::from_static(b"r"));
+        assert_eq!(sink.ac_get("", first).unwrap(), Bytes::from_static(b"r"));
+        assert!(sink.ac_get("other", first).is_none());
+    }
+}
