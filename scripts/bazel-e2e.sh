@@ -33,6 +33,11 @@
 #   BAZEL_E2E_XMX      Bazel server heap (default 1g)
 #   BAZEL_E2E_TIMEOUT  seconds per Bazel invocation before it is killed (default 900)
 #   BAZEL_E2E_FLAGS    extra build flags, e.g. "--remote_instance_name=main"
+#   BAZEL_E2E_EXEC_CACHE
+#                      exec phases only: a separate cache (--remote_cache=URL next
+#                      to --remote_executor), for an executor that does not serve
+#                      the CAS itself, e.g. grpc://CACHE:50051 with
+#                      exec grpc://SCHEDULER:50061 (default: the executor's URL)
 #   BAZEL_E2E_GRPC_LOG failure (default): on a failed check, rerun that build with
 #                      --experimental_remote_grpc_log; always; never
 #   BAZEL_E2E_KEEP=1   keep output bases (default: deleted after each build)
@@ -212,7 +217,10 @@ remote_flags() { # mode url -> REMOTE_FLAGS
   case $mode in
     cache) REMOTE_FLAGS=(--remote_cache="$url") ;;
     exec)  case $url in grpc*) ;; *) die "exec phases need a grpc:// URL" ;; esac
-           REMOTE_FLAGS=(--remote_executor="$url") ;;
+           REMOTE_FLAGS=(--remote_executor="$url")
+           if [ -n "${BAZEL_E2E_EXEC_CACHE:-}" ]; then
+             REMOTE_FLAGS+=(--remote_cache="$BAZEL_E2E_EXEC_CACHE")
+           fi ;;
   esac
 }
 

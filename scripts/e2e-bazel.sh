@@ -6,16 +6,29 @@
 # Phases: cold then warm build over gRPC (every action a remote cache hit after
 # Bazel's local state is wiped), a warm build with --remote_download_minimal, the
 # same cold/warm over the HTTP cache protocol, then SIGKILL cairn, restart it on the
-# same data directory, and the warm build is still all hits.
+# same data directory, and the warm build is still all hits. Then remote execution:
+# `bazel-e2e.sh exec` (every action runs remotely on the cold build, every action is
+# a cache hit once Bazel's local state is wiped) against that same cairn, which was
+# started with no execution-related flags and so runs its own scheduler and worker,
+# and against the distributed example layout of config/distributed/: one cache
+# node, one cairn-scheduler, two cairn-workers, all on loopback.
+#
+# cairn-scheduler and cairn-worker are taken from the directory of PATH_TO_CAIRN
+# (cargo build --bins puts all three there).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 CAIRN="${1:-target/debug/cairn}"
-[ -x "$CAIRN" ] || { echo "e2e-bazel: $CAIRN not built (cargo build --bin cairn)" >&2; exit 1; }
+BIN_DIR="$(dirname "$CAIRN")"
+for binary in "$CAIRN" "$BIN_DIR/cairn-scheduler" "$BIN_DIR/cairn-worker"; do
+  [ -x "$binary" ] || { echo "e2e-bazel: $binary not built (cargo build --bins)" >&2; exit 1; }
+done
 
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/cairn-e2e.XXXXXX")"
 export BAZEL_E2E_DIR="$WORK/bazel"
 PID=""
+# The distributed layout's processes, stopped in this order: workers, scheduler, node.
+DIST_PIDS=()
 
 free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
@@ -32,7 +45,18 @@ stop_cairn() {
   fi
   PID=""
 }
+stop_distributed() {
+  local pid
+  for pid in ${DIST_PIDS[@]+"${DIST_PIDS[@]}"}; do
+    if kill -0 "$pid" 2>/dev/null; then
+      kill -TERM "$pid" 2>/dev/null || true
+      wait "$pid" 2>/dev/null || true
+    fi
+  done
+  DIST_PIDS=()
+}
 cleanup() {
+  stop_distributed
   stop_cairn
   chmod -R u+w "$WORK" 2>/dev/null || true
   rm -rf "$WORK"
@@ -72,6 +96,50 @@ PID=""
 start_cairn
 scripts/bazel-e2e.sh warm "$GRPC"
 
+log "remote execution on the single node (no execution-related flags)"
+scripts/bazel-e2e.sh exec "$GRPC"
 stop_cairn
+
+# wait_file FILE PID NAME: until FILE exists; fails if PID exits first.
+wait_file() {
+  local file=$1 pid=$2 name=$3
+  for _ in $(seq 1 600); do
+    [ -s "$file" ] && return 0
+    kill -0 "$pid" 2>/dev/null || { tail -n 40 "$WORK/dist.log" >&2; log "FAIL: $name exited"; exit 1; }
+    sleep 0.1
+  done
+  tail -n 40 "$WORK/dist.log" >&2
+  log "FAIL: $name was not ready"
+  exit 1
+}
+
+# The distributed example: the config files as shipped, with loopback addresses,
+# ports and directories of this run given as flags.
+CACHE_PORT="$(free_port)"
+CACHE="http://127.0.0.1:$CACHE_PORT"
+"$CAIRN" --config config/distributed/cache.json5 --listen "127.0.0.1:$CACHE_PORT" \
+  --data-dir "$WORK/dist-data" --max-size 4GiB >>"$WORK/dist.log" 2>&1 &
+DIST_PIDS=("$!")
+for _ in $(seq 1 600); do
+  (exec 3<>"/dev/tcp/127.0.0.1/$CACHE_PORT") 2>/dev/null && break
+  kill -0 "${DIST_PIDS[0]}" 2>/dev/null || { tail -n 40 "$WORK/dist.log" >&2; log "FAIL: cache node exited"; exit 1; }
+  sleep 0.1
+done
+"$BIN_DIR/cairn-scheduler" --config config/distributed/scheduler.json5 --listen 127.0.0.1:0 \
+  --cache "$CACHE" --ready-file "$WORK/scheduler.addr" >>"$WORK/dist.log" 2>&1 &
+DIST_PIDS=("$!" "${DIST_PIDS[@]}")
+wait_file "$WORK/scheduler.addr" "${DIST_PIDS[0]}" cairn-scheduler
+SCHEDULER="$(cat "$WORK/scheduler.addr")"
+for worker in worker-a worker-b; do
+  "$BIN_DIR/cairn-worker" --config "config/distributed/$worker.json5" \
+    --scheduler "http://$SCHEDULER" --cache "$CACHE" --work-dir "$WORK/$worker" \
+    --ready-file "$WORK/$worker.ready" >>"$WORK/dist.log" 2>&1 &
+  DIST_PIDS=("$!" "${DIST_PIDS[@]}")
+  wait_file "$WORK/$worker.ready" "${DIST_PIDS[0]}" "cairn-worker $worker"
+done
+log "distributed layout ready: cache :$CACHE_PORT, scheduler $SCHEDULER, workers a and b"
+BAZEL_E2E_EXEC_CACHE="grpc://127.0.0.1:$CACHE_PORT" scripts/bazel-e2e.sh exec "grpc://$SCHEDULER"
+stop_distributed
+
 log "all Bazel end-to-end phases passed"
-echo "bazel-e2e: 5 passed, 0 failed"
+echo "bazel-e2e: 7 passed, 0 failed"

@@ -6,6 +6,12 @@
 //! at startup, not a silently ignored setting. `${NAME}` inside any string value is
 //! replaced by the environment variable `NAME` (an unset variable is an error), which
 //! keeps secrets and per-host paths out of the file.
+//!
+//! One default depends on whether there is a file at all: `cairn` with no config runs
+//! remote execution next to the cache (a scheduler and a worker of its own), because
+//! the bare command is meant to be a complete single node; a config file describes a
+//! deliberate layout, so it gets execution only from an explicit `execution` section
+//! and a cache node of a distributed setup stays a cache.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -58,6 +64,22 @@ pub struct Config {
     ///
     /// [`Sink`]: crate::sink::Sink
     pub sink: bool,
+    /// Remote execution on this node's endpoint (see [`ExecutionConfig`]). Without a
+    /// config file the node runs with execution and its defaults; a config file runs
+    /// execution only if it has an `execution` section (`execution: {}` for the
+    /// defaults), and `--no-execution` turns it off either way.
+    #[serde(default)]
+    pub execution: Option<ExecutionConfig>,
+}
+
+/// Remote execution served by a single node: the node starts a `cairn-scheduler` and
+/// one `cairn-worker` next to itself and forwards Execution and Operations to them.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExecutionConfig {
+    /// Actions the worker runs at once. Default: the number of CPUs the node may
+    /// run on.
+    pub max_inflight_tasks: Option<u32>,
 }
 
 impl Default for Config {
@@ -74,6 +96,7 @@ impl Default for Config {
             shutdown_grace_seconds: 10,
             s3: None,
             sink: false,
+            execution: Some(ExecutionConfig::default()),
         }
     }
 }
@@ -159,6 +182,20 @@ mod tests {
         assert_eq!(config.data_dir, PathBuf::from("./cairn-data"));
         assert_eq!(config.max_batch_total_size, ByteSize(4 << 20));
         assert!(config.max_size.is_none());
+        assert!(
+            config.execution.is_none(),
+            "a file needs an execution section"
+        );
+        assert!(Config::default().execution.is_some());
+    }
+
+    #[test]
+    fn execution_section() {
+        let config = Config::parse("{ execution: {} }").unwrap();
+        assert_eq!(config.execution.unwrap().max_inflight_tasks, None);
+        let config = Config::parse("{ execution: { max_inflight_tasks: 3 } }").unwrap();
+        assert_eq!(config.execution.unwrap().max_inflight_tasks, Some(3));
+        assert!(Config::parse("{ execution: { workers: 2 } }").is_err());
     }
 
     #[test]

@@ -4,15 +4,19 @@
 //! functions to hash with, whether they may compress ByteStream transfers, how large a
 //! batch may be, whether they may write action results. Bazel refuses a cache that does
 //! not list SHA-256 or does not allow AC updates. The node serves any instance name, so
-//! the answer is the same for all of them. Execution is not served by this node, so
-//! `execution_capabilities` is left out.
+//! the answer is the same for all of them. A node that runs execution (a single node
+//! with its own scheduler and worker) adds `execution_capabilities` describing what
+//! its scheduler accepts; a cache-only node leaves them out, and a separate
+//! `cairn-scheduler` asks the node for its cache part and adds its own.
 
 use cairn_proto::build::bazel::semver::SemVer;
 use cairn_proto::reapi::capabilities_server::Capabilities;
 use cairn_proto::reapi::compressor::Value as Compressor;
+use cairn_proto::reapi::priority_capabilities::PriorityRange;
 use cairn_proto::reapi::symlink_absolute_path_strategy::Value as SymlinkStrategy;
 use cairn_proto::reapi::{
-    ActionCacheUpdateCapabilities, CacheCapabilities, GetCapabilitiesRequest, ServerCapabilities,
+    ActionCacheUpdateCapabilities, CacheCapabilities, ExecutionCapabilities,
+    GetCapabilitiesRequest, PriorityCapabilities, ServerCapabilities,
 };
 use cairn_storage::DigestFunction;
 use tonic::{Request, Response, Status};
@@ -23,12 +27,33 @@ use crate::store::Store;
 /// The Capabilities service.
 pub struct CapabilitiesService {
     store: Store,
+    execution: bool,
 }
 
 impl CapabilitiesService {
-    /// Answers from the limits of `store`.
-    pub fn new(store: Store) -> Self {
-        Self { store }
+    /// Answers from the limits of `store`, advertising execution if `execution`.
+    pub fn new(store: Store, execution: bool) -> Self {
+        Self { store, execution }
+    }
+}
+
+/// What the node's scheduler accepts: actions hashed with SHA-256 or BLAKE3, any
+/// priority.
+fn execution_capabilities() -> ExecutionCapabilities {
+    ExecutionCapabilities {
+        digest_function: function_to_proto(DigestFunction::Sha256) as i32,
+        exec_enabled: true,
+        execution_priority_capabilities: Some(PriorityCapabilities {
+            priorities: vec![PriorityRange {
+                min_priority: i32::MIN,
+                max_priority: i32::MAX,
+            }],
+        }),
+        supported_node_properties: Vec::new(),
+        digest_functions: [DigestFunction::Sha256, DigestFunction::Blake3]
+            .into_iter()
+            .map(|function| function_to_proto(function) as i32)
+            .collect(),
     }
 }
 
@@ -68,6 +93,7 @@ impl Capabilities for CapabilitiesService {
         };
         Ok(Response::new(ServerCapabilities {
             cache_capabilities: Some(cache),
+            execution_capabilities: self.execution.then(execution_capabilities),
             low_api_version: Some(version(2, 0)),
             high_api_version: Some(version(2, 3)),
             ..Default::default()

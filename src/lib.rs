@@ -1,24 +1,29 @@
-//! cairn: a remote build cache (and, later, remote execution) speaking the Bazel
-//! Remote Execution API v2.
+//! cairn: a remote build cache and remote execution speaking the Bazel Remote
+//! Execution API v2.
 //!
 //! This crate is the cache node's network front. Requests arrive on per-core glommio
 //! executors (the `runtime` module), are decoded by tonic-generated gRPC services — one module
 //! per protocol: [`grpc_capabilities`], [`grpc_cas`], [`grpc_ac`], [`grpc_bytestream`]
 //! — or by the HTTP cache protocol ([`http_cache`]), and are served from the storage
 //! engine (`cairn-storage`) through [`store`], which holds the rules every protocol
-//! shares. [`node`] assembles all of it from a [`config::Config`].
+//! shares. [`node`] assembles all of it from a [`config::Config`]; a single node also
+//! starts a scheduler and a worker of its own ([`embedded`]) and forwards Execution to
+//! them ([`grpc_execution`]). The [`scheduler`] and [`worker`] modules are the
+//! `cairn-scheduler` and `cairn-worker` programs.
 
 pub mod action_results;
 pub mod byte_size;
 pub mod cas_client;
 pub mod config;
 pub mod digests;
+pub mod embedded;
 pub mod error;
 pub mod exec_common;
 pub mod grpc_ac;
 pub mod grpc_bytestream;
 pub mod grpc_capabilities;
 pub mod grpc_cas;
+pub mod grpc_execution;
 pub mod http_cache;
 pub mod http_path;
 pub mod metrics;

@@ -5,23 +5,33 @@
 //! each failure into a sentence before any executor starts), then the services are
 //! built over it, then the runtime starts one executor per shard, and signals are
 //! wired to a graceful stop.
+//!
+//! With execution configured, the node also starts its scheduler and worker (see
+//! [`crate::embedded`]) once the data directory exists and before it listens, and
+//! serves Execution and Operations by forwarding to that scheduler. A stop signal then
+//! stops the worker and the scheduler first, while the cache still serves the
+//! worker's last uploads, and only then the node itself.
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use cairn_proto::bytestream::byte_stream_server::ByteStreamServer;
+use cairn_proto::longrunning::operations_server::OperationsServer;
 use cairn_proto::reapi::action_cache_server::ActionCacheServer;
 use cairn_proto::reapi::capabilities_server::CapabilitiesServer;
 use cairn_proto::reapi::content_addressable_storage_server::ContentAddressableStorageServer;
+use cairn_proto::reapi::execution_server::ExecutionServer;
 use cairn_storage::{Engine, EngineConfig};
 use tokio::sync::watch;
 
 use crate::config::Config;
+use crate::embedded::Embedded;
 use crate::error::{Error, Result};
 use crate::grpc_ac::ActionCacheService;
 use crate::grpc_bytestream::ByteStreamService;
 use crate::grpc_capabilities::CapabilitiesService;
 use crate::grpc_cas::CasService;
+use crate::grpc_execution::{ExecutionService, Forwarder, OperationsService};
 use crate::http_cache::HttpFront;
 use crate::metrics::Metrics;
 use crate::sink::Sink;
@@ -83,27 +93,75 @@ pub fn run(config: Config) -> Result<()> {
     }
     let pending = Arc::new(PendingUploads::new(config.upload_resume()));
     let (stop, _) = watch::channel(false);
-    signals::stop_on_signal(stop.clone())?;
+    let mut routes = grpc_routes(&store, pending, limits, config.execution.is_some());
+    let mut execution = None;
+    if let Some(settings) = &config.execution {
+        let embedded = Embedded::start(
+            config.listen,
+            &config.data_dir,
+            settings,
+            runtime::available_cores(),
+            config.shutdown_grace(),
+        )?;
+        let (forwarder, forwarding) = Forwarder::start(&embedded.scheduler_url())?;
+        routes = routes
+            .add_service(ExecutionServer::new(ExecutionService::new(
+                forwarder.clone(),
+            )))
+            .add_service(OperationsServer::new(OperationsService::new(forwarder)));
+        let embedded = Arc::new(Mutex::new(embedded));
+        stop_children_first(Arc::clone(&embedded), stop.clone())?;
+        execution = Some((embedded, forwarding));
+    } else {
+        signals::stop_on_signal(stop.clone())?;
+    }
     let serve = runtime::Serve {
         grpc_addr: config.listen,
         http_addr: config.http_listen,
-        grpc: grpc_routes(&store, pending, limits),
+        grpc: routes,
         http: HttpFront::new(store),
         engine,
         grace: config.shutdown_grace(),
     };
     let served = runtime::run(serve, runners, stop);
+    if let Some((embedded, _forwarding)) = execution {
+        // Already done after a signal; needed when the node stopped on an error.
+        if let Ok(mut embedded) = embedded.lock() {
+            embedded.stop();
+        }
+    }
     drop(slow_tier_runtime);
     served?;
     tracing::info!("stopped cleanly");
     Ok(())
 }
 
-/// Every gRPC service of the node, accepting messages as large as a full batch.
+/// Routes the first SIGTERM or SIGINT through stopping `embedded` (worker, then
+/// scheduler) before `stop` tells the node to stop.
+fn stop_children_first(embedded: Arc<Mutex<Embedded>>, stop: watch::Sender<bool>) -> Result<()> {
+    let (signalled, mut received) = watch::channel(false);
+    signals::stop_on_signal(signalled)?;
+    std::thread::Builder::new()
+        .name("exec-stop".to_string())
+        .spawn(move || {
+            if futures::executor::block_on(received.wait_for(|stopping| *stopping)).is_ok() {
+                if let Ok(mut embedded) = embedded.lock() {
+                    embedded.stop();
+                }
+            }
+            stop.send_replace(true);
+        })
+        .map_err(|error| Error::internal(format!("cannot start the stop thread: {error}")))?;
+    Ok(())
+}
+
+/// Every cache service of the node, accepting messages as large as a full batch;
+/// `execution` says whether the capabilities advertise remote execution.
 fn grpc_routes(
     store: &Store,
     pending: Arc<PendingUploads>,
     limits: Limits,
+    execution: bool,
 ) -> tonic::service::Routes {
     // A batch at the limit plus its framing must decode, so an over-limit batch reaches
     // the handler and gets a clear INVALID_ARGUMENT rather than a transport error.
@@ -112,7 +170,7 @@ fn grpc_routes(
         .saturating_mul(2)
         .saturating_add(1 << 20);
     tonic::service::Routes::new(
-        CapabilitiesServer::new(CapabilitiesService::new(store.clone()))
+        CapabilitiesServer::new(CapabilitiesService::new(store.clone(), execution))
             .max_decoding_message_size(message_limit),
     )
     .add_service(

@@ -1,5 +1,6 @@
 //! Remote execution against the real binaries: a `cairn` cache node, `cairn-scheduler`
-//! and one or more `cairn-worker`s on loopback.
+//! and one or more `cairn-worker`s on loopback, and a single `cairn` that starts its
+//! own scheduler and worker and serves Execute on its endpoint.
 //!
 //! Every process gets ports or files of its own; readiness is polled (the scheduler
 //! writes its address to a ready file, a worker writes its id once registered), and
@@ -17,15 +18,16 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use cairn_proto::longrunning::operations_client::OperationsClient;
-use cairn_proto::longrunning::{CancelOperationRequest, Operation};
+use cairn_proto::longrunning::{CancelOperationRequest, GetOperationRequest, Operation};
 use cairn_proto::reapi::batch_update_blobs_request::Request as UpdateRequest;
 use cairn_proto::reapi::command::EnvironmentVariable;
+use cairn_proto::reapi::digest_function::Value as FunctionValue;
 use cairn_proto::reapi::execution_client::ExecutionClient;
 use cairn_proto::reapi::platform::Property;
 use cairn_proto::reapi::{
     Action, BatchReadBlobsRequest, BatchUpdateBlobsRequest, Command, Digest, Directory,
     ExecuteOperationMetadata, ExecuteRequest, ExecuteResponse, FileNode, GetActionResultRequest,
-    Platform, SymlinkNode,
+    GetCapabilitiesRequest, Platform, SymlinkNode,
 };
 use cairn_proto::worker::worker_api_client::WorkerApiClient;
 use cairn_proto::worker::{ListWorkersRequest, WorkerInfo};
@@ -178,8 +180,8 @@ struct Cluster {
 impl Cluster {
     /// A node and a scheduler with `config` (a path, or JSON5 text written to a file).
     fn start(config: SchedulerConfig, seccomp: bool) -> Cluster {
-        let node = Node::start();
         let dir = tempfile::tempdir().expect("temporary directory");
+        let node = Node::start_in(&dir.path().join("node"), &["--no-execution"]);
         let ready = dir.path().join("scheduler.ready");
         let mut command = Process::new(SCHEDULER);
         command
@@ -219,6 +221,22 @@ impl Cluster {
             workers: Vec::new(),
             dir,
             seccomp,
+        }
+    }
+
+    /// A single `cairn` node started with no execution-related flags: it runs its own
+    /// scheduler and worker, and its endpoint is the one Execute goes to.
+    fn single_node() -> Cluster {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let node = Node::start_in(&dir.path().join("node"), &[]);
+        let address = node.grpc;
+        Cluster {
+            node,
+            scheduler: Proc { child: None },
+            address,
+            workers: Vec::new(),
+            dir,
+            seccomp: false,
         }
     }
 
@@ -1119,4 +1137,101 @@ async fn draining_finishes_running_work_then_exits() {
     assert!(status.success(), "{other}: {status}");
     worker.child = None;
     assert!(cluster.workers_info().await.is_empty());
+}
+
+#[tokio::test]
+async fn a_single_node_executes_on_its_own_endpoint() {
+    let cluster = Cluster::single_node();
+    let capabilities = cluster
+        .node
+        .capabilities()
+        .await
+        .get_capabilities(GetCapabilitiesRequest::default())
+        .await
+        .expect("GetCapabilities")
+        .into_inner();
+    let execution = capabilities
+        .execution_capabilities
+        .expect("execution capabilities");
+    assert!(execution.exec_enabled);
+    assert_eq!(execution.digest_function, FunctionValue::Sha256 as i32);
+    assert_eq!(
+        execution.digest_functions,
+        vec![FunctionValue::Sha256 as i32, FunctionValue::Blake3 as i32]
+    );
+    assert!(capabilities.cache_capabilities.is_some());
+
+    let marker = cluster.marker("runs");
+    let action = cluster
+        .action(
+            Spec::script(format!(
+                "echo run >> {}; echo single > out/answer",
+                marker.display()
+            ))
+            .outputs(&["out/answer"]),
+        )
+        .await;
+    let (operations, first) = cluster.execute(&action, false).await;
+    assert_eq!(code_of(&first), Code::Ok, "{first:?}");
+    assert!(!first.cached_result);
+    assert_eq!(stage_of(operations.last().expect("operations")), 4);
+    assert_eq!(
+        output_file(&cluster, &first, "out/answer").await,
+        b"single\n"
+    );
+    assert_eq!(lines(&marker), 1);
+
+    // Operations are forwarded too: the finished operation is known by its name.
+    let name = operations.last().expect("operations").name.clone();
+    let operation = OperationsClient::new(cluster.channel().await)
+        .get_operation(GetOperationRequest { name: name.clone() })
+        .await
+        .expect("GetOperation")
+        .into_inner();
+    assert_eq!(operation.name, name);
+    assert!(operation.done);
+
+    let (_, second) = cluster.execute(&action, false).await;
+    assert!(second.cached_result);
+    assert_eq!(lines(&marker), 1, "a cache hit ran the command");
+
+    // A clean stop takes the scheduler and the worker down with the node.
+    let scheduler: SocketAddr =
+        std::fs::read_to_string(cluster.node.data_dir.join("scheduler.addr"))
+            .expect("scheduler.addr")
+            .trim()
+            .parse()
+            .expect("scheduler address");
+    let Cluster { node, dir, .. } = cluster;
+    let status = node.terminate();
+    assert!(status.success(), "cairn exited with {status}");
+    assert!(
+        std::net::TcpStream::connect(scheduler).is_err(),
+        "the scheduler outlived the node"
+    );
+    drop(dir);
+}
+
+#[tokio::test]
+async fn no_execution_serves_the_cache_alone() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let node = Node::start_in(&dir.path().join("node"), &["--no-execution"]);
+    let capabilities = node
+        .capabilities()
+        .await
+        .get_capabilities(GetCapabilitiesRequest::default())
+        .await
+        .expect("GetCapabilities")
+        .into_inner();
+    assert!(capabilities.execution_capabilities.is_none());
+    assert!(capabilities.cache_capabilities.is_some());
+    let error = ExecutionClient::new(node.channel().await)
+        .execute(ExecuteRequest {
+            action_digest: Some(wire(&sha256(b"action"))),
+            ..Default::default()
+        })
+        .await
+        .expect_err("Execute on a cache-only node");
+    assert_eq!(error.code(), Code::Unimplemented, "{error:?}");
+    assert!(!node.data_dir.join("scheduler.addr").exists());
 }

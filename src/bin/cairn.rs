@@ -2,7 +2,10 @@
 //!
 //! With no arguments it is a complete single node: gRPC on 127.0.0.1:50051, data in
 //! ./cairn-data, a size budget taken from the free disk space, any instance name.
-//! A JSON5 config file and the flags below adjust it; flags win over the file.
+//! It also runs remote execution: it starts `cairn-scheduler` and one `cairn-worker`
+//! (found next to this binary) on loopback and serves Execution and Operations on the
+//! same endpoint. A JSON5 config file and the flags below adjust it; flags win over the
+//! file, and a config file runs execution only if it has an `execution` section.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -16,8 +19,11 @@ use tracing_subscriber::EnvFilter;
 /// A remote build cache speaking the Bazel Remote Execution API v2 (gRPC) and Bazel's
 /// HTTP cache protocol.
 ///
-/// Point Bazel at it with --remote_cache=grpc://127.0.0.1:50051 (or, with
-/// --http-listen, --remote_cache=http://ADDR). Logs go to stderr; RUST_LOG adjusts them.
+/// Point Bazel at it with --remote_executor=grpc://127.0.0.1:50051 to build remotely,
+/// or --remote_cache=grpc://127.0.0.1:50051 to cache only (or, with --http-listen,
+/// --remote_cache=http://ADDR). Without a config file it also runs remote execution:
+/// cairn-scheduler and cairn-worker (next to this binary) start as child processes.
+/// Logs go to stderr; RUST_LOG adjusts them.
 #[derive(Parser, Debug)]
 #[command(name = "cairn", version)]
 struct Args {
@@ -55,6 +61,12 @@ struct Args {
     /// instead of the store, to measure the network stack alone. Nothing is durable.
     #[arg(long)]
     sink: bool,
+    /// Serve the cache only: start no scheduler or worker, and answer Execute with
+    /// UNIMPLEMENTED [default without a config file: execution on, with a worker
+    /// running as many actions at once as there are CPUs; with a config file: as its
+    /// `execution` section says].
+    #[arg(long)]
+    no_execution: bool,
 }
 
 fn main() -> ExitCode {
@@ -87,6 +99,9 @@ fn main() -> ExitCode {
         }
         if args.sink {
             config.sink = true;
+        }
+        if args.no_execution {
+            config.execution = None;
         }
         cairn::node::run(config)
     });

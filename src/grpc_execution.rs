@@ -1,0 +1,251 @@
+//! REAPI Execution and google.longrunning.Operations on the node's own endpoint, by
+//! forwarding every call to the scheduler the node started (see [`crate::embedded`]).
+//!
+//! A single node is meant to be one address: Bazel's `--remote_executor` and
+//! `--remote_cache` both point at it. The node does not schedule anything itself; it
+//! passes Execute, WaitExecution and the Operations calls to its child
+//! `cairn-scheduler` over loopback and relays the answers unchanged, so operation names,
+//! stages and results are exactly the scheduler's.
+//!
+//! The node's handlers run on glommio executors and may only await `Send` futures,
+//! while tonic's client transport needs a tokio runtime. So the forwarder owns a small
+//! tokio runtime (one thread): each call is spawned onto it and the handler awaits the
+//! join handle, and a streamed answer is pumped from the scheduler's stream into a
+//! channel whose receiving end is the node's response stream. When the client goes
+//! away the channel closes, the pump drops the scheduler's stream, and the scheduler
+//! sees the cancellation as if the client had called it directly.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use cairn_proto::longrunning::operations_client::OperationsClient;
+use cairn_proto::longrunning::operations_server::Operations;
+use cairn_proto::longrunning::{
+    CancelOperationRequest, DeleteOperationRequest, GetOperationRequest, ListOperationsRequest,
+    ListOperationsResponse, Operation, WaitOperationRequest,
+};
+use cairn_proto::reapi::execution_client::ExecutionClient;
+use cairn_proto::reapi::execution_server::Execution;
+use cairn_proto::reapi::{ExecuteRequest, WaitExecutionRequest};
+use futures::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::error::{Error, Result};
+use crate::exec_common::lazy_channel;
+
+type OperationStream = Pin<Box<dyn Stream<Item = std::result::Result<Operation, Status>> + Send>>;
+
+/// Operations buffered between the scheduler's stream and the client's.
+const STREAM_BUFFER: usize = 16;
+
+/// The tokio side of the forwarder: a one-thread runtime and a channel to the
+/// scheduler. Cloning shares both.
+#[derive(Clone)]
+pub struct Forwarder {
+    runtime: tokio::runtime::Handle,
+    scheduler: Channel,
+}
+
+/// Keeps the forwarder's runtime alive; dropping it stops the forwarding.
+pub struct ForwarderRuntime {
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl Drop for ForwarderRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+impl Forwarder {
+    /// Starts the runtime and a (lazily connecting) channel to the scheduler at `url`.
+    pub fn start(url: &str) -> Result<(Forwarder, ForwarderRuntime)> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("exec-forward")
+            .enable_all()
+            .build()
+            .map_err(|error| {
+                Error::internal(format!("cannot start the execution forwarder: {error}"))
+            })?;
+        let scheduler = {
+            let _entered = runtime.enter();
+            lazy_channel(url)?
+        };
+        let forwarder = Forwarder {
+            runtime: runtime.handle().clone(),
+            scheduler,
+        };
+        Ok((
+            forwarder,
+            ForwarderRuntime {
+                runtime: Some(runtime),
+            },
+        ))
+    }
+
+    /// Runs `call` on the forwarder's runtime and waits for its answer.
+    async fn call<T, F>(&self, call: F) -> std::result::Result<T, Status>
+    where
+        F: Future<Output = std::result::Result<T, Status>> + Send + 'static,
+        T: Send + 'static,
+    {
+        self.runtime.spawn(call).await.map_err(|error| {
+            Status::internal(format!("forwarding to the scheduler failed: {error}"))
+        })?
+    }
+
+    /// Relays the scheduler's `stream` to the client until either side ends it.
+    fn relay(&self, mut stream: Streaming<Operation>) -> OperationStream {
+        let (sender, receiver) = tokio::sync::mpsc::channel(STREAM_BUFFER);
+        self.runtime.spawn(async move {
+            loop {
+                let next = tokio::select! {
+                    next = stream.message() => next,
+                    () = sender.closed() => break,
+                };
+                let item = match next {
+                    Ok(Some(operation)) => Ok(operation),
+                    Ok(None) => break,
+                    Err(status) => Err(status),
+                };
+                let failed = item.is_err();
+                if sender.send(item).await.is_err() || failed {
+                    break;
+                }
+            }
+        });
+        Box::pin(ReceiverStream::new(receiver))
+    }
+
+    fn execution(&self) -> ExecutionClient<Channel> {
+        ExecutionClient::new(self.scheduler.clone())
+    }
+
+    fn operations(&self) -> OperationsClient<Channel> {
+        OperationsClient::new(self.scheduler.clone())
+    }
+}
+
+/// REAPI Execution, forwarded to the scheduler.
+pub struct ExecutionService {
+    forwarder: Forwarder,
+}
+
+impl ExecutionService {
+    /// Forwards through `forwarder`.
+    pub fn new(forwarder: Forwarder) -> Self {
+        Self { forwarder }
+    }
+}
+
+#[tonic::async_trait]
+impl Execution for ExecutionService {
+    type ExecuteStream = OperationStream;
+    type WaitExecutionStream = OperationStream;
+
+    async fn execute(
+        &self,
+        request: Request<ExecuteRequest>,
+    ) -> std::result::Result<Response<Self::ExecuteStream>, Status> {
+        let mut client = self.forwarder.execution();
+        let message = request.into_inner();
+        let stream = self
+            .forwarder
+            .call(async move { client.execute(message).await.map(Response::into_inner) })
+            .await?;
+        Ok(Response::new(self.forwarder.relay(stream)))
+    }
+
+    async fn wait_execution(
+        &self,
+        request: Request<WaitExecutionRequest>,
+    ) -> std::result::Result<Response<Self::WaitExecutionStream>, Status> {
+        let mut client = self.forwarder.execution();
+        let message = request.into_inner();
+        let stream = self
+            .forwarder
+            .call(async move {
+                client
+                    .wait_execution(message)
+                    .await
+                    .map(Response::into_inner)
+            })
+            .await?;
+        Ok(Response::new(self.forwarder.relay(stream)))
+    }
+}
+
+/// google.longrunning.Operations, forwarded to the scheduler.
+pub struct OperationsService {
+    forwarder: Forwarder,
+}
+
+impl OperationsService {
+    /// Forwards through `forwarder`.
+    pub fn new(forwarder: Forwarder) -> Self {
+        Self { forwarder }
+    }
+}
+
+#[tonic::async_trait]
+impl Operations for OperationsService {
+    async fn list_operations(
+        &self,
+        request: Request<ListOperationsRequest>,
+    ) -> std::result::Result<Response<ListOperationsResponse>, Status> {
+        let mut client = self.forwarder.operations();
+        let message = request.into_inner();
+        self.forwarder
+            .call(async move { client.list_operations(message).await })
+            .await
+    }
+
+    async fn get_operation(
+        &self,
+        request: Request<GetOperationRequest>,
+    ) -> std::result::Result<Response<Operation>, Status> {
+        let mut client = self.forwarder.operations();
+        let message = request.into_inner();
+        self.forwarder
+            .call(async move { client.get_operation(message).await })
+            .await
+    }
+
+    async fn delete_operation(
+        &self,
+        request: Request<DeleteOperationRequest>,
+    ) -> std::result::Result<Response<()>, Status> {
+        let mut client = self.forwarder.operations();
+        let message = request.into_inner();
+        self.forwarder
+            .call(async move { client.delete_operation(message).await })
+            .await
+    }
+
+    async fn cancel_operation(
+        &self,
+        request: Request<CancelOperationRequest>,
+    ) -> std::result::Result<Response<()>, Status> {
+        let mut client = self.forwarder.operations();
+        let message = request.into_inner();
+        self.forwarder
+            .call(async move { client.cancel_operation(message).await })
+            .await
+    }
+
+    async fn wait_operation(
+        &self,
+        request: Request<WaitOperationRequest>,
+    ) -> std::result::Result<Response<Operation>, Status> {
+        let mut client = self.forwarder.operations();
+        let message = request.into_inner();
+        self.forwarder
+            .call(async move { client.wait_operation(message).await })
+            .await
+    }
+}
