@@ -145,6 +145,12 @@ impl HttpFront {
     }
 
     /// Streams a PUT body into the store under the digest its hash and length name.
+    ///
+    /// The body is always read to its end, also when the blob is already stored or the
+    /// upload fails: answering before the client has finished sending makes hyper close
+    /// the connection, and Bazel reports the reset as a failed cache write ("Broken
+    /// pipe") even though nothing was wrong. Only a body larger than any blob the node
+    /// accepts is left unread.
     async fn put_blob(&self, hash: &str, request: Request<Incoming>) -> Result<()> {
         let size = request
             .headers()
@@ -152,22 +158,39 @@ impl HttpFront {
             .and_then(|length| length.to_str().ok())
             .and_then(|length| length.parse::<u64>().ok())
             .ok_or_else(|| Error::invalid_argument("a blob PUT needs a Content-Length"))?;
+        let mut body = request.into_body();
+        let stored = self.receive_blob(hash, size, &mut body).await;
+        if stored.is_err() && size <= self.store.limits().max_cas_blob_size {
+            while let Some(Ok(_)) = body.frame().await {}
+        }
+        stored
+    }
+
+    async fn receive_blob(&self, hash: &str, size: u64, body: &mut Incoming) -> Result<()> {
         let digest = crate::digests::parse_hash(DigestFunction::Sha256, hash, size)?;
-        if !self.store.contains(digest).await? {
-            let mut upload = self.store.begin_put(digest).await?;
-            let mut body = request.into_body();
-            while let Some(frame) = body.frame().await {
-                let frame = frame.map_err(|error| {
-                    Error::invalid_argument(format!("the upload broke off: {error}"))
-                })?;
-                if let Ok(data) = frame.into_data() {
-                    if upload.committed() + data.len() as u64 > size {
-                        return Err(Error::invalid_argument("more data than Content-Length"));
-                    }
-                    self.store.metrics().bytes_received(data.len() as u64);
-                    upload.write(data).await?;
-                }
+        let mut upload = if self.store.contains(digest).await? {
+            None
+        } else {
+            Some(self.store.begin_put(digest).await?)
+        };
+        let mut received = 0u64;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|error| {
+                Error::invalid_argument(format!("the upload broke off: {error}"))
+            })?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            received += data.len() as u64;
+            if received > size {
+                return Err(Error::invalid_argument("more data than Content-Length"));
             }
+            self.store.metrics().bytes_received(data.len() as u64);
+            if let Some(upload) = upload.as_mut() {
+                upload.write(data).await?;
+            }
+        }
+        if let Some(upload) = upload {
             upload.finish().await?;
         }
         self.store.remember_size(digest).await

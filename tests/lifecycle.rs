@@ -99,6 +99,68 @@ fn http_cache_protocol_metrics_and_health() {
     }
 }
 
+/// Sends one HTTP/1.1 request on a kept-alive connection and reads its response by
+/// Content-Length; returns the status and the body.
+fn keep_alive_request(
+    stream: &mut TcpStream,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> (u16, Vec<u8>) {
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: cairn\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    stream
+        .write_all(head.as_bytes())
+        .expect("send the request head");
+    stream.write_all(body).expect("send the whole body");
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        stream.read_exact(&mut byte).expect("a response head");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .expect("a status code");
+    let length: usize = head
+        .lines()
+        .find_map(|line| line.strip_prefix("content-length:"))
+        .and_then(|value| value.trim().parse().ok())
+        .expect("a Content-Length");
+    let mut response = vec![0u8; length];
+    stream.read_exact(&mut response).expect("the response body");
+    (status, response)
+}
+
+/// Bazel sends every output with PUT on a few kept-alive connections. A PUT answered
+/// before its body was read (blob already stored, or refused) used to close the
+/// connection under the client, which Bazel reports as a failed cache write.
+#[test]
+fn http_put_answers_without_dropping_the_connection() {
+    let node = Node::start();
+    let data = blob(41, 3 << 20);
+    let hash = sha256(&data).hash_hex();
+    let wrong = sha256(b"other").hash_hex();
+    let mut stream = TcpStream::connect(node.http).expect("connect to the HTTP listener");
+    let path = format!("/cas/{hash}");
+    assert_eq!(keep_alive_request(&mut stream, "PUT", &path, &data).0, 200);
+    assert_eq!(keep_alive_request(&mut stream, "PUT", &path, &data).0, 200);
+    let refused = format!("/cas/{wrong}");
+    assert_eq!(
+        keep_alive_request(&mut stream, "PUT", &refused, &data).0,
+        400
+    );
+    let (status, body) = keep_alive_request(&mut stream, "GET", &path, b"");
+    assert_eq!(status, 200);
+    assert!(body == data, "the blob read back differs from the one put");
+    assert_eq!(keep_alive_request(&mut stream, "GET", &refused, b"").0, 404);
+}
+
 #[tokio::test]
 async fn garbage_on_the_port_does_not_hurt_the_node() {
     let node = Node::start();
