@@ -14,7 +14,7 @@
 # node, one cairn-scheduler, two cairn-workers, all on loopback.
 #
 # cairn-scheduler and cairn-worker are taken from the directory of PATH_TO_CAIRN
-# (cargo build --bins puts all three there).
+# (`cargo test` and `cargo build --bins` both put all three there).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

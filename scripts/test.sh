@@ -33,5 +33,7 @@ step "fuzz smoke (each target briefly, from its seeds)"
 scripts/fuzz-smoke.sh
 
 step "Bazel end-to-end (real Bazel 4.2.3 against real cairn processes)"
-cargo build --bins
+# `cargo test` already built cairn, cairn-scheduler and cairn-worker for the
+# integration tests; a separate `cargo build --bins` resolves features without the
+# dev-dependencies and rebuilt some 50 crates (4 minutes on 2 cores) for nothing.
 scripts/e2e-bazel.sh target/debug/cairn
