@@ -39,13 +39,13 @@ pub fn function_to_proto(function: DigestFunction) -> FunctionValue {
 /// Parses a hash written as REAPI requires: lowercase hexadecimal, of the length
 /// `function` produces.
 pub fn parse_hash(function: DigestFunction, hash: &str, size: u64) -> Result<Digest> {
-    if hash.bytes().any(|b| b.is_ascii_uppercase()) {
-        return Err(Error::invalid_argument(format!(
-            "hash `{hash}` is not lowercase hexadecimal"
-        )));
-    }
-    Digest::from_hex(function, hash, size)
-        .map_err(|error| Error::invalid_argument(format!("invalid hash `{hash}`: {error}")))
+    Digest::from_lower_hex(function, hash, size).map_err(|error| {
+        if hash.bytes().any(|b| b.is_ascii_uppercase()) {
+            Error::invalid_argument(format!("hash `{hash}` is not lowercase hexadecimal"))
+        } else {
+            Error::invalid_argument(format!("invalid hash `{hash}`: {error}"))
+        }
+    })
 }
 
 /// Validates a wire digest.

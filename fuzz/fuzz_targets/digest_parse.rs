@@ -1,5 +1,6 @@
-//! Arbitrary text through `Digest::from_hex`: it must never panic, accept exactly the
-//! 64-character hex strings, and round-trip what it accepts.
+//! Arbitrary text through `Digest::from_hex` and `Digest::from_lower_hex`: they must
+//! never panic, accept exactly the 64-character hex strings (lowercase only for the
+//! latter), and round-trip what they accept.
 //!
 //! Input layout: function selector (1 byte), size (8 bytes LE), then the hash text.
 #![no_main]
@@ -36,5 +37,13 @@ fuzz_target!(|data: &[u8]| {
         Err(e) => {
             assert!(!valid, "rejected {text:?}: {e}");
         }
+    }
+    let lower = valid && !text.bytes().any(|b| b.is_ascii_uppercase());
+    match Digest::from_lower_hex(function, &text, size) {
+        Ok(d) => {
+            assert!(lower, "accepted {text:?} as lowercase");
+            assert_eq!(d.hash_hex(), text);
+        }
+        Err(e) => assert!(!lower, "rejected lowercase {text:?}: {e}"),
     }
 });

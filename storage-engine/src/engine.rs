@@ -9,7 +9,8 @@ use crate::config::EngineConfig;
 use crate::digest::Digest;
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::Key;
-use crate::key::{ac_key, cas_key, partition_of};
+use crate::index::Prefix;
+use crate::key::{ac_key, cas_key, partition_of, prefix};
 use crate::manifest::Manifest;
 use crate::replication::ReplicationBatch;
 use crate::shard::{Request, ShardRunner, Shared, UploadMsg};
@@ -209,14 +210,14 @@ impl Engine {
     /// shard, answered from the in-memory index alone.
     pub async fn find_missing(&self, digests: Vec<Digest>) -> Result<Vec<Digest>> {
         let shards = self.inner.shards.len();
-        let mut per_shard: Vec<Vec<(usize, u32, Key)>> = vec![Vec::new(); shards];
+        let mut per_shard: Vec<Vec<(usize, u32, Prefix)>> = vec![Vec::new(); shards];
         for (i, d) in digests.iter().enumerate() {
             if d.is_empty_blob() {
                 continue;
             }
             let key = cas_key(d);
             let part = partition_of(&key, self.inner.partitions);
-            per_shard[part as usize % shards].push((i, part, key));
+            per_shard[part as usize % shards].push((i, part, prefix(&key)));
         }
         let mut replies = Vec::new();
         for (shard, items) in per_shard.into_iter().enumerate() {

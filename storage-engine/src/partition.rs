@@ -175,7 +175,11 @@ impl Partition {
     }
 
     pub fn contains(&self, key: &Key) -> bool {
-        self.st.borrow().index.contains_key(&prefix(key))
+        self.contains_prefix(prefix(key))
+    }
+
+    pub fn contains_prefix(&self, prefix: Prefix) -> bool {
+        self.st.borrow().index.contains_key(&prefix)
     }
 
     /// Adds a record to the index, unless its segment was reclaimed meanwhile.
