@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use cairn_storage::{BlobStream, Digest, DigestFunction, Engine, ErrorKind};
-use futures::stream::{self, BoxStream, StreamExt};
+use futures::stream::{self, BoxStream, StreamExt, TryStreamExt};
 
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
@@ -191,8 +191,7 @@ impl Store {
         let found = self.read(digest, offset, limit).await;
         self.metrics.lookup("cas", found.is_ok());
         let metrics = Arc::clone(&self.metrics);
-        let blob: BlobStream = found?;
-        Ok(blob
+        Ok(found?
             .map(move |chunk| {
                 let chunk = chunk?;
                 metrics.bytes_sent(chunk.len() as u64);
@@ -213,7 +212,7 @@ impl Store {
         } else {
             let found = self.read(digest, 0, None).await;
             self.metrics.lookup("cas", found.is_ok());
-            found?.collect_bytes().await?
+            collect(found?).await?
         };
         self.metrics.bytes_sent(data.len() as u64);
         Ok(data)
@@ -269,17 +268,16 @@ impl Store {
             .is_some_and(|slow_tier| slow_tier.holds(digest))
     }
 
-    /// Reads a blob locally; on a local miss it is first copied in from the slow tier.
-    async fn read(&self, digest: Digest, offset: u64, limit: Option<u64>) -> Result<BlobStream> {
+    /// Reads a blob locally; a local miss is streamed from the slow tier.
+    async fn read(&self, digest: Digest, offset: u64, limit: Option<u64>) -> Result<ByteStream> {
         match (
             self.engine.get(digest, offset, limit).await,
             &self.slow_tier,
         ) {
             (Err(error), Some(slow_tier)) if error.kind() == ErrorKind::NotFound => {
-                slow_tier.fetch_blob(digest).await?;
-                Ok(self.engine.get(digest, offset, limit).await?)
+                slow_tier.read_blob(digest, offset, limit).await
             }
-            (found, _) => Ok(found?),
+            (found, _) => Ok(engine_stream(found?)),
         }
     }
 
@@ -350,6 +348,20 @@ impl Upload {
             }
         }
     }
+}
+
+/// A stream of the engine's chunks with the crate's errors.
+pub(crate) fn engine_stream(blob: BlobStream) -> ByteStream {
+    blob.map_err(Error::from).boxed()
+}
+
+/// Reads a whole stream into one buffer.
+async fn collect(blob: ByteStream) -> Result<Bytes> {
+    let chunks: Vec<Bytes> = blob.try_collect().await?;
+    Ok(match <[Bytes; 1]>::try_from(chunks) {
+        Ok([only]) => only,
+        Err(chunks) => Bytes::from(chunks.concat()),
+    })
 }
 
 /// The error for a blob that is not stored.

@@ -22,6 +22,7 @@ use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_smithy_http_client::tls::{rustls_provider::CryptoMode, Provider};
 use bytes::Bytes;
+use cairn_proto::bytestream::ReadRequest;
 use cairn_proto::reapi::batch_update_blobs_request::Request as UpdateRequest;
 use cairn_proto::reapi::{
     ActionResult, BatchReadBlobsRequest, BatchUpdateBlobsRequest, FindMissingBlobsRequest,
@@ -200,6 +201,11 @@ async fn wait_in_bucket(s3: &aws_sdk_s3::Client, digests: &[Digest]) {
 
 /// Starts a node from the fleet config on `dir`.
 fn fleet_node(moto: &Moto, dir: &Path) -> Node {
+    fleet_node_of_size(moto, dir, "4GiB")
+}
+
+/// Starts a node from the fleet config on `dir` with a local budget of `max_size`.
+fn fleet_node_of_size(moto: &Moto, dir: &Path, max_size: &str) -> Node {
     let grpc = free_port();
     let http = free_port();
     let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/fleet-node.json5");
@@ -210,7 +216,7 @@ fn fleet_node(moto: &Moto, dir: &Path) -> Node {
         .env("CAIRN_LISTEN", grpc.to_string())
         .env("CAIRN_HTTP_LISTEN", http.to_string())
         .env("CAIRN_DATA_DIR", dir)
-        .env("CAIRN_MAX_SIZE", "4GiB")
+        .env("CAIRN_MAX_SIZE", max_size)
         .env("CAIRN_S3_ENDPOINT", moto.endpoint())
         .env("CAIRN_S3_BUCKET", BUCKET)
         .env("AWS_ACCESS_KEY_ID", "test")
@@ -335,6 +341,42 @@ async fn find_missing(node: &Node, digests: &[Digest]) -> Vec<Digest> {
             .expect("digest")
         })
         .collect()
+}
+
+/// Stores `data` through the node's ByteStream.
+async fn put_stream(node: &Node, data: &[u8]) -> Digest {
+    let digest = sha256(data);
+    let mut bytestream = node.bytestream().await;
+    let committed = write_blob(&mut bytestream, &upload_name("", &digest), data)
+        .await
+        .expect("ByteStream Write");
+    assert_eq!(committed as usize, data.len());
+    digest
+}
+
+/// Reads a whole blob through ByteStream, counting what arrives before the stream
+/// ends: the byte count and the error it ended with, if any.
+async fn read_counting(node: &Node, digest: &Digest) -> (usize, Option<tonic::Status>) {
+    let mut bytestream = node.bytestream().await;
+    let mut stream = match bytestream
+        .read(ReadRequest {
+            resource_name: read_name("", digest),
+            read_offset: 0,
+            read_limit: 0,
+        })
+        .await
+    {
+        Ok(response) => response.into_inner(),
+        Err(status) => return (0, Some(status)),
+    };
+    let mut received = 0;
+    loop {
+        match stream.message().await {
+            Ok(Some(response)) => received += response.data.len(),
+            Ok(None) => return (received, None),
+            Err(status) => return (received, Some(status)),
+        }
+    }
 }
 
 fn small_blobs(seed: u64, count: usize) -> Vec<Vec<u8>> {
@@ -554,35 +596,170 @@ async fn an_object_altered_in_the_bucket_is_neither_served_nor_cached() {
     let s3 = client(&moto.endpoint());
     let temp = tempfile::tempdir().expect("temporary directory");
     let a = fleet_node(&moto, &temp.path().join("a"));
-    let data = blob(6000, 4096);
-    let digests = put_blobs(&a, std::slice::from_ref(&data)).await;
+    let small = blob(6000, 4096);
+    let mut digests = put_blobs(&a, std::slice::from_ref(&small)).await;
+    // Streamed to the client in several pieces.
+    let large = blob(6001, 3 << 20);
+    digests.push(put_stream(&a, &large).await);
     wait_in_bucket(&s3, &digests).await;
-    let mut altered = data.clone();
-    altered[100] ^= 1;
-    s3.put_object()
-        .bucket(BUCKET)
-        .key(blob_key(&digests[0]))
-        .body(ByteStream::from(altered))
-        .send()
-        .await
-        .expect("alter the object");
+    for (data, digest) in [&small, &large].into_iter().zip(&digests) {
+        let mut altered = data.clone();
+        altered[100] ^= 1;
+        s3.put_object()
+            .bucket(BUCKET)
+            .key(blob_key(digest))
+            .body(ByteStream::from(altered))
+            .send()
+            .await
+            .expect("alter the object");
+    }
 
     let b = fleet_node(&moto, &temp.path().join("b"));
     wait_metric(&b, "cairn_s3_bucket_index_listed", "", |n| n == 1).await;
     assert!(find_missing(&b, &digests).await.is_empty());
-    assert_eq!(get_blobs(&b, &digests).await[0], Err(Code::NotFound as i32));
+    assert_eq!(
+        get_blobs(&b, &digests[..1]).await[0],
+        Err(Code::NotFound as i32)
+    );
     let mut bytestream = b.bytestream().await;
     let error = read_blob(&mut bytestream, &read_name("", &digests[0]), 0, 0)
         .await
         .expect_err("a corrupt object is not served");
     assert_eq!(error.code(), Code::NotFound);
+    // The pieces before the end were streamed; the last one was held back until the
+    // digest was checked, and the stream ended in NOT_FOUND instead.
+    let (received, error) = read_counting(&b, &digests[1]).await;
+    assert_eq!(error.map(|status| status.code()), Some(Code::NotFound));
+    assert!(
+        received > 0 && received < large.len(),
+        "the client received {received} bytes of a {}-byte corrupt blob",
+        large.len()
+    );
     wait_metric(&b, "cairn_s3_fetches_total", "result=\"corrupt\"", |n| {
-        n >= 2
+        n >= 3
     })
     .await;
     // Not cached locally, and no longer believed to be in the bucket.
     assert_eq!(find_missing(&b, &digests).await, digests);
     assert_eq!(metric(&b, "cairn_partition_objects", "").await, 0);
     a.terminate();
+    b.terminate();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_the_local_tier_cannot_hold_is_still_served_from_s3() {
+    let Some(moto) = Moto::start().await else {
+        return;
+    };
+    let s3 = client(&moto.endpoint());
+    let temp = tempfile::tempdir().expect("temporary directory");
+    let a = fleet_node(&moto, &temp.path().join("a"));
+    let data = blob(7000, 3 << 20);
+    let digest = put_stream(&a, &data).await;
+    wait_in_bucket(&s3, &[digest]).await;
+
+    // 64 MiB over 16 partitions: the engine takes no blob over 2 MiB.
+    let b = fleet_node_of_size(&moto, &temp.path().join("b"), "64MiB");
+    let name = read_name("", &digest);
+    let mut first = b.bytestream().await;
+    let mut second = first.clone();
+    let (one, two) = tokio::join!(
+        read_blob(&mut first, &name, 0, 0),
+        read_blob(&mut second, &name, 0, 0)
+    );
+    assert!(one.expect("first read") == data, "the first read differs");
+    assert!(two.expect("second read") == data, "the second read differs");
+    let range = read_blob(&mut first, &name, 1000, 5000)
+        .await
+        .expect("ranged read");
+    assert!(range == data[1000..6000], "the ranged read differs");
+    // Each read was served by a fetch of its own, none of them kept.
+    let fetches = "cairn_s3_fetches_total";
+    assert_eq!(metric(&b, fetches, "result=\"passthrough\"").await, 3);
+    assert_eq!(metric(&b, fetches, "result=\"hit\"").await, 0);
+    assert_eq!(metric(&b, "cairn_partition_objects", "").await, 0);
+    a.terminate();
+    b.terminate();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ranged_read_of_a_blob_only_in_s3_stores_the_whole_blob_locally() {
+    let Some(mut moto) = Moto::start().await else {
+        return;
+    };
+    let s3 = client(&moto.endpoint());
+    let temp = tempfile::tempdir().expect("temporary directory");
+    let a = fleet_node(&moto, &temp.path().join("a"));
+    let data = blob(8000, 3 << 20);
+    let digest = put_stream(&a, &data).await;
+    wait_in_bucket(&s3, &[digest]).await;
+    a.terminate();
+
+    let b = fleet_node(&moto, &temp.path().join("b"));
+    let name = read_name("", &digest);
+    let mut bytestream = b.bytestream().await;
+    let (offset, limit) = ((1 << 20) + 5, (1 << 20) + 1000);
+    let range = read_blob(&mut bytestream, &name, offset, limit)
+        .await
+        .expect("ranged read");
+    assert!(
+        range == data[offset as usize..(offset + limit) as usize],
+        "the ranged read differs"
+    );
+    assert_eq!(
+        metric(&b, "cairn_s3_fetches_total", "result=\"hit\"").await,
+        1
+    );
+
+    // Without S3 the whole blob can only come from the local copy.
+    moto.stop();
+    let whole = read_blob(&mut bytestream, &name, 0, 0)
+        .await
+        .expect("read the whole blob locally");
+    assert!(whole == data, "the local copy differs");
+    b.terminate();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_that_goes_away_mid_stream_still_leaves_a_local_copy() {
+    let Some(mut moto) = Moto::start().await else {
+        return;
+    };
+    let s3 = client(&moto.endpoint());
+    let temp = tempfile::tempdir().expect("temporary directory");
+    let a = fleet_node(&moto, &temp.path().join("a"));
+    // Far more than the channel and the HTTP/2 windows hold, so the fetch is still
+    // reading when the client goes.
+    let data = blob(9000, 8 << 20);
+    let digest = put_stream(&a, &data).await;
+    wait_in_bucket(&s3, &[digest]).await;
+    a.terminate();
+
+    let b = fleet_node(&moto, &temp.path().join("b"));
+    let name = read_name("", &digest);
+    let mut bytestream = b.bytestream().await;
+    let mut stream = bytestream
+        .read(ReadRequest {
+            resource_name: name.clone(),
+            read_offset: 0,
+            read_limit: 0,
+        })
+        .await
+        .expect("ByteStream Read")
+        .into_inner();
+    let first = stream
+        .message()
+        .await
+        .expect("the first piece")
+        .expect("a first piece before the end");
+    assert!(!first.data.is_empty());
+    drop(stream);
+
+    wait_metric(&b, "cairn_s3_fetches_total", "result=\"hit\"", |n| n == 1).await;
+    moto.stop();
+    let whole = read_blob(&mut bytestream, &name, 0, 0)
+        .await
+        .expect("read the whole blob locally");
+    assert!(whole == data, "the local copy differs");
     b.terminate();
 }

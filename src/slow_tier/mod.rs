@@ -7,12 +7,14 @@
 //! each other's blobs and action results, because object keys are derived from
 //! content alone ([`bucket`]).
 //!
-//! Reads fall through: a local miss reads the object from S3 and writes it into the
-//! local engine through the same verifying upload path clients use, so an object
-//! altered in the bucket fails its digest check and is neither served nor cached;
-//! the blob is then served from local disk. Concurrent misses for one blob share a
-//! single fetch. Existence questions (FindMissingBlobs, the action-cache completeness
-//! check) never go to S3 per digest: they are answered from the [`index`].
+//! Reads fall through: a local miss streams the object from S3 to the client while
+//! it is written into the local engine ([`fetch`]). The fetch checks the digest itself
+//! and holds the last piece back until it matched, so an object altered in the bucket
+//! is neither cached nor served whole (the client's stream ends in `NOT_FOUND`), and a
+//! blob the local engine cannot take is still served from S3, verified. Concurrent
+//! misses for one blob share a single fetch. Existence questions (FindMissingBlobs,
+//! the action-cache completeness check) never go to S3 per digest: they are answered
+//! from the [`index`].
 //!
 //! Shard executors must never block nor await anything that is not `Send`, and
 //! aws-sdk-s3 wants tokio, so all S3 traffic runs on a small tokio runtime owned by
@@ -22,6 +24,7 @@
 
 pub mod bucket;
 pub mod config;
+mod fetch;
 pub mod index;
 pub mod status;
 mod uploader;
@@ -32,19 +35,17 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use cairn_storage::{Digest, Engine, Stats};
-use futures::future::{BoxFuture, FutureExt, Shared};
 use tokio::runtime::Runtime;
 
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, Result};
 use bucket::Bucket;
 use config::S3Config;
+use fetch::Fetch;
 use index::BucketIndex;
 use status::Status;
 
 /// How long the runtime is given to finish its tasks when the node stops.
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(2);
-
-type Fetch = Shared<BoxFuture<'static, Result<()>>>;
 
 /// A handle on the slow tier. Cheap to clone; every method may be awaited from any
 /// executor.
@@ -124,42 +125,6 @@ impl SlowTier {
         self.tier.index.contains(digest)
     }
 
-    /// Copies `digest` from the bucket into the local engine, verifying it. Concurrent
-    /// calls for one digest share one fetch. `NotFound` when the bucket does not hold
-    /// it, cannot be reached, or holds bytes that do not match the digest.
-    pub async fn fetch_blob(&self, digest: Digest) -> Result<()> {
-        let fetch = {
-            let mut fetches = self
-                .tier
-                .fetches
-                .lock()
-                .map_err(|_| Error::internal("the fetch table is poisoned"))?;
-            match fetches.get(&digest) {
-                Some(fetch) => fetch.clone(),
-                None => {
-                    let tier = Arc::clone(&self.tier);
-                    let task = self.runtime.spawn(async move {
-                        let outcome = fetch_into_engine(&tier, digest).await;
-                        if let Ok(mut fetches) = tier.fetches.lock() {
-                            fetches.remove(&digest);
-                        }
-                        outcome
-                    });
-                    let fetch = async move {
-                        task.await.unwrap_or_else(|error| {
-                            Err(Error::internal(format!("the S3 fetch stopped: {error}")))
-                        })
-                    }
-                    .boxed()
-                    .shared();
-                    fetches.insert(digest, fetch.clone());
-                    fetch
-                }
-            }
-        };
-        fetch.await
-    }
-
     /// Reads the action-cache value of `action` in `instance` from the bucket and
     /// stores it locally. `NotFound` when the bucket has none or cannot be reached.
     pub async fn fetch_action_result(&self, instance: &str, action: Digest) -> Result<Bytes> {
@@ -180,102 +145,6 @@ impl SlowTier {
     pub fn render_metrics(&self, stats: &Stats) -> Result<String> {
         let index = &self.tier.index;
         self.tier.status.render(stats, index.len(), index.listed())
-    }
-}
-
-async fn fetch_into_engine(tier: &Tier, digest: Digest) -> Result<()> {
-    let key = tier.bucket.cas_key(&digest);
-    let outcome = copy_object(tier, digest, &key).await;
-    let result = match &outcome {
-        Ok(()) => {
-            tier.index.insert(digest);
-            "hit"
-        }
-        Err(Fetched::Missing) => {
-            tier.index.remove(&digest);
-            "miss"
-        }
-        Err(Fetched::Corrupt(why)) => {
-            tier.index.remove(&digest);
-            tracing::warn!("object {key} in the bucket is corrupt, ignoring it: {why}");
-            "corrupt"
-        }
-        Err(Fetched::Unreachable(why)) => {
-            tier.status.unreachable(why);
-            "error"
-        }
-        Err(Fetched::Local(_)) => "error",
-    };
-    tier.status.fetches.with_label_values(&[result]).inc();
-    outcome.map_err(|failure| match failure {
-        Fetched::Missing => Error::not_found(format!("blob {key} is neither local nor in S3")),
-        Fetched::Corrupt(why) => Error::not_found(format!(
-            "blob {key} is not stored locally and its copy in S3 is corrupt: {why}"
-        )),
-        Fetched::Unreachable(why) => Error::not_found(format!(
-            "blob {key} is not stored locally and S3 cannot be reached: {why}"
-        )),
-        Fetched::Local(error) => error,
-    })
-}
-
-/// Why a fetch did not produce a local copy.
-enum Fetched {
-    Missing,
-    Corrupt(String),
-    Unreachable(String),
-    Local(Error),
-}
-
-/// Streams the object into a verifying local upload.
-async fn copy_object(tier: &Tier, digest: Digest, key: &str) -> std::result::Result<(), Fetched> {
-    let mut body = tier
-        .bucket
-        .get(key)
-        .await
-        .map_err(Fetched::Unreachable)?
-        .ok_or(Fetched::Missing)?;
-    let mut upload = tier
-        .engine
-        .begin_put(digest)
-        .await
-        .map_err(|error| Fetched::Local(Error::from(error)))?;
-    loop {
-        let chunk = body
-            .try_next()
-            .await
-            .map_err(|error| Fetched::Unreachable(format!("reading {key}: {error}")))?;
-        let Some(chunk) = chunk else { break };
-        if upload.committed() + chunk.len() as u64 > digest.size {
-            return Err(Fetched::Corrupt(format!(
-                "it is longer than {} bytes",
-                digest.size
-            )));
-        }
-        upload
-            .write(chunk)
-            .await
-            .map_err(|error| classify(Error::from(error)))?;
-    }
-    if upload.committed() != digest.size {
-        return Err(Fetched::Corrupt(format!(
-            "it holds {} bytes, not {}",
-            upload.committed(),
-            digest.size
-        )));
-    }
-    upload
-        .finish()
-        .await
-        .map_err(|error| classify(Error::from(error)))
-}
-
-/// Content that does not match its digest means the object is corrupt; any other
-/// failure is the local engine's.
-fn classify(error: Error) -> Fetched {
-    match error.kind() {
-        ErrorKind::InvalidArgument => Fetched::Corrupt(error.to_string()),
-        _ => Fetched::Local(error),
     }
 }
 

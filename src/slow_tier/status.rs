@@ -71,7 +71,7 @@ impl Status {
             )?,
             fetches: counter_vec(
                 "s3_fetches_total",
-                "Reads from S3 after a local miss, by result (hit, miss, corrupt, error)",
+                "Reads from S3 after a local miss, by result (hit, passthrough, miss, corrupt, error)",
                 "result",
             )?,
             index_objects: gauge(
