@@ -46,7 +46,9 @@ pub struct Config {
     /// Largest total of blob bytes in one BatchUpdateBlobs or BatchReadBlobs call,
     /// advertised in the capabilities. Default `4MiB`.
     pub max_batch_total_size: ByteSize,
-    /// Largest blob the node accepts, advertised in the capabilities. Default `16GiB`.
+    /// Largest blob the node accepts, advertised in the capabilities. Default `16GiB`,
+    /// lowered at start to what the storage engine can hold: half of one partition's
+    /// share of `max_size` (128 MiB for a 4 GiB budget).
     pub max_cas_blob_size: ByteSize,
     /// How long an interrupted ByteStream upload is kept so the client can resume it
     /// from its committed size, in seconds. Default `60`.

@@ -76,9 +76,20 @@ pub fn run(config: Config) -> Result<()> {
         replicate: config.s3.is_some(),
         ..EngineConfig::default()
     })?;
+    let mut max_cas_blob_size = config.max_cas_blob_size.0;
+    if !config.sink && engine.max_blob_size() < max_cas_blob_size {
+        // Advertising more than the engine takes would let clients start uploads that
+        // can only fail with RESOURCE_EXHAUSTED.
+        tracing::info!(
+            "largest blob: {} (half a partition's share of the budget; max_cas_blob_size asks for {})",
+            crate::byte_size::ByteSize(engine.max_blob_size()),
+            config.max_cas_blob_size
+        );
+        max_cas_blob_size = engine.max_blob_size();
+    }
     let limits = Limits {
         max_batch_total_size: config.max_batch_total_size.0,
-        max_cas_blob_size: config.max_cas_blob_size.0,
+        max_cas_blob_size,
     };
     let mut store = Store::new(engine.clone(), limits, Arc::new(Metrics::new()?));
     if config.sink {

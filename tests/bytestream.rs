@@ -456,3 +456,112 @@ async fn sixty_four_concurrent_one_mebibyte_writes_and_reads() {
         read.await.unwrap();
     }
 }
+
+/// The node's peak resident memory (VmHWM) in bytes.
+fn peak_rss(node: &Node) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", node.pid()))
+        .expect("the node's /proc status");
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|value| {
+            value
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
+        .map(|kib| kib * 1024)
+        .expect("VmHWM in /proc status")
+}
+
+/// Deterministic content for the `index`-th 1 MiB piece of a large blob, made on the
+/// fly so the test itself never holds the blob either.
+fn piece(index: u64) -> Bytes {
+    Bytes::from(blob(7_000 + index, 1 << 20))
+}
+
+/// Streams are never buffered whole: writing and then reading a blob several times
+/// larger than the allowed growth leaves the node's peak memory within that bound.
+/// The bound covers HTTP/2 windows (16 MiB per connection), the engine's write units
+/// and read-ahead; a path that collected the blob would exceed it by the blob's size.
+#[tokio::test]
+async fn large_blobs_stream_through_bounded_memory() {
+    const GROWTH_BOUND: u64 = 48 << 20;
+    let node = Node::start();
+    let capabilities = node
+        .capabilities()
+        .await
+        .get_capabilities(cairn_proto::reapi::GetCapabilitiesRequest::default())
+        .await
+        .expect("capabilities")
+        .into_inner();
+    let limit = capabilities
+        .cache_capabilities
+        .map(|cache| cache.max_cas_blob_size_bytes as u64)
+        .expect("cache capabilities");
+    let pieces = (limit >> 20).min(384);
+    assert!(
+        pieces << 20 >= 2 * GROWTH_BOUND,
+        "the node's blob limit ({limit} bytes) is too small for this test"
+    );
+    let size = pieces << 20;
+    let mut hasher = DigestFunction::Sha256.hasher();
+    for index in 0..pieces {
+        hasher.update(&piece(index));
+    }
+    let digest = Digest {
+        function: DigestFunction::Sha256,
+        hash: hasher.finalize(),
+        size,
+    };
+    let before = peak_rss(&node);
+
+    let name = upload_name("", &digest);
+    let requests = tokio_stream::iter((0..pieces).map(move |index| WriteRequest {
+        resource_name: if index == 0 {
+            name.clone()
+        } else {
+            String::new()
+        },
+        write_offset: (index << 20) as i64,
+        finish_write: index + 1 == pieces,
+        data: piece(index),
+    }));
+    let mut client = node.bytestream().await;
+    let committed = client.write(requests).await.expect("write").into_inner();
+    assert_eq!(committed.committed_size as u64, size);
+
+    let mut stream = client
+        .read(cairn_proto::bytestream::ReadRequest {
+            resource_name: read_name("", &digest),
+            read_offset: 0,
+            read_limit: 0,
+        })
+        .await
+        .expect("read")
+        .into_inner();
+    let mut hasher = DigestFunction::Sha256.hasher();
+    let mut read = 0u64;
+    while let Some(response) = stream.message().await.expect("read stream") {
+        read += response.data.len() as u64;
+        hasher.update(&response.data);
+    }
+    assert_eq!(read, size);
+    assert!(
+        hasher.finalize() == digest.hash,
+        "the blob read back differs"
+    );
+
+    let growth = peak_rss(&node).saturating_sub(before);
+    eprintln!(
+        "peak RSS grew by {} MiB moving a {} MiB blob each way",
+        growth >> 20,
+        size >> 20
+    );
+    assert!(
+        growth < GROWTH_BOUND,
+        "peak RSS grew by {growth} bytes for a {size}-byte blob: something holds it whole"
+    );
+}
