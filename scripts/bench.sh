@@ -16,6 +16,8 @@
 #   BLOB_SIZE=16MiB   bs-write / bs-read blobs
 #   SHARDS=           cairn's --shards (default: one per CPU)
 #   PROFILE=release   cargo profile to build and run
+#   BUILD=1           0 uses the binaries already in the profile's directory (the
+#                     test suite's smoke run, after `cargo test` built them)
 #   FIO=0             1 runs scripts/fio-compare.sh too (SIZE_MIB=256 RUNTIME=10)
 #   CAIRN_BENCH_DIR   where the data directory goes (default /var/tmp; not tmpfs)
 set -euo pipefail
@@ -34,8 +36,10 @@ SHARD_ARGS=()
 
 command -v python3 >/dev/null || { echo "bench.sh: python3 is missing: run scripts/install-deps.sh" >&2; exit 1; }
 
-echo "==> building ($PROFILE)" >&2
-cargo build --profile "$PROFILE" -p cairn --bin cairn -p cairn-bench --bin cairn-bench >&2
+if [[ "${BUILD:-1}" == 1 ]]; then
+  echo "==> building ($PROFILE)" >&2
+  cargo build --profile "$PROFILE" -p cairn --bin cairn -p cairn-bench --bin cairn-bench >&2
+fi
 TARGET=${CARGO_TARGET_DIR:-target}
 case "$PROFILE" in dev) BIN=$TARGET/debug ;; *) BIN=$TARGET/$PROFILE ;; esac
 
@@ -53,15 +57,18 @@ wait_port() {
     if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
     sleep 0.1
   done
-  echo "bench.sh: nothing listens on port $1; see $WORK/*.log" >&2
+  echo "bench.sh: nothing listens on port $1; the nodes' logs:" >&2
+  tail -n 20 "$WORK"/*.log >&2
   exit 1
 }
 
-"$BIN/cairn" --listen "127.0.0.1:$CAIRN_PORT" --data-dir "$WORK/data" --max-size 8GiB \
+# --no-execution: the benchmark measures the cache; the scheduler and worker the
+# single node would start are not built here.
+"$BIN/cairn" --no-execution --listen "127.0.0.1:$CAIRN_PORT" --data-dir "$WORK/data" --max-size 8GiB \
   "${SHARD_ARGS[@]}" >"$WORK/cairn.log" 2>&1 &
 CAIRN_PID=$!
 PIDS+=("$CAIRN_PID")
-"$BIN/cairn" --sink --listen "127.0.0.1:$SINK_PORT" --data-dir "$WORK/sink" --max-size 2GiB \
+"$BIN/cairn" --sink --no-execution --listen "127.0.0.1:$SINK_PORT" --data-dir "$WORK/sink" --max-size 2GiB \
   "${SHARD_ARGS[@]}" >"$WORK/sink.log" 2>&1 &
 PIDS+=("$!")
 wait_port "$CAIRN_PORT"

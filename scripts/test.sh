@@ -29,6 +29,9 @@ cargo clippy --workspace --all-targets -- -D warnings
 step "cargo test"
 cargo test --workspace
 
+step "benchmark script smoke run (bench.sh end to end, every scenario briefly)"
+BUILD=0 PROFILE=dev DURATION=500ms scripts/bench.sh
+
 step "fuzz smoke (each target briefly, from its seeds)"
 scripts/fuzz-smoke.sh
 

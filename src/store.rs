@@ -141,27 +141,31 @@ impl Store {
     }
 
     /// Stores a blob already held in memory, after checking that it matches `digest`.
+    /// The engine checks what it stores itself; hashing here as well made every small
+    /// blob hash twice, 17% of the node's CPU under `cairn-bench --scenario batch-small`.
     pub async fn put(&self, digest: Digest, data: Bytes) -> Result<()> {
         self.check_blob_size(&digest)?;
-        let actual = Digest::of(digest.function, &data);
-        if actual != digest {
-            return Err(Error::invalid_argument(format!(
-                "data does not match digest {}/{}: it hashes to {}/{}",
-                digest.hash_hex(),
-                digest.size,
-                actual.hash_hex(),
-                actual.size
-            )));
+        let size = data.len() as u64;
+        match &self.sink {
+            Some(sink) => {
+                let actual = Digest::of(digest.function, &data);
+                if actual != digest {
+                    return Err(Error::invalid_argument(format!(
+                        "data does not match digest {}/{}: it hashes to {}/{}",
+                        digest.hash_hex(),
+                        digest.size,
+                        actual.hash_hex(),
+                        actual.size
+                    )));
+                }
+                if !is_empty(&digest) {
+                    sink.put(digest, vec![data]);
+                }
+            }
+            None => self.engine.put(digest, data).await?,
         }
-        if is_empty(&digest) {
-            return Ok(());
-        }
-        self.metrics.bytes_received(data.len() as u64);
-        if let Some(sink) = &self.sink {
-            sink.put(digest, vec![data]);
-            return Ok(());
-        }
-        Ok(self.engine.put(digest, data).await?)
+        self.metrics.bytes_received(size);
+        Ok(())
     }
 
     /// Streams `digest` from `offset`, at most `limit` bytes.

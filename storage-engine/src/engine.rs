@@ -35,6 +35,7 @@ struct Inner {
     partitions: u32,
     max_ac_value: u64,
     max_blob_size: u64,
+    small_blob_max: u64,
     ready: Mutex<Option<(flume::Receiver<Result<()>>, usize)>>,
     threads: Mutex<Vec<io::ExecutorThread>>,
 }
@@ -82,6 +83,7 @@ impl Engine {
                 partitions: manifest.partitions,
                 max_ac_value: limits.max_ac_value,
                 max_blob_size: limits.max_blob_size(),
+                small_blob_max: limits.small_blob_max,
                 ready: Mutex::new(Some((ready_rx, config.shards))),
                 threads: Mutex::new(Vec::new()),
             }),
@@ -195,8 +197,29 @@ impl Engine {
         })
     }
 
-    /// Stores a CAS blob held in memory.
+    /// Stores a CAS blob held in memory. A small one travels to its shard in a single
+    /// message; a large one takes the streaming path.
     pub async fn put(&self, digest: Digest, data: Bytes) -> Result<()> {
+        if data.len() as u64 != digest.size {
+            return Err(Error::invalid(format!(
+                "blob has {} bytes, not the {} its digest {digest} declares",
+                data.len(),
+                digest.size
+            )));
+        }
+        if digest.size <= self.inner.small_blob_max && !digest.is_empty_blob() {
+            let key = cas_key(&digest);
+            let (part, tx) = self.route(&key);
+            return self
+                .call(tx, |reply| Request::PutWhole {
+                    part,
+                    digest,
+                    key,
+                    data,
+                    reply,
+                })
+                .await?;
+        }
         let mut upload = self.begin_put(digest).await?;
         upload.write(data).await?;
         upload.finish().await

@@ -26,6 +26,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub(crate) enum Request {
+    /// A small blob already whole in memory: one message instead of an upload's
+    /// request, chunk and finish messages (BatchUpdateBlobs sends hundreds of these).
+    PutWhole {
+        part: u32,
+        digest: Digest,
+        key: Key,
+        data: Bytes,
+        reply: oneshot::Sender<Result<()>>,
+    },
     Put {
         part: u32,
         digest: Digest,
@@ -137,7 +146,7 @@ impl ShardRunner {
                 reply_to = Some(reply);
                 break;
             }
-            io::spawn(handle(parts.clone(), req));
+            dispatch(&parts, req);
         }
         drop(stop);
         futures::future::join_all(loops).await;
@@ -233,8 +242,27 @@ fn partition(parts: &Parts, id: u32) -> Result<Rc<Partition>> {
     })
 }
 
-async fn handle(parts: Parts, req: Request) {
+/// Serves one request: the ones answered from memory at once, the others in a task of
+/// their own. One task type per kind of request rather than one `handle` future for
+/// all: a future is as large as its largest state (a streaming upload's), and every
+/// spawn copied that whole size: 2.2% of the node's CPU under `cairn-bench --scenario
+/// batch-small`, 0.6% with per-kind tasks.
+fn dispatch(parts: &Parts, req: Request) {
     match req {
+        Request::PutWhole {
+            part,
+            digest,
+            key,
+            data,
+            reply,
+        } => match partition(parts, part) {
+            Ok(p) => io::spawn(async move {
+                let _ = reply.send(put_whole(&p, digest, key, &data).await);
+            }),
+            Err(e) => {
+                let _ = reply.send(Err(e));
+            }
+        },
         Request::Put {
             part,
             digest,
@@ -242,8 +270,8 @@ async fn handle(parts: Parts, req: Request) {
             chunks,
             accepted,
             done,
-        } => match partition(&parts, part) {
-            Ok(p) => upload(p, digest, key, chunks, accepted, done).await,
+        } => match partition(parts, part) {
+            Ok(p) => io::spawn(upload(p, digest, key, chunks, accepted, done)),
             Err(e) => {
                 let _ = accepted.send(Err(e));
             }
@@ -263,39 +291,47 @@ async fn handle(parts: Parts, req: Request) {
             limit,
             reply,
         } => {
-            let _ = reply.send(get(&parts, part, key, offset, limit).await);
+            let parts = parts.clone();
+            io::spawn(async move {
+                let _ = reply.send(get(&parts, part, key, offset, limit).await);
+            });
         }
         Request::AcPut {
             part,
             key,
             value,
             reply,
-        } => {
-            let res = match partition(&parts, part) {
-                Ok(p) => p.append(key, &value, false).await,
-                Err(e) => Err(e),
-            };
-            let _ = reply.send(res);
-        }
+        } => match partition(parts, part) {
+            Ok(p) => io::spawn(async move {
+                let _ = reply.send(p.append(key, &value, false).await);
+            }),
+            Err(e) => {
+                let _ = reply.send(Err(e));
+            }
+        },
         Request::Stats { reply } => {
             let _ = reply.send(parts.values().map(|p| p.stats()).collect());
         }
         Request::Checkpoint { reply } => {
-            let _ = reply.send(checkpoint_all(&parts).await);
+            let parts = parts.clone();
+            io::spawn(async move {
+                let _ = reply.send(checkpoint_all(&parts).await);
+            });
         }
         Request::ReplicationBatch {
             part,
             max_bytes,
             reply,
-        } => {
-            let res = match partition(&parts, part) {
-                Ok(p) => p.replication_batch(max_bytes).await,
-                Err(e) => Err(e),
-            };
-            let _ = reply.send(res);
-        }
+        } => match partition(parts, part) {
+            Ok(p) => io::spawn(async move {
+                let _ = reply.send(p.replication_batch(max_bytes).await);
+            }),
+            Err(e) => {
+                let _ = reply.send(Err(e));
+            }
+        },
         Request::ReplicationDone { part, next, reply } => {
-            let _ = reply.send(partition(&parts, part).and_then(|p| p.replication_done(&next)));
+            let _ = reply.send(partition(parts, part).and_then(|p| p.replication_done(&next)));
         }
         Request::Shutdown { reply } => {
             let _ = reply.send(Ok(()));
@@ -324,6 +360,32 @@ async fn get(
             Ok(BlobStream::channel(rx))
         }
     }
+}
+
+/// Stores a small blob given whole, after checking it against its digest.
+async fn put_whole(part: &Partition, digest: Digest, key: Key, data: &[u8]) -> Result<()> {
+    if part.contains(&key) {
+        return Ok(());
+    }
+    verify_whole(digest, data)?;
+    part.append(key, data, false).await
+}
+
+/// Checks a whole small blob's length and content against its digest.
+fn verify_whole(digest: Digest, data: &[u8]) -> Result<()> {
+    if data.len() as u64 != digest.size {
+        return Err(Error::invalid(format!(
+            "upload has {} bytes, not its declared {}",
+            data.len(),
+            digest.size
+        )));
+    }
+    if Digest::of(digest.function, data) != digest {
+        return Err(Error::invalid(format!(
+            "uploaded content does not match its digest {digest}"
+        )));
+    }
+    Ok(())
 }
 
 /// Receives one upload. Small blobs are staged whole (bounded by `small_blob_max`) and
@@ -402,17 +464,8 @@ async fn upload_small(
             Err(_) => return None,
         }
     }
-    if buf.len() as u64 != digest.size {
-        return Some(Err(Error::invalid(format!(
-            "upload ended after {} of its declared {} bytes",
-            buf.len(),
-            digest.size
-        ))));
-    }
-    if Digest::of(digest.function, &buf) != digest {
-        return Some(Err(Error::invalid(format!(
-            "uploaded content does not match its digest {digest}"
-        ))));
+    if let Err(e) = verify_whole(digest, &buf) {
+        return Some(Err(e));
     }
     Some(part.append(key, &buf, false).await)
 }

@@ -46,6 +46,14 @@ fn short_and_long_streams_are_refused() {
         })
         .unwrap_err();
         assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
+        // Whole blobs of the wrong length, short and long.
+        for wrong in [
+            data.slice(..size - 1),
+            Bytes::from([&data[..], b"x"].concat()),
+        ] {
+            let err = block_on(engine.put(d, wrong)).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
+        }
         // Long: one byte too many.
         let err = block_on(async {
             let mut u = engine.begin_put(d).await?;
