@@ -33,6 +33,7 @@ use cairn_proto::worker::worker_api_client::WorkerApiClient;
 use cairn_proto::worker::{ListWorkersRequest, WorkerInfo};
 use common::{sha256, wire, Node};
 use prost::Message;
+use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 use tonic::Code;
 
@@ -400,6 +401,51 @@ impl Cluster {
         let response = response_of(last);
         (operations, response)
     }
+
+    /// Executes `action` in a task of its own, for tests that act on the cluster while
+    /// it runs; the task's result is the final response.
+    async fn execute_in_background(&self, action: &Digest) -> JoinHandle<ExecuteResponse> {
+        let channel = self.channel().await;
+        let action = action.clone();
+        tokio::spawn(async move {
+            let mut stream = ExecutionClient::new(channel)
+                .execute(ExecuteRequest {
+                    action_digest: Some(action),
+                    ..Default::default()
+                })
+                .await
+                .expect("Execute")
+                .into_inner();
+            let mut last = None;
+            while let Some(operation) = stream.message().await.expect("stream") {
+                last = Some(operation);
+            }
+            response_of(&last.expect("an operation"))
+        })
+    }
+
+    /// Polls the scheduler until a worker runs an action and `ready()` holds; returns
+    /// that worker's id and its place in `self.workers`.
+    async fn busy_worker(&self, ready: impl Fn() -> bool) -> (String, usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let busy = self
+                .workers_info()
+                .await
+                .into_iter()
+                .find(|worker| !worker.running_operations.is_empty());
+            if let Some(worker) = busy.filter(|_| ready()) {
+                let index = self
+                    .workers
+                    .iter()
+                    .position(|(id, _)| *id == worker.worker_id)
+                    .expect("the busy worker is one of the cluster's");
+                return (worker.worker_id, index);
+            }
+            assert!(Instant::now() < deadline, "no worker started the action");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
 }
 
 enum SchedulerConfig {
@@ -569,45 +615,8 @@ async fn a_killed_worker_is_retried_on_another() {
             .outputs(&["out"]),
         )
         .await;
-    let execution = {
-        let channel = cluster.channel().await;
-        let action = action.clone();
-        tokio::spawn(async move {
-            let mut stream = ExecutionClient::new(channel)
-                .execute(ExecuteRequest {
-                    action_digest: Some(action),
-                    ..Default::default()
-                })
-                .await
-                .expect("Execute")
-                .into_inner();
-            let mut last = None;
-            while let Some(operation) = stream.message().await.expect("stream") {
-                last = Some(operation);
-            }
-            response_of(&last.expect("an operation"))
-        })
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let busy = loop {
-        let busy = cluster
-            .workers_info()
-            .await
-            .into_iter()
-            .find(|worker| !worker.running_operations.is_empty());
-        if let Some(worker) = busy {
-            if lines(&marker) == 1 {
-                break worker.worker_id;
-            }
-        }
-        assert!(Instant::now() < deadline, "no worker started the action");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    let index = cluster
-        .workers
-        .iter()
-        .position(|(id, _)| *id == busy)
-        .unwrap();
+    let execution = cluster.execute_in_background(&action).await;
+    let (busy, index) = cluster.busy_worker(|| lines(&marker) == 1).await;
     cluster.workers[index].1.kill();
     let response = execution.await.expect("execution task");
     assert_eq!(code_of(&response), Code::Ok, "{response:?}");
@@ -894,67 +903,31 @@ async fn hostile_paths_are_rejected() {
         target: target.into(),
         ..Default::default()
     };
+    // An action doing nothing over an input root holding one hostile entry.
+    let with_file = |name: &str| Spec {
+        input_root: Directory {
+            files: vec![file(name)],
+            ..Default::default()
+        },
+        ..Spec::script("true")
+    };
+    let with_symlink = |target: &str| Spec {
+        input_root: Directory {
+            symlinks: vec![symlink(target)],
+            ..Default::default()
+        },
+        ..Spec::script("true")
+    };
     let cases: Vec<(&str, Spec)> = vec![
-        (
-            "file named ..",
-            Spec {
-                input_root: Directory {
-                    files: vec![file("..")],
-                    ..Default::default()
-                },
-                ..Spec::script("true")
-            },
-        ),
-        (
-            "file named ../escape",
-            Spec {
-                input_root: Directory {
-                    files: vec![file("../escape")],
-                    ..Default::default()
-                },
-                ..Spec::script("true")
-            },
-        ),
-        (
-            "file with a slash",
-            Spec {
-                input_root: Directory {
-                    files: vec![file("a/b")],
-                    ..Default::default()
-                },
-                ..Spec::script("true")
-            },
-        ),
-        (
-            "absolute file name",
-            Spec {
-                input_root: Directory {
-                    files: vec![file("/tmp/escape")],
-                    ..Default::default()
-                },
-                ..Spec::script("true")
-            },
-        ),
+        ("file named ..", with_file("..")),
+        ("file named ../escape", with_file("../escape")),
+        ("file with a slash", with_file("a/b")),
+        ("absolute file name", with_file("/tmp/escape")),
         (
             "symlink climbing out",
-            Spec {
-                input_root: Directory {
-                    symlinks: vec![symlink("../../../../etc/passwd")],
-                    ..Default::default()
-                },
-                ..Spec::script("true")
-            },
+            with_symlink("../../../../etc/passwd"),
         ),
-        (
-            "absolute symlink",
-            Spec {
-                input_root: Directory {
-                    symlinks: vec![symlink("/etc/passwd")],
-                    ..Default::default()
-                },
-                ..Spec::script("true")
-            },
-        ),
+        ("absolute symlink", with_symlink("/etc/passwd")),
         (
             "output path with ..",
             Spec::script("true").outputs(&["../../outside"]),
@@ -1052,43 +1025,8 @@ async fn draining_finishes_running_work_then_exits() {
             .outputs(&["out"]),
         )
         .await;
-    let execution = {
-        let channel = cluster.channel().await;
-        let action = action.clone();
-        tokio::spawn(async move {
-            let mut stream = ExecutionClient::new(channel)
-                .execute(ExecuteRequest {
-                    action_digest: Some(action),
-                    ..Default::default()
-                })
-                .await
-                .expect("Execute")
-                .into_inner();
-            let mut last = None;
-            while let Some(operation) = stream.message().await.expect("stream") {
-                last = Some(operation);
-            }
-            response_of(&last.expect("an operation"))
-        })
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let busy = loop {
-        let busy = cluster
-            .workers_info()
-            .await
-            .into_iter()
-            .find(|worker| !worker.running_operations.is_empty());
-        if let Some(worker) = busy {
-            break worker.worker_id;
-        }
-        assert!(Instant::now() < deadline, "no worker started the action");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    let index = cluster
-        .workers
-        .iter()
-        .position(|(id, _)| *id == busy)
-        .unwrap();
+    let execution = cluster.execute_in_background(&action).await;
+    let (busy, index) = cluster.busy_worker(|| true).await;
     let (_, worker) = cluster.workers.remove(index);
     let status = worker.terminate();
     assert!(
