@@ -35,7 +35,7 @@ use common::{sha256, wire, Node};
 use prost::Message;
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
-use tonic::Code;
+use tonic::{Code, Streaming};
 
 const SCHEDULER: &str = env!("CARGO_BIN_EXE_cairn-scheduler");
 const WORKER: &str = env!("CARGO_BIN_EXE_cairn-worker");
@@ -377,13 +377,9 @@ impl Cluster {
         wire(&sha256(&action))
     }
 
-    /// Executes `action` and follows the stream to the end.
-    async fn execute(
-        &self,
-        action: &Digest,
-        skip_cache_lookup: bool,
-    ) -> (Vec<Operation>, ExecuteResponse) {
-        let mut stream = ExecutionClient::new(self.channel().await)
+    /// Sends Execute for `action`; the operations stream follows.
+    async fn open_execute(&self, action: &Digest, skip_cache_lookup: bool) -> Streaming<Operation> {
+        ExecutionClient::new(self.channel().await)
             .execute(ExecuteRequest {
                 action_digest: Some(action.clone()),
                 skip_cache_lookup,
@@ -391,7 +387,16 @@ impl Cluster {
             })
             .await
             .expect("Execute")
-            .into_inner();
+            .into_inner()
+    }
+
+    /// Executes `action` and follows the stream to the end.
+    async fn execute(
+        &self,
+        action: &Digest,
+        skip_cache_lookup: bool,
+    ) -> (Vec<Operation>, ExecuteResponse) {
+        let mut stream = self.open_execute(action, skip_cache_lookup).await;
         let mut operations = Vec::new();
         while let Some(operation) = stream.message().await.expect("Execute stream") {
             operations.push(operation);
@@ -405,17 +410,8 @@ impl Cluster {
     /// Executes `action` in a task of its own, for tests that act on the cluster while
     /// it runs; the task's result is the final response.
     async fn execute_in_background(&self, action: &Digest) -> JoinHandle<ExecuteResponse> {
-        let channel = self.channel().await;
-        let action = action.clone();
+        let mut stream = self.open_execute(action, false).await;
         tokio::spawn(async move {
-            let mut stream = ExecutionClient::new(channel)
-                .execute(ExecuteRequest {
-                    action_digest: Some(action),
-                    ..Default::default()
-                })
-                .await
-                .expect("Execute")
-                .into_inner();
             let mut last = None;
             while let Some(operation) = stream.message().await.expect("stream") {
                 last = Some(operation);
@@ -716,14 +712,7 @@ async fn cancellation_kills_the_command() {
             pid_file.display()
         )))
         .await;
-    let mut stream = ExecutionClient::new(cluster.channel().await)
-        .execute(ExecuteRequest {
-            action_digest: Some(action),
-            ..Default::default()
-        })
-        .await
-        .expect("Execute")
-        .into_inner();
+    let mut stream = cluster.open_execute(&action, false).await;
     let first = stream
         .message()
         .await
