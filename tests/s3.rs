@@ -348,6 +348,16 @@ async fn find_missing(node: &Node, digests: &[Digest]) -> Vec<Digest> {
 }
 
 /// Stores `data` through the node's ByteStream.
+/// Writes `data` through a node of its own at `dir`, waits until it is in the bucket and
+/// stops that node: afterwards the blob is only in S3.
+async fn only_in_the_bucket(moto: &Moto, dir: &Path, data: &[u8]) -> Digest {
+    let node = fleet_node(moto, dir);
+    let digest = put_stream(&node, data).await;
+    wait_in_bucket(&client(&moto.endpoint()), &[digest]).await;
+    node.terminate();
+    digest
+}
+
 async fn put_stream(node: &Node, data: &[u8]) -> Digest {
     let digest = sha256(data);
     let mut bytestream = node.bytestream().await;
@@ -655,12 +665,9 @@ async fn a_blob_the_local_tier_cannot_hold_is_still_served_from_s3() {
     let Some(moto) = Moto::start().await else {
         return;
     };
-    let s3 = client(&moto.endpoint());
     let temp = tempfile::tempdir().expect("temporary directory");
-    let a = fleet_node(&moto, &temp.path().join("a"));
     let data = blob(7000, 3 << 20);
-    let digest = put_stream(&a, &data).await;
-    wait_in_bucket(&s3, &[digest]).await;
+    let digest = only_in_the_bucket(&moto, &temp.path().join("a"), &data).await;
 
     // 64 MiB over 16 partitions: the engine takes no blob over 2 MiB.
     let b = fleet_node_of_size(&moto, &temp.path().join("b"), "64MiB");
@@ -682,7 +689,6 @@ async fn a_blob_the_local_tier_cannot_hold_is_still_served_from_s3() {
     assert_eq!(metric(&b, fetches, "result=\"passthrough\"").await, 3);
     assert_eq!(metric(&b, fetches, "result=\"hit\"").await, 0);
     assert_eq!(metric(&b, "cairn_partition_objects", "").await, 0);
-    a.terminate();
     b.terminate();
 }
 
@@ -691,13 +697,9 @@ async fn a_ranged_read_of_a_blob_only_in_s3_stores_the_whole_blob_locally() {
     let Some(mut moto) = Moto::start().await else {
         return;
     };
-    let s3 = client(&moto.endpoint());
     let temp = tempfile::tempdir().expect("temporary directory");
-    let a = fleet_node(&moto, &temp.path().join("a"));
     let data = blob(8000, 3 << 20);
-    let digest = put_stream(&a, &data).await;
-    wait_in_bucket(&s3, &[digest]).await;
-    a.terminate();
+    let digest = only_in_the_bucket(&moto, &temp.path().join("a"), &data).await;
 
     let b = fleet_node(&moto, &temp.path().join("b"));
     let name = read_name("", &digest);
@@ -729,15 +731,11 @@ async fn a_reader_that_goes_away_mid_stream_still_leaves_a_local_copy() {
     let Some(mut moto) = Moto::start().await else {
         return;
     };
-    let s3 = client(&moto.endpoint());
     let temp = tempfile::tempdir().expect("temporary directory");
-    let a = fleet_node(&moto, &temp.path().join("a"));
     // Far more than the channel and the HTTP/2 windows hold, so the fetch is still
     // reading when the client goes.
     let data = blob(9000, 8 << 20);
-    let digest = put_stream(&a, &data).await;
-    wait_in_bucket(&s3, &[digest]).await;
-    a.terminate();
+    let digest = only_in_the_bucket(&moto, &temp.path().join("a"), &data).await;
 
     let b = fleet_node(&moto, &temp.path().join("b"));
     let name = read_name("", &digest);
