@@ -117,12 +117,16 @@ impl SlowTier {
         };
         let tier = Arc::clone(&self.tier);
         let task = self.runtime.spawn(async move {
-            let outcome = fetch(&tier, digest, forward).await;
+            let mut forward = forward;
+            let outcome = fetch(&tier, digest, &mut forward).await;
+            // Leave the table before the client hears the outcome: a read that starts
+            // after an earlier one ended must fetch anew, not be handed that result.
             if shared {
                 if let Ok(mut fetches) = tier.fetches.lock() {
                     fetches.remove(&digest);
                 }
             }
+            forward.end(&outcome).await;
             outcome
         });
         let reader = Reader {
@@ -274,11 +278,11 @@ enum Failure {
     Unreachable(String),
 }
 
-/// Fetches `digest`, forwarding it, and records the outcome in the metrics and the
-/// bucket index.
-async fn fetch(tier: &Tier, digest: Digest, mut forward: Forward) -> Result<Kept> {
+/// Fetches `digest`, forwarding all but the last piece, and records the outcome in the
+/// metrics and the bucket index.
+async fn fetch(tier: &Tier, digest: Digest, forward: &mut Forward) -> Result<Kept> {
     let key = tier.bucket.cas_key(&digest);
-    let outcome = stream_object(tier, digest, &key, &mut forward).await;
+    let outcome = stream_object(tier, digest, &key, forward).await;
     let result = match &outcome {
         Ok(Kept::Locally) => {
             tier.index.insert(digest);
@@ -312,7 +316,6 @@ async fn fetch(tier: &Tier, digest: Digest, mut forward: Forward) -> Result<Kept
             "blob {key} is not stored locally and S3 cannot be reached: {why}"
         )),
     });
-    forward.end(&outcome).await;
     outcome
 }
 
