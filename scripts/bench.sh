@@ -29,13 +29,18 @@ CONNECTIONS=${CONNECTIONS:-2}
 BLOB_SIZE=${BLOB_SIZE:-16MiB}
 PROFILE=${PROFILE:-release}
 FIO=${FIO:-0}
-CAIRN_PORT=${CAIRN_PORT:-50071}
-SINK_PORT=${SINK_PORT:-50072}
-DISCARD_PORT=${DISCARD_PORT:-50073}
+# Free ports, asked of the kernel: fixed ones (this script used 50071-50073) sit in
+# Linux's ephemeral range and a CI machine had one of them taken by another process.
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
 SHARD_ARGS=()
 [[ -n "${SHARDS:-}" ]] && SHARD_ARGS=(--shards "$SHARDS")
 
 command -v python3 >/dev/null || { echo "bench.sh: python3 is missing: run scripts/install-deps.sh" >&2; exit 1; }
+CAIRN_PORT=${CAIRN_PORT:-$(free_port)}
+SINK_PORT=${SINK_PORT:-$(free_port)}
+DISCARD_PORT=${DISCARD_PORT:-$(free_port)}
 
 if [[ "${BUILD:-1}" == 1 ]]; then
   echo "==> building ($PROFILE)" >&2
@@ -53,8 +58,11 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# Polls until the node started as PID $2 accepts on port $1; stops at once if it died
+# (a port someone else listens on must not pass for it).
 wait_port() {
   for _ in $(seq 1 100); do
+    kill -0 "$2" 2>/dev/null || break
     if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
     sleep 0.1
   done
@@ -71,16 +79,18 @@ CAIRN_PID=$!
 PIDS+=("$CAIRN_PID")
 "$BIN/cairn" --sink --no-execution --listen "127.0.0.1:$SINK_PORT" --data-dir "$WORK/sink" --max-size 2GiB \
   "${SHARD_ARGS[@]}" >"$WORK/sink.log" 2>&1 &
-PIDS+=("$!")
+SINK_PID=$!
+PIDS+=("$SINK_PID")
 # bs-write's ceiling is a sink that keeps almost nothing. One that keeps every chunk
 # up to 2 GiB spends the run faulting in fresh memory for them and came out at half
 # of cairn's speed, which copies into reused buffers; a 64 MiB budget recycles.
 "$BIN/cairn" --sink --no-execution --listen "127.0.0.1:$DISCARD_PORT" --data-dir "$WORK/discard" \
   --max-size 64MiB "${SHARD_ARGS[@]}" >"$WORK/discard.log" 2>&1 &
-PIDS+=("$!")
-wait_port "$CAIRN_PORT"
-wait_port "$SINK_PORT"
-wait_port "$DISCARD_PORT"
+DISCARD_PID=$!
+PIDS+=("$DISCARD_PID")
+wait_port "$CAIRN_PORT" "$CAIRN_PID"
+wait_port "$SINK_PORT" "$SINK_PID"
+wait_port "$DISCARD_PORT" "$DISCARD_PID"
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
