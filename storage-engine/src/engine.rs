@@ -7,13 +7,14 @@
 
 use crate::config::EngineConfig;
 use crate::digest::Digest;
+use crate::digest::Hasher;
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::Key;
 use crate::index::Prefix;
 use crate::key::{ac_key, cas_key, partition_of, prefix};
 use crate::manifest::Manifest;
 use crate::replication::ReplicationBatch;
-use crate::shard::{Request, ShardRunner, Shared, UploadMsg};
+use crate::shard::{Accepted, Request, ShardRunner, Shared, UploadMsg};
 use crate::stream::BlobStream;
 use crate::{checks, io, PartitionStats, Stats};
 use bytes::Bytes;
@@ -181,19 +182,24 @@ impl Engine {
         let (part, tx) = self.route(&key);
         let (chunk_tx, chunk_rx) = flume::bounded(UPLOAD_DEPTH);
         let (done_tx, done_rx) = oneshot::channel();
-        self.call(tx, |accepted| Request::Put {
-            part,
-            digest,
-            key,
-            chunks: chunk_rx,
-            accepted,
-            done: done_tx,
-        })
-        .await??;
-        Ok(Upload {
-            chunks: Some(chunk_tx),
-            done: Some(done_rx),
-            committed: 0,
+        let accepted = self
+            .call(tx, |accepted| Request::Put {
+                part,
+                digest,
+                key,
+                chunks: chunk_rx,
+                accepted,
+                done: done_tx,
+            })
+            .await??;
+        Ok(match accepted {
+            Accepted::AlreadyStored => Upload::already_stored(),
+            Accepted::Streaming => Upload {
+                chunks: Some(chunk_tx),
+                done: Some(done_rx),
+                hasher: Some(digest.function.hasher()),
+                committed: 0,
+            },
         })
     }
 
@@ -428,9 +434,14 @@ impl Engine {
 }
 
 /// A streaming upload. Dropping it without `finish` abandons the upload.
+///
+/// It hashes what it sends, on the caller's core (see `UploadMsg::Finish`). For a
+/// blob the engine already holds it sends nothing: the content is counted and dropped,
+/// as storing it again would change nothing.
 pub struct Upload {
     chunks: Option<flume::Sender<UploadMsg>>,
     done: Option<oneshot::Receiver<Result<()>>>,
+    hasher: Option<Hasher>,
     committed: u64,
 }
 
@@ -439,6 +450,7 @@ impl Upload {
         Upload {
             chunks: None,
             done: None,
+            hasher: None,
             committed: 0,
         }
     }
@@ -451,6 +463,9 @@ impl Upload {
     pub async fn write(&mut self, chunk: Bytes) -> Result<()> {
         let len = chunk.len() as u64;
         if let Some(tx) = &self.chunks {
+            if let Some(hasher) = &mut self.hasher {
+                hasher.update(&chunk);
+            }
             if tx.send_async(UploadMsg::Data(chunk)).await.is_err() {
                 return Err(self.failure().await);
             }
@@ -463,7 +478,8 @@ impl Upload {
     /// returns `Ok`.
     pub async fn finish(mut self) -> Result<()> {
         if let Some(tx) = self.chunks.take() {
-            if tx.send_async(UploadMsg::Finish).await.is_err() {
+            let hash = self.hasher.take().map(Hasher::finalize).unwrap_or_default();
+            if tx.send_async(UploadMsg::Finish(hash)).await.is_err() {
                 return Err(self.failure().await);
             }
         }

@@ -4,14 +4,14 @@
 //! reserved up front as a 4 KiB-aligned extent of the extents segment, or as a huge
 //! segment of its own when it would not fit a quarter of one. Many uploads write into
 //! their own extents at once; each holds one write unit of memory, whatever the blob's
-//! size. The payload is hashed and checksummed as it streams.
+//! size. The payload is checksummed as it streams; the `Upload` feeding it hashes the
+//! same bytes on the caller's core, and `finish` compares that hash with the key.
 //!
 //! The header is written last. Until then the extent starts with zeros, which the
 //! recovery scan treats as dead space, so a crash or an abandoned upload leaves an
 //! extent no one can see; only after the digest verifies is the first block rewritten
 //! with the real header, and only after that write completes is the record indexed.
 
-use crate::digest::Hasher;
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::{
     align_up, encode_chunk_table, record_len, Header, Key, ALIGN, CRC_CHUNK, HEADER_LEN,
@@ -129,7 +129,6 @@ pub struct ExtentWriter {
     key: Key,
     payload_len: u64,
     received: u64,
-    hasher: Hasher,
     chunk_crc: crc32fast::Hasher,
     chunk_fill: u64,
     crcs: Vec<u32>,
@@ -138,8 +137,10 @@ pub struct ExtentWriter {
     buf: IoBuf,
     buf_len: usize,
     /// The previous unit's write, still in flight while this one fills: hashing and
-    /// copying overlap with the device instead of adding to it.
-    inflight: Option<LocalBoxFuture<'static, Result<()>>>,
+    /// copying overlap with the device instead of adding to it. It hands its buffer
+    /// back, to be filled again.
+    inflight: Option<LocalBoxFuture<'static, Result<IoBuf>>>,
+    spare: Option<IoBuf>,
     /// Record offset at which `buf` starts.
     buf_start: u64,
 }
@@ -157,7 +158,6 @@ impl ExtentWriter {
         let mut buf = file.alloc(unit);
         buf.as_mut()[..HEADER_LEN].fill(0);
         ExtentWriter {
-            hasher: key.function.hasher(),
             part,
             file,
             seg,
@@ -172,6 +172,7 @@ impl ExtentWriter {
             buf,
             buf_len: HEADER_LEN,
             inflight: None,
+            spare: None,
             buf_start: 0,
         }
     }
@@ -185,7 +186,6 @@ impl ExtentWriter {
             )));
         }
         self.received += data.len() as u64;
-        self.hasher.update(data);
         while !data.is_empty() {
             let room = (CRC_CHUNK - self.chunk_fill) as usize;
             let n = room.min(data.len());
@@ -218,51 +218,46 @@ impl ExtentWriter {
     }
 
     async fn write_unit(&mut self) -> Result<()> {
-        let next = self.file.alloc(self.buf.len());
+        self.drain().await?;
+        let next = match self.spare.take() {
+            Some(buf) => buf,
+            None => self.file.alloc(self.buf.len()),
+        };
         let mut full = std::mem::replace(&mut self.buf, next);
         let len = self.buf_len;
         full.as_mut()[len..].fill(0);
         if self.buf_start == 0 {
             self.first_block = full.as_mut()[..ALIGN as usize].to_vec();
         }
-        self.drain().await?;
         let file = self.file.clone();
         let pos = self.base + self.buf_start;
-        self.inflight =
-            Some(io::spawn_joinable(async move { file.write(full, pos).await }).boxed_local());
+        self.inflight = Some(
+            io::spawn_joinable(async move { file.write_reusing(full, pos).await }).boxed_local(),
+        );
         self.buf_start += len as u64;
         self.buf_len = 0;
+        io::submit_queued().await;
         Ok(())
     }
 
-    /// Waits for the write in flight, if any.
+    /// Waits for the write in flight, if any, and keeps its buffer.
     async fn drain(&mut self) -> Result<()> {
-        match self.inflight.take() {
-            Some(write) => write.await,
-            None => Ok(()),
+        if let Some(write) = self.inflight.take() {
+            self.spare = Some(write.await?);
         }
+        Ok(())
     }
 
-    /// Verifies size and digest, writes the rest and then the header, and indexes the
-    /// record. Any error leaves the extent dead and invisible.
-    pub async fn finish(mut self) -> Result<()> {
-        if self.received != self.payload_len {
-            return Err(Error::invalid(format!(
-                "upload ended after {} of its declared {} bytes",
-                self.received, self.payload_len
-            )));
-        }
-        let hash = std::mem::replace(&mut self.hasher, self.key.function.hasher()).finalize();
-        if hash != self.key.hash {
-            return Err(Error::invalid(format!(
-                "uploaded content does not match its digest {}",
-                crate::Digest {
-                    function: self.key.function,
-                    hash: self.key.hash,
-                    size: self.key.size
-                }
-            )));
-        }
+    /// Verifies the size and the payload's `hash` against the key, writes the rest and
+    /// then the header, and indexes the record. Any error leaves the extent dead and
+    /// invisible.
+    pub async fn finish(mut self, hash: [u8; 32]) -> Result<()> {
+        let declared = crate::Digest {
+            function: self.key.function,
+            hash: self.key.hash,
+            size: self.key.size,
+        };
+        crate::shard::verify_sent(declared, self.received, hash)?;
         if self.chunk_fill > 0 {
             let last = std::mem::replace(&mut self.chunk_crc, crc32fast::Hasher::new());
             self.crcs.push(last.finalize());

@@ -8,6 +8,7 @@ use crate::error::{Error, Result};
 use bytes::Bytes;
 use glommio::io::{DmaBuffer, DmaFile, OpenOptions};
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
 /// An aligned buffer suitable for O_DIRECT writes.
 pub struct IoBuf(DmaBuffer);
@@ -85,6 +86,29 @@ impl SegFile {
             ));
         }
         Ok(())
+    }
+
+    /// Like [`SegFile::write`], and hands the buffer back for reuse: a fresh 1 MiB
+    /// buffer per write unit cost a page fault per 4 KiB filled, 9% of the CPU of a
+    /// large upload (glibc returns such allocations to the kernel on free).
+    pub async fn write_reusing(&self, buf: IoBuf, pos: u64) -> Result<IoBuf> {
+        let len = buf.len();
+        let shared = Rc::new(buf.0);
+        let n = self
+            .file
+            .write_rc_at(shared.clone(), pos)
+            .await
+            .map_err(|e| Error::io(format!("writing {}", self.path.display()), e))?;
+        if n != len {
+            return Err(Error::io(
+                format!("short write to {} at {pos}", self.path.display()),
+                std::io::Error::from_raw_os_error(libc::EIO),
+            ));
+        }
+        Ok(match Rc::try_unwrap(shared) {
+            Ok(buf) => IoBuf(buf),
+            Err(_) => self.alloc(len),
+        })
     }
 
     /// Copies `data` into an aligned buffer padded with zeros and writes it at `pos`.
@@ -181,6 +205,20 @@ pub fn spawn_joinable<T: 'static>(
 
 pub async fn sleep(d: std::time::Duration) {
     glommio::timer::sleep(d).await;
+}
+
+/// Lets the executor hand the I/O queued so far to the kernel, then resumes.
+///
+/// glommio submits queued requests only between runs of its task queues, and a task
+/// that never waits (an upload whose next chunk is always already there) keeps the
+/// queue running for up to the 100 ms preemption period. An upload that spawned a
+/// write and went straight on hashing the next unit left that write unsubmitted until
+/// it waited for it, so hashing and the device never overlapped. Measured with
+/// `engine-seq` (16 MiB blobs, one upload): waiting for writes fell from 7.5 ms to
+/// 0.45 ms per blob, and the put from 850 to 1280 MiB/s. The pause is a 5 µs timer:
+/// one that is already due by its first poll does not park the task at all.
+pub async fn submit_queued() {
+    glommio::timer::sleep(std::time::Duration::from_micros(5)).await;
 }
 
 /// A shard executor thread started by [`spawn_executor`].

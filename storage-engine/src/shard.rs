@@ -40,7 +40,7 @@ pub(crate) enum Request {
         digest: Digest,
         key: Key,
         chunks: flume::Receiver<UploadMsg>,
-        accepted: oneshot::Sender<Result<()>>,
+        accepted: oneshot::Sender<Result<Accepted>>,
         done: oneshot::Sender<Result<()>>,
     },
     /// Which of `items` (position in the caller's list, partition, index prefix) are
@@ -86,7 +86,21 @@ pub(crate) enum Request {
 
 pub(crate) enum UploadMsg {
     Data(Bytes),
-    Finish,
+    /// The end of the stream, with the digest of every byte sent. The `Upload` hashes
+    /// on the caller's core as it sends, so that hashing a chunk overlaps with the
+    /// shard copying, checksumming and writing the one before: one SHA-256 upload
+    /// went from 1280 to 1500 MiB/s (engine-seq, 16 MiB blobs; one core hashes 1710).
+    /// The shard still decides: the record becomes visible only if this equals the
+    /// declared digest.
+    Finish([u8; 32]),
+}
+
+/// How a shard takes a new upload.
+pub(crate) enum Accepted {
+    /// Send the content.
+    Streaming,
+    /// The blob is already stored; nothing needs to be sent.
+    AlreadyStored,
 }
 
 /// What every shard of one engine shares.
@@ -373,14 +387,22 @@ async fn put_whole(part: &Partition, digest: Digest, key: Key, data: &[u8]) -> R
 
 /// Checks a whole small blob's length and content against its digest.
 fn verify_whole(digest: Digest, data: &[u8]) -> Result<()> {
-    if data.len() as u64 != digest.size {
+    verify_sent(
+        digest,
+        data.len() as u64,
+        Digest::of(digest.function, data).hash,
+    )
+}
+
+/// Checks the length and hash of what an upload sent against the declared digest.
+pub(crate) fn verify_sent(digest: Digest, len: u64, hash: [u8; 32]) -> Result<()> {
+    if len != digest.size {
         return Err(Error::invalid(format!(
-            "upload has {} bytes, not its declared {}",
-            data.len(),
+            "upload ended after {len} of its declared {} bytes",
             digest.size
         )));
     }
-    if Digest::of(digest.function, data) != digest {
+    if hash != digest.hash {
         return Err(Error::invalid(format!(
             "uploaded content does not match its digest {digest}"
         )));
@@ -396,17 +418,15 @@ async fn upload(
     digest: Digest,
     key: Key,
     chunks: flume::Receiver<UploadMsg>,
-    accepted: oneshot::Sender<Result<()>>,
+    accepted: oneshot::Sender<Result<Accepted>>,
     done: oneshot::Sender<Result<()>>,
 ) {
     if part.contains(&key) {
-        let _ = accepted.send(Ok(()));
-        while let Ok(UploadMsg::Data(_)) = chunks.recv_async().await {}
-        let _ = done.send(Ok(()));
+        let _ = accepted.send(Ok(Accepted::AlreadyStored));
         return;
     }
     if digest.size <= part.limits.small_blob_max {
-        let _ = accepted.send(Ok(()));
+        let _ = accepted.send(Ok(Accepted::Streaming));
         let res = upload_small(&part, digest, key, &chunks).await;
         if let Some(res) = res {
             let _ = done.send(res);
@@ -415,7 +435,7 @@ async fn upload(
     }
     let mut writer = match part.reserve_extent(key, digest.size).await {
         Ok(w) => {
-            let _ = accepted.send(Ok(()));
+            let _ = accepted.send(Ok(Accepted::Streaming));
             w
         }
         Err(e) => {
@@ -431,8 +451,8 @@ async fn upload(
                     return;
                 }
             }
-            Ok(UploadMsg::Finish) => {
-                let _ = done.send(writer.finish().await);
+            Ok(UploadMsg::Finish(hash)) => {
+                let _ = done.send(writer.finish(hash).await);
                 return;
             }
             // The client went away: the extent stays dead and invisible.
@@ -460,12 +480,14 @@ async fn upload_small(
                 }
                 buf.extend_from_slice(&data);
             }
-            Ok(UploadMsg::Finish) => break,
+            Ok(UploadMsg::Finish(hash)) => {
+                if let Err(e) = verify_sent(digest, buf.len() as u64, hash) {
+                    return Some(Err(e));
+                }
+                break;
+            }
             Err(_) => return None,
         }
-    }
-    if let Err(e) = verify_whole(digest, &buf) {
-        return Some(Err(e));
     }
     Some(part.append(key, &buf, false).await)
 }
