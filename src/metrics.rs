@@ -23,6 +23,7 @@ pub struct Metrics {
     evictions: IntGaugeVec,
     crc_failures: IntGaugeVec,
     queue_depth: IntGaugeVec,
+    connections: IntGaugeVec,
 }
 
 impl Metrics {
@@ -97,8 +98,18 @@ impl Metrics {
                 "Requests waiting for each shard",
                 "shard",
             )?,
+            connections: gauge(
+                "shard_connections",
+                "Open client connections served by each shard",
+                "shard",
+            )?,
             registry,
         })
+    }
+
+    /// The per-shard connection gauge, kept up to date by the runtime.
+    pub fn connections(&self) -> IntGaugeVec {
+        self.connections.clone()
     }
 
     /// Counts one request.

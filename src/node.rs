@@ -91,7 +91,8 @@ pub fn run(config: Config) -> Result<()> {
         max_batch_total_size: config.max_batch_total_size.0,
         max_cas_blob_size,
     };
-    let mut store = Store::new(engine.clone(), limits, Arc::new(Metrics::new()?));
+    let metrics = Arc::new(Metrics::new()?);
+    let mut store = Store::new(engine.clone(), limits, Arc::clone(&metrics));
     if config.sink {
         tracing::warn!("sink mode: blobs are kept in memory only, up to the budget");
         store = store.with_sink(Sink::new(max_size));
@@ -133,6 +134,7 @@ pub fn run(config: Config) -> Result<()> {
         http: HttpFront::new(store),
         engine,
         grace: config.shutdown_grace(),
+        connections: metrics.connections(),
     };
     let served = runtime::run(serve, runners, stop);
     if let Some((embedded, _forwarding)) = execution {

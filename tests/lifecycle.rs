@@ -188,6 +188,67 @@ async fn garbage_on_the_port_does_not_hurt_the_node() {
     assert_eq!(http(node.http, "GET", "/healthz", b"").0, 200);
 }
 
+/// Per-shard open connections, from the node's /metrics.
+fn connections_per_shard(node: &Node) -> Vec<u64> {
+    let (status, body) = http(node.http, "GET", "/metrics", b"");
+    assert_eq!(status, 200);
+    let text = String::from_utf8(body).unwrap();
+    let mut counts: Vec<(usize, u64)> = text
+        .lines()
+        .filter_map(|line| line.strip_prefix("cairn_shard_connections{shard=\""))
+        .filter_map(|rest| {
+            let (shard, value) = rest.split_once("\"} ")?;
+            Some((shard.parse().ok()?, value.trim().parse().ok()?))
+        })
+        .collect();
+    counts.sort_unstable();
+    counts.into_iter().map(|(_, open)| open).collect()
+}
+
+/// SO_REUSEPORT places connections by a hash of their addresses, so a client's few
+/// connections often all land on one core. They must end up evenly spread, and the
+/// ones handed to another shard must serve like any other.
+#[tokio::test]
+async fn connections_pile_onto_one_shard() {
+    let temp = tempfile::tempdir().unwrap();
+    let node = Node::start_in(&temp.path().join("data"), &["--shards", "2"]);
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        let mut client = node.capabilities().await;
+        client
+            .get_capabilities(GetCapabilitiesRequest::default())
+            .await
+            .expect("a new connection serves");
+        clients.push(client);
+    }
+    // 8 gRPC connections and the one reading /metrics; connections closed earlier
+    // (the readiness probe) leave the count as their tasks end.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let counts = loop {
+        let counts = connections_per_shard(&node);
+        if counts.iter().sum::<u64>() == 9 || Instant::now() > deadline {
+            break counts;
+        }
+        tokio::task::yield_now().await;
+    };
+    assert_eq!(counts.len(), 2, "one gauge per shard: {counts:?}");
+    assert_eq!(
+        counts.iter().sum::<u64>(),
+        9,
+        "open connections: {counts:?}"
+    );
+    assert!(
+        counts.iter().all(|&open| open == 4 || open == 5),
+        "connections are not spread evenly: {counts:?}"
+    );
+    for client in &mut clients {
+        client
+            .get_capabilities(GetCapabilitiesRequest::default())
+            .await
+            .expect("every connection still serves");
+    }
+}
+
 #[tokio::test]
 async fn sigterm_stops_cleanly_and_keeps_the_data() {
     let temp = tempfile::tempdir().unwrap();

@@ -2,8 +2,9 @@
 //!
 //! Each shard is a glommio `LocalExecutor` on a thread pinned to its own core. Every
 //! shard binds the same gRPC (and HTTP) port with `SO_REUSEPORT`, so the kernel spreads
-//! incoming connections over the cores and no thread hands sockets to another. A
-//! connection lives and dies on the core that accepted it: hyper drives the HTTP/2 (or
+//! incoming connections over the cores; a shard that gets more than its share hands
+//! the new connection to the least busy one ([`balance`]). A connection then lives
+//! and dies on that core: hyper drives the HTTP/2 (or
 //! HTTP/1.1) protocol on that executor, spawning its per-stream tasks with
 //! `spawn_local`, and the handlers it calls are ordinary `Send` futures that talk to
 //! the storage engine through channels. Keeping glommio behind this module means a move
@@ -14,6 +15,7 @@
 //! period), wait for the other shards to do the same, and then one of them asks the
 //! engine to write its checkpoints and stop, which ends every shard's runner.
 
+mod balance;
 mod connections;
 mod hyper_glue;
 mod shard;
@@ -43,12 +45,15 @@ pub struct Serve {
     pub engine: Engine,
     /// How long in-flight requests may take to finish once a stop was asked for.
     pub grace: Duration,
+    /// The gauge of open connections per shard (label `shard`).
+    pub connections: prometheus::IntGaugeVec,
 }
 
 /// Runs one shard per runner until `stop` turns true, then drains and shuts the
 /// engine down. Returns the first error any shard met.
 pub fn run(serve: Serve, runners: Vec<ShardRunner>, stop: watch::Sender<bool>) -> Result<()> {
     let cpus = allowed_cpus();
+    let (balancer, inboxes) = balance::Balancer::new(runners.len(), serve.connections);
     let shared = Arc::new(shard::Shared {
         grpc_addr: serve.grpc_addr,
         http_addr: serve.http_addr,
@@ -60,14 +65,15 @@ pub fn run(serve: Serve, runners: Vec<ShardRunner>, stop: watch::Sender<bool>) -
         ready: watch::Sender::new(None),
         drained: Barrier::new(runners.len()),
         failure: Mutex::new(None),
+        balancer: Arc::new(balancer),
     });
     let mut handles = Vec::with_capacity(runners.len());
-    for (index, runner) in runners.into_iter().enumerate() {
+    for (index, (runner, inbox)) in runners.into_iter().zip(inboxes).enumerate() {
         let cpu = cpus[index % cpus.len()];
         let shared = Arc::clone(&shared);
         let builder =
             LocalExecutorBuilder::new(Placement::Fixed(cpu)).name(&format!("shard-{index}"));
-        match builder.spawn(move || shard::run(index, runner, shared)) {
+        match builder.spawn(move || shard::run(index, runner, shared, inbox)) {
             Ok(handle) => handles.push(handle),
             Err(error) => {
                 // Shards already started would wait on the drain barrier for this one;

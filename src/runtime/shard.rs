@@ -9,8 +9,9 @@ use std::time::Duration;
 use cairn_storage::{Engine, ShardRunner};
 use futures::future::{select, Either};
 use glommio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Barrier};
+use tokio::sync::{mpsc, watch, Barrier};
 
+use super::balance::{adopt, Balancer, Handoff, Protocol, Slot};
 use super::connections::Connections;
 use super::hyper_glue;
 use crate::error::{Error, Result};
@@ -31,6 +32,7 @@ pub(super) struct Shared {
     /// can send it another request.
     pub drained: Barrier,
     pub failure: Mutex<Option<Error>>,
+    pub balancer: Arc<Balancer>,
 }
 
 impl Shared {
@@ -45,7 +47,12 @@ impl Shared {
 }
 
 /// The body of shard `index`'s executor.
-pub(super) async fn run(index: usize, runner: ShardRunner, shared: Arc<Shared>) {
+pub(super) async fn run(
+    index: usize,
+    runner: ShardRunner,
+    shared: Arc<Shared>,
+    inbox: mpsc::UnboundedReceiver<Handoff>,
+) {
     let runner = {
         let shared = Arc::clone(&shared);
         glommio::spawn_local(async move {
@@ -74,13 +81,21 @@ pub(super) async fn run(index: usize, runner: ShardRunner, shared: Arc<Shared>) 
                     tracing::info!("serving HTTP on {addr}");
                 }
             }
-            let grpc_loop = accept_loop(grpc, &shared, &connections, Protocol::Grpc);
+            let here = Here {
+                index,
+                shared: &shared,
+                connections: &connections,
+            };
+            let grpc_loop = accept_loop(grpc, here, Protocol::Grpc);
+            let inbox_loop = inbox_loop(inbox, here);
             match http {
                 Some(http) => {
-                    let http_loop = accept_loop(http, &shared, &connections, Protocol::Http);
-                    futures::join!(grpc_loop, http_loop);
+                    let http_loop = accept_loop(http, here, Protocol::Http);
+                    futures::join!(grpc_loop, http_loop, inbox_loop);
                 }
-                None => grpc_loop.await,
+                None => {
+                    futures::join!(grpc_loop, inbox_loop);
+                }
             }
         }
         Some(Err(error)) => shared.record(error),
@@ -109,57 +124,73 @@ fn bind(shared: &Shared) -> Result<(TcpListener, Option<TcpListener>)> {
     Ok((grpc, http))
 }
 
+/// The shard a loop runs on, and what it serves with.
 #[derive(Clone, Copy)]
-enum Protocol {
-    Grpc,
-    Http,
+struct Here<'a> {
+    index: usize,
+    shared: &'a Arc<Shared>,
+    connections: &'a Rc<Connections>,
 }
 
-/// Accepts connections until a stop is asked for; each one is served on this core.
-async fn accept_loop(
-    listener: TcpListener,
-    shared: &Arc<Shared>,
-    connections: &Rc<Connections>,
-    protocol: Protocol,
-) {
-    let mut stopped = Box::pin(stop_requested(shared.stop.subscribe()));
+/// Accepts connections until a stop is asked for, and serves each on the shard with
+/// the fewest (see [`super::balance`]).
+async fn accept_loop(listener: TcpListener, here: Here<'_>, protocol: Protocol) {
+    let mut stopped = Box::pin(stop_requested(here.shared.stop.subscribe()));
     loop {
         let accepted = match select(Box::pin(listener.accept()), stopped.as_mut()).await {
             Either::Left((accepted, _)) => accepted,
             Either::Right(((), _)) => return,
         };
-        match accepted {
-            Ok(stream) => serve(stream, shared, connections, protocol),
-            Err(error) => tracing::warn!("accept failed: {error}"),
+        let stream = match accepted {
+            Ok(stream) => stream,
+            Err(error) => {
+                tracing::warn!("accept failed: {error}");
+                continue;
+            }
+        };
+        let slot = here.shared.balancer.place(here.index);
+        if slot.shard() == here.index {
+            serve(stream, here, protocol, slot);
+        } else if let Err(stream) = slot.hand_over(stream, protocol) {
+            let slot = here.shared.balancer.slot_on(here.index);
+            serve(stream, here, protocol, slot);
         }
     }
 }
 
-fn serve(
-    stream: TcpStream,
-    shared: &Arc<Shared>,
-    connections: &Rc<Connections>,
-    protocol: Protocol,
-) {
+/// Serves the connections other shards hand over, until a stop is asked for.
+async fn inbox_loop(mut inbox: mpsc::UnboundedReceiver<Handoff>, here: Here<'_>) {
+    let mut stopped = Box::pin(stop_requested(here.shared.stop.subscribe()));
+    loop {
+        let handoff = match select(Box::pin(inbox.recv()), stopped.as_mut()).await {
+            Either::Left((Some(handoff), _)) => handoff,
+            Either::Left((None, _)) | Either::Right(((), _)) => return,
+        };
+        let stream = adopt(handoff.socket);
+        serve(stream, here, handoff.protocol, handoff.slot);
+    }
+}
+
+fn serve(stream: TcpStream, here: Here<'_>, protocol: Protocol, slot: Slot) {
     if let Err(error) = stream.set_nodelay(true) {
         tracing::debug!("cannot set TCP_NODELAY: {error}");
     }
-    let guard = connections.open();
-    let stop = stop_requested(shared.stop.subscribe());
-    let grace = shared.grace;
+    let guard = here.connections.open();
+    let stop = stop_requested(here.shared.stop.subscribe());
+    let grace = here.shared.grace;
     let task = match protocol {
         Protocol::Grpc => {
-            let connection = hyper_glue::serve_http2(stream, shared.grpc.clone());
+            let connection = hyper_glue::serve_http2(stream, here.shared.grpc.clone());
             glommio::spawn_local(async move {
                 hyper_glue::drive(connection, stop, grace).await;
-                drop(guard);
+                drop((guard, slot));
             })
         }
         Protocol::Http => {
-            let connection = hyper_glue::serve_http1(stream, shared.http.clone());
+            let connection = hyper_glue::serve_http1(stream, here.shared.http.clone());
             glommio::spawn_local(async move {
                 hyper_glue::drive(connection, stop, grace).await;
-                drop(guard);
+                drop((guard, slot));
             })
         }
     };
