@@ -21,7 +21,7 @@ struct Args {
     /// gRPC address of the node.
     #[arg(long, default_value = "grpc://127.0.0.1:50051")]
     addr: String,
-    /// bs-write, bs-read, batch-small, find-missing, ac, bazel-like, or all (each in
+    /// bs-write, bs-write-blake3, bs-read, batch-small, find-missing, ac, bazel-like, or all (each in
     /// turn, each with the whole --duration or --ops).
     #[arg(long)]
     scenario: String,

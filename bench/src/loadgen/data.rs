@@ -47,6 +47,35 @@ pub fn digest(data: &[u8]) -> Digest {
     }
 }
 
+/// The digest functions a scenario can name its blobs by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Function {
+    Sha256,
+    Blake3,
+}
+
+impl Function {
+    /// The digest of `data`.
+    pub fn digest(self, data: &[u8]) -> Digest {
+        match self {
+            Function::Sha256 => digest(data),
+            Function::Blake3 => Digest {
+                hash: digest_hex(blake3::hash(data).as_bytes()),
+                size_bytes: data.len() as i64,
+            },
+        }
+    }
+
+    /// What comes between `blobs/` and the hash in a resource name: nothing for
+    /// SHA-256 (the default every server assumes), the function's name otherwise.
+    pub fn resource_segment(self) -> &'static str {
+        match self {
+            Function::Sha256 => "",
+            Function::Blake3 => "blake3/",
+        }
+    }
+}
+
 /// The digest of a blob that was never written (random hash).
 pub fn absent_digest(rng: &mut Rng) -> Digest {
     let mut hash = [0u8; 32];

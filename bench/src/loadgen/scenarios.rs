@@ -19,13 +19,14 @@ use sha2::{Digest as _, Sha256};
 use tonic::transport::Channel;
 use tonic::Code;
 
-use super::data::{self, Rng};
+use super::data::{self, Function, Rng};
 use super::report::{Report, Tally};
 use super::{Budget, Deadline, Options, MAX_MESSAGE};
 
 /// Every scenario, in the order `all` runs them.
-pub const ALL: [&str; 6] = [
+pub const ALL: [&str; 7] = [
     "bs-write",
+    "bs-write-blake3",
     "bs-read",
     "batch-small",
     "find-missing",
@@ -86,14 +87,20 @@ pub async fn run(
         .unwrap_or(ALL.len()) as u64;
     let seed = options.seed.wrapping_mul(0x100).wrapping_add(salt << 32);
     let reports = match name {
-        "bs-write" => {
+        "bs-write" | "bs-write-blake3" => {
             let size = options.blob_size;
+            let function = if name == "bs-write" {
+                Function::Sha256
+            } else {
+                Function::Blake3
+            };
             let report = run_tasks(
                 options,
                 &clients,
                 options.budget,
                 move |task, clients, deadline| {
-                    bs_write(clients, deadline, Rng::new(seed + task as u64), size)
+                    let rng = Rng::new(seed + task as u64);
+                    bs_write(clients, deadline, rng, size, function)
                 },
             )
             .await;
@@ -105,9 +112,15 @@ pub async fn run(
             for _ in 0..READ_WORKING_SET {
                 let blob = rng.bytes(options.blob_size);
                 let digest = data::digest(&blob);
-                write_blob(&mut clients[0].clone(), &blob, &digest, &mut rng)
-                    .await
-                    .map_err(|error| format!("bs-read setup: {error}"))?;
+                write_blob(
+                    &mut clients[0].clone(),
+                    &blob,
+                    &digest,
+                    Function::Sha256,
+                    &mut rng,
+                )
+                .await
+                .map_err(|error| format!("bs-read setup: {error}"))?;
                 set.push(digest);
             }
             let set = Arc::new(set);
@@ -286,13 +299,14 @@ async fn bs_write(
     deadline: Deadline,
     mut rng: Rng,
     size: usize,
+    function: Function,
 ) -> (Tally, ()) {
     let mut tally = Tally::default();
     while deadline.next() {
         let blob = rng.bytes(size);
-        let digest = data::digest(&blob);
+        let digest = function.digest(&blob);
         let started = Instant::now();
-        let outcome = write_blob(&mut clients, &blob, &digest, &mut rng).await;
+        let outcome = write_blob(&mut clients, &blob, &digest, function, &mut rng).await;
         record(&mut tally, started, outcome.map(|()| size as u64));
     }
     (tally, ())
@@ -530,7 +544,7 @@ async fn bazel_cold(
             for (digest, blob) in digests.iter().zip(&outputs) {
                 moved += blob.len() as u64;
                 if blob.len() > BATCH_MAX_BLOB {
-                    write_blob(&mut clients, blob, digest, &mut rng).await?;
+                    write_blob(&mut clients, blob, digest, Function::Sha256, &mut rng).await?;
                     continue;
                 }
                 if batch_total + blob.len() > BATCH_MAX_TOTAL {
@@ -638,15 +652,17 @@ async fn write_blob(
     clients: &mut Clients,
     blob: &Bytes,
     digest: &Digest,
+    function: Function,
     rng: &mut Rng,
 ) -> Result<(), Problem> {
     let resource = format!(
-        "uploads/{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}/blobs/{}/{}",
+        "uploads/{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}/blobs/{}{}/{}",
         rng.next_u64() as u32,
         rng.next_u64() as u16,
         rng.below(0x1000),
         rng.below(0x1000),
         rng.next_u64() & 0xffff_ffff_ffff,
+        function.resource_segment(),
         digest.hash,
         digest.size_bytes
     );
