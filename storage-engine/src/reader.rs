@@ -145,6 +145,9 @@ impl Partition {
             };
             if (chunk + 1) * CRC_CHUNK < end {
                 ahead = Some(read_chunk(chunk + 1));
+                // Hands the read-ahead to the kernel now, not when this task next
+                // waits after checking and sending this chunk (see `io::submit_queued`).
+                io::submit_queued().await;
             }
             let want = rec.crcs.get(chunk as usize).copied();
             if data.len() as u64 != len || want != Some(crate::format::crc(&data)) {
