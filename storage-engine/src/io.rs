@@ -73,19 +73,7 @@ impl SegFile {
 
     /// Writes an aligned buffer at an aligned position; a short write is an error.
     pub async fn write(&self, buf: IoBuf, pos: u64) -> Result<()> {
-        let len = buf.len();
-        let n = self
-            .file
-            .write_at(buf.0, pos)
-            .await
-            .map_err(|e| Error::io(format!("writing {}", self.path.display()), e))?;
-        if n != len {
-            return Err(Error::io(
-                format!("short write to {} at {pos}", self.path.display()),
-                std::io::Error::from_raw_os_error(libc::EIO),
-            ));
-        }
-        Ok(())
+        self.write_reusing(buf, pos).await.map(drop)
     }
 
     /// Like [`SegFile::write`], and hands the buffer back for reuse: a fresh 1 MiB

@@ -94,17 +94,11 @@ pub async fn run(
             } else {
                 Function::Blake3
             };
-            let report = run_tasks(
-                options,
-                &clients,
-                options.budget,
-                move |task, clients, deadline| {
-                    let rng = Rng::new(seed + task as u64);
-                    bs_write(clients, deadline, rng, size, function)
-                },
-            )
-            .await;
-            vec![report.0.finish(name)]
+            one_phase(name, options, &clients, move |task, clients, deadline| {
+                let rng = Rng::new(seed + task as u64);
+                bs_write(clients, deadline, rng, size, function)
+            })
+            .await
         }
         "bs-read" => {
             let mut rng = Rng::new(seed);
@@ -124,33 +118,21 @@ pub async fn run(
                 set.push(digest);
             }
             let set = Arc::new(set);
-            let report = run_tasks(
-                options,
-                &clients,
-                options.budget,
-                move |task, clients, deadline| {
-                    bs_read(
-                        clients,
-                        deadline,
-                        Rng::new(seed + 1 + task as u64),
-                        Arc::clone(&set),
-                    )
-                },
-            )
-            .await;
-            vec![report.0.finish(name)]
+            one_phase(name, options, &clients, move |task, clients, deadline| {
+                bs_read(
+                    clients,
+                    deadline,
+                    Rng::new(seed + 1 + task as u64),
+                    Arc::clone(&set),
+                )
+            })
+            .await
         }
         "batch-small" => {
-            let report = run_tasks(
-                options,
-                &clients,
-                options.budget,
-                move |task, clients, deadline| {
-                    batch_small(clients, deadline, Rng::new(seed + task as u64))
-                },
-            )
-            .await;
-            vec![report.0.finish(name)]
+            one_phase(name, options, &clients, move |task, clients, deadline| {
+                batch_small(clients, deadline, Rng::new(seed + task as u64))
+            })
+            .await
         }
         "find-missing" => {
             let mut rng = Rng::new(seed);
@@ -163,21 +145,15 @@ pub async fn run(
             .await
             .map_err(|error| format!("find-missing setup: {error}"))?;
             let present = Arc::new(present);
-            let report = run_tasks(
-                options,
-                &clients,
-                options.budget,
-                move |task, clients, deadline| {
-                    find_missing(
-                        clients,
-                        deadline,
-                        Rng::new(seed + 1 + task as u64),
-                        Arc::clone(&present),
-                    )
-                },
-            )
-            .await;
-            vec![report.0.finish(name)]
+            one_phase(name, options, &clients, move |task, clients, deadline| {
+                find_missing(
+                    clients,
+                    deadline,
+                    Rng::new(seed + 1 + task as u64),
+                    Arc::clone(&present),
+                )
+            })
+            .await
         }
         "ac" => {
             let output = Bytes::from_static(b"an output every action result refers to");
@@ -188,21 +164,15 @@ pub async fn run(
             )
             .await
             .map_err(|error| format!("ac setup: {error}"))?;
-            let report = run_tasks(
-                options,
-                &clients,
-                options.budget,
-                move |task, clients, deadline| {
-                    action_cache(
-                        clients,
-                        deadline,
-                        Rng::new(seed + task as u64),
-                        output_digest.clone(),
-                    )
-                },
-            )
-            .await;
-            vec![report.0.finish(name)]
+            one_phase(name, options, &clients, move |task, clients, deadline| {
+                action_cache(
+                    clients,
+                    deadline,
+                    Rng::new(seed + task as u64),
+                    output_digest.clone(),
+                )
+            })
+            .await
         }
         "bazel-like" => bazel_like(options, &clients, seed).await,
         other => {
@@ -213,6 +183,21 @@ pub async fn run(
         }
     };
     Ok(reports)
+}
+
+/// Runs a scenario of one phase: `task` in every slot until the budget is spent.
+async fn one_phase<F, Fut>(
+    name: &str,
+    options: &Options,
+    clients: &[Clients],
+    task: F,
+) -> Vec<Report>
+where
+    F: Fn(usize, Clients, Deadline) -> Fut,
+    Fut: Future<Output = (Tally, ())> + Send + 'static,
+{
+    let (measured, _) = run_tasks(options, clients, options.budget, task).await;
+    vec![measured.finish(name)]
 }
 
 /// What a finished run of tasks measured.
