@@ -375,6 +375,44 @@ async fn the_example_config_starts() {
     assert!(node.terminate().success());
 }
 
+/// A second node started on a port already served must fail loudly. With a socket per
+/// shard bound with SO_REUSEPORT it started and silently took a share of the first
+/// node's connections.
+#[test]
+fn a_second_node_on_the_same_port_shares_it() {
+    let first = Node::start();
+    let temp = tempfile::tempdir().unwrap();
+    let mut second = Command::new(common::BINARY)
+        .args(["--no-execution", "--listen", &first.grpc.to_string()])
+        .args(["--http-listen", &free_port().to_string()])
+        .args(["--data-dir", temp.path().join("data").to_str().unwrap()])
+        .args(["--max-size", "1GiB"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Before the fix the second node served on; it must be gone by the deadline.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while second.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = second.kill();
+            let _ = second.wait();
+            panic!("a second node started on {} and kept running", first.grpc);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let output = second.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success(),
+        "the second node started:\n{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("cannot listen on {}", first.grpc)),
+        "{stderr}"
+    );
+    assert!(stderr.contains("in use"), "{stderr}");
+}
+
 #[test]
 fn bad_configs_and_flags_fail_with_a_message() {
     let temp = tempfile::tempdir().unwrap();

@@ -1,22 +1,23 @@
 //! Evening out client connections over the shards.
 //!
-//! `SO_REUSEPORT` hands each new connection to a listener chosen by a hash of its
-//! addresses, blind to how busy each core is. A client with few connections (the load
-//! generator's two, a Bazel with a small channel pool) lands them all on one core half
-//! of the time, and that core then decodes, hashes and serves everything while the
-//! others idle: `bs-write` with two connections measured anywhere between 740 and
-//! 1680 MB/s from one run to the next, depending on where they fell.
+//! Every shard accepts from the node's one listening socket, so which shard gets a
+//! connection is whichever asked first, blind to how busy each is. (With one
+//! `SO_REUSEPORT` socket per shard, as before, the kernel chose by a hash of the
+//! addresses, just as blind.) A client with few connections (the load generator's
+//! two, a Bazel with a small channel pool) could land them all on one core, which
+//! then decoded, hashed and served everything while the others idled: `bs-write` with
+//! two connections measured anywhere between 740 and 1680 MB/s from one run to the
+//! next, depending on where they fell.
 //!
 //! So a shard that accepts a connection while another shard serves fewer hands it
-//! over: the socket's descriptor travels through that shard's inbox, and the receiving
-//! shard wraps it in a glommio stream of its own. A connection moves once, before its
-//! first byte is read, and is then served where it landed for its whole life.
+//! over, through that shard's inbox, before reading a byte of it (glommio's
+//! `shared_accept` gives a socket not yet tied to an executor); the receiving shard
+//! serves it for the rest of its life.
 
-use std::os::fd::{AsRawFd, BorrowedFd, IntoRawFd, OwnedFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use glommio::net::TcpStream;
+use glommio::net::AcceptedTcpStream;
 use prometheus::IntGaugeVec;
 use tokio::sync::mpsc;
 
@@ -29,7 +30,7 @@ pub(super) enum Protocol {
 
 /// A connection on its way to another shard, already counted there.
 pub(super) struct Handoff {
-    pub socket: OwnedFd,
+    pub stream: AcceptedTcpStream,
     pub protocol: Protocol,
     pub slot: Slot,
 }
@@ -99,30 +100,20 @@ impl Slot {
         self.shard
     }
 
-    /// Sends `stream` to the shard this slot is on. On failure (the descriptor could
-    /// not be duplicated, or that shard has stopped taking connections) the stream
-    /// comes back, to be served where it is.
-    pub fn hand_over(self, stream: TcpStream, protocol: Protocol) -> Result<(), TcpStream> {
-        // SAFETY: the descriptor belongs to `stream`, which outlives this borrow.
-        let borrowed = unsafe { BorrowedFd::borrow_raw(stream.as_raw_fd()) };
-        let socket = match borrowed.try_clone_to_owned() {
-            Ok(socket) => socket,
-            Err(error) => {
-                tracing::debug!("cannot hand a connection over: {error}");
-                return Err(stream);
-            }
-        };
+    /// Sends `stream` to the shard this slot is on. If that shard has stopped taking
+    /// connections the stream comes back, to be served where it is.
+    pub fn hand_over(
+        self,
+        stream: AcceptedTcpStream,
+        protocol: Protocol,
+    ) -> Result<(), AcceptedTcpStream> {
         let inbox = self.balancer.inboxes[self.shard].clone();
         let handoff = Handoff {
-            socket,
+            stream,
             protocol,
             slot: self,
         };
-        match inbox.send(handoff) {
-            // The duplicate keeps the connection open; this shard's copy closes.
-            Ok(()) => Ok(()),
-            Err(_) => Err(stream),
-        }
+        inbox.send(handoff).map_err(|returned| returned.0.stream)
     }
 }
 
@@ -131,14 +122,6 @@ impl Drop for Slot {
         self.balancer.open[self.shard].fetch_sub(1, Ordering::Relaxed);
         self.balancer.publish(self.shard);
     }
-}
-
-/// Turns a handed-over socket into a stream served by the current shard.
-pub(super) fn adopt(socket: OwnedFd) -> TcpStream {
-    use std::os::fd::FromRawFd;
-    // SAFETY: `socket` is a connected TCP socket this process owns (duplicated from an
-    // accepted stream); `into_raw_fd` gives up that ownership to the new stream.
-    unsafe { TcpStream::from_raw_fd(socket.into_raw_fd()) }
 }
 
 #[cfg(test)]

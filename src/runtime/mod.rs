@@ -1,11 +1,10 @@
 //! The node's runtime and listeners: the one place that knows about glommio.
 //!
-//! Each shard is a glommio `LocalExecutor` on a thread pinned to its own core. Every
-//! shard binds the same gRPC (and HTTP) port with `SO_REUSEPORT`, so the kernel spreads
-//! incoming connections over the cores; a shard that gets more than its share hands
-//! the new connection to the least busy one ([`balance`]). A connection then lives
-//! and dies on that core: hyper drives the HTTP/2 (or
-//! HTTP/1.1) protocol on that executor, spawning its per-stream tasks with
+//! Each shard is a glommio `LocalExecutor` on a thread pinned to its own core. The
+//! gRPC (and HTTP) port is bound once and every shard accepts from it ([`listener`]);
+//! a shard that gets more than its share hands the new connection to the least busy
+//! one ([`balance`]). A connection then lives and dies on that core: hyper drives the
+//! HTTP/2 (or HTTP/1.1) protocol on that executor, spawning its per-stream tasks with
 //! `spawn_local`, and the handlers it calls are ordinary `Send` futures that talk to
 //! the storage engine through channels. Keeping glommio behind this module means a move
 //! to another io_uring runtime touches these few files only.
@@ -18,6 +17,7 @@
 mod balance;
 mod connections;
 mod hyper_glue;
+mod listener;
 mod shard;
 
 use std::net::SocketAddr;
@@ -66,6 +66,7 @@ pub fn run(serve: Serve, runners: Vec<ShardRunner>, stop: watch::Sender<bool>) -
         drained: Barrier::new(runners.len()),
         failure: Mutex::new(None),
         balancer: Arc::new(balancer),
+        listeners: Mutex::new(None),
     });
     let mut handles = Vec::with_capacity(runners.len());
     for (index, (runner, inbox)) in runners.into_iter().zip(inboxes).enumerate() {
@@ -85,11 +86,25 @@ pub fn run(serve: Serve, runners: Vec<ShardRunner>, stop: watch::Sender<bool>) -
             }
         }
     }
-    let recovered = futures::executor::block_on(shared.engine.wait_ready());
-    if let Err(error) = &recovered {
-        shared.record(Error::from(error.clone()));
-    }
-    shared.ready.send_replace(Some(recovered.is_ok()));
+    let recovered = futures::executor::block_on(shared.engine.wait_ready())
+        .map_err(Error::from)
+        .and_then(|()| listener::Listeners::bind(shared.grpc_addr, shared.http_addr));
+    let shards = handles.len();
+    let ready = match (recovered, shared.listeners.lock()) {
+        (Ok(listeners), Ok(mut held)) => {
+            *held = Some((listeners, shards));
+            true
+        }
+        (Ok(_), Err(_)) => {
+            shared.record(Error::internal("a shard panicked before the node listened"));
+            false
+        }
+        (Err(error), _) => {
+            shared.record(error);
+            false
+        }
+    };
+    shared.ready.send_replace(Some(ready));
     for (index, handle) in handles.into_iter().enumerate() {
         if let Err(error) = handle.join() {
             shared.record(Error::internal(format!("shard {index} crashed: {error}")));

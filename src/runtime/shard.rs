@@ -11,9 +11,10 @@ use futures::future::{select, Either};
 use glommio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Barrier};
 
-use super::balance::{adopt, Balancer, Handoff, Protocol, Slot};
+use super::balance::{Balancer, Handoff, Protocol, Slot};
 use super::connections::Connections;
 use super::hyper_glue;
+use super::listener::Listeners;
 use crate::error::{Error, Result};
 use crate::http_cache::HttpFront;
 
@@ -33,6 +34,9 @@ pub(super) struct Shared {
     pub drained: Barrier,
     pub failure: Mutex<Option<Error>>,
     pub balancer: Arc<Balancer>,
+    /// Bound once the engine has recovered, before `ready` says so, with the number
+    /// of shards yet to take their copies.
+    pub listeners: Mutex<Option<(Listeners, usize)>>,
 }
 
 impl Shared {
@@ -110,18 +114,23 @@ pub(super) async fn run(
     runner.await;
 }
 
+/// This shard's copies of the listening sockets. The last shard to take its copies
+/// closes the originals, so that once every shard has stopped accepting, the ports
+/// refuse new connections instead of queueing them unserved.
 fn bind(shared: &Shared) -> Result<(TcpListener, Option<TcpListener>)> {
-    let grpc = TcpListener::bind(shared.grpc_addr).map_err(|error| {
-        Error::internal(format!("cannot listen on {}: {error}", shared.grpc_addr))
-    })?;
-    let http = match shared.http_addr {
-        Some(addr) => Some(
-            TcpListener::bind(addr)
-                .map_err(|error| Error::internal(format!("cannot listen on {addr}: {error}")))?,
-        ),
-        None => None,
+    let mut held = shared
+        .listeners
+        .lock()
+        .map_err(|_| Error::internal("a shard panicked while taking the listening sockets"))?;
+    let Some((listeners, copies_left)) = held.as_mut() else {
+        return Err(Error::internal("the listening sockets were not bound"));
     };
-    Ok((grpc, http))
+    let copies = listeners.for_this_shard();
+    *copies_left -= 1;
+    if *copies_left == 0 {
+        *held = None;
+    }
+    copies
 }
 
 /// The shard a loop runs on, and what it serves with.
@@ -137,7 +146,7 @@ struct Here<'a> {
 async fn accept_loop(listener: TcpListener, here: Here<'_>, protocol: Protocol) {
     let mut stopped = Box::pin(stop_requested(here.shared.stop.subscribe()));
     loop {
-        let accepted = match select(Box::pin(listener.accept()), stopped.as_mut()).await {
+        let accepted = match select(Box::pin(listener.shared_accept()), stopped.as_mut()).await {
             Either::Left((accepted, _)) => accepted,
             Either::Right(((), _)) => return,
         };
@@ -150,10 +159,10 @@ async fn accept_loop(listener: TcpListener, here: Here<'_>, protocol: Protocol) 
         };
         let slot = here.shared.balancer.place(here.index);
         if slot.shard() == here.index {
-            serve(stream, here, protocol, slot);
+            serve(stream.bind_to_executor(), here, protocol, slot);
         } else if let Err(stream) = slot.hand_over(stream, protocol) {
             let slot = here.shared.balancer.slot_on(here.index);
-            serve(stream, here, protocol, slot);
+            serve(stream.bind_to_executor(), here, protocol, slot);
         }
     }
 }
@@ -166,7 +175,7 @@ async fn inbox_loop(mut inbox: mpsc::UnboundedReceiver<Handoff>, here: Here<'_>)
             Either::Left((Some(handoff), _)) => handoff,
             Either::Left((None, _)) | Either::Right(((), _)) => return,
         };
-        let stream = adopt(handoff.socket);
+        let stream = handoff.stream.bind_to_executor();
         serve(stream, here, handoff.protocol, handoff.slot);
     }
 }
