@@ -205,8 +205,8 @@ fn connections_per_shard(node: &Node) -> Vec<u64> {
     counts.into_iter().map(|(_, open)| open).collect()
 }
 
-/// SO_REUSEPORT places connections by a hash of their addresses, so a client's few
-/// connections often all land on one core. They must end up evenly spread, and the
+/// Which shard accepts a connection is blind to load, so a client's few connections
+/// often all landed on one core. They must end up evenly spread, and the
 /// ones handed to another shard must serve like any other.
 #[tokio::test]
 async fn connections_pile_onto_one_shard() {
