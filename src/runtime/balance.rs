@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use glommio::net::AcceptedTcpStream;
-use prometheus::IntGaugeVec;
+use prometheus::{IntGauge, IntGaugeVec};
 use tokio::sync::mpsc;
 
 /// Which protocol a connection speaks: the listener it arrived on.
@@ -40,7 +40,9 @@ pub(super) struct Balancer {
     open: Vec<AtomicUsize>,
     inboxes: Vec<mpsc::UnboundedSender<Handoff>>,
     /// `cairn_shard_connections{shard}`: the counts above, for operators and tests.
-    gauge: IntGaugeVec,
+    /// Moved by the same increments as the counts (not set from them), so that
+    /// concurrent changes cannot leave a stale value behind.
+    gauges: Vec<IntGauge>,
 }
 
 /// One connection's place in a shard's count, given back on drop.
@@ -53,14 +55,18 @@ impl Balancer {
     /// A balancer for `shards` shards, and the inbox each shard reads handoffs from.
     pub fn new(shards: usize, gauge: IntGaugeVec) -> (Self, Vec<mpsc::UnboundedReceiver<Handoff>>) {
         let (inboxes, receivers) = (0..shards).map(|_| mpsc::unbounded_channel()).unzip();
+        let gauges = (0..shards)
+            .map(|shard| {
+                let gauge = gauge.with_label_values(&[&shard.to_string()]);
+                gauge.set(0);
+                gauge
+            })
+            .collect();
         let balancer = Balancer {
             open: (0..shards).map(|_| AtomicUsize::new(0)).collect(),
             inboxes,
-            gauge,
+            gauges,
         };
-        for shard in 0..shards {
-            balancer.publish(shard);
-        }
         (balancer, receivers)
     }
 
@@ -79,18 +85,11 @@ impl Balancer {
     /// Counts a connection served by `shard`.
     pub fn slot_on(self: &Arc<Self>, shard: usize) -> Slot {
         self.open[shard].fetch_add(1, Ordering::Relaxed);
-        self.publish(shard);
+        self.gauges[shard].inc();
         Slot {
             balancer: Arc::clone(self),
             shard,
         }
-    }
-
-    fn publish(&self, shard: usize) {
-        let open = self.open[shard].load(Ordering::Relaxed);
-        self.gauge
-            .with_label_values(&[&shard.to_string()])
-            .set(open as i64);
     }
 }
 
@@ -120,7 +119,7 @@ impl Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         self.balancer.open[self.shard].fetch_sub(1, Ordering::Relaxed);
-        self.balancer.publish(self.shard);
+        self.balancer.gauges[self.shard].dec();
     }
 }
 
@@ -149,8 +148,12 @@ mod tests {
         let second = balancer.place(0);
         assert_eq!((first.shard(), second.shard()), (0, 1));
         drop(second);
-        assert_eq!(balancer.place(0).shard(), 1);
-        let gauge = balancer.gauge.with_label_values(&["0"]).get();
-        assert_eq!(gauge, 1, "the gauge follows the count");
+        let third = balancer.place(0);
+        assert_eq!(third.shard(), 1);
+        let gauges: Vec<i64> = balancer.gauges.iter().map(IntGauge::get).collect();
+        assert_eq!(gauges, [1, 1], "the gauges follow the counts");
+        drop((first, third));
+        let gauges: Vec<i64> = balancer.gauges.iter().map(IntGauge::get).collect();
+        assert_eq!(gauges, [0, 0]);
     }
 }
