@@ -14,7 +14,6 @@
 //! `shared_accept` gives a socket not yet tied to an executor); the receiving shard
 //! serves it for the rest of its life.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use glommio::net::AcceptedTcpStream;
@@ -37,12 +36,11 @@ pub(super) struct Handoff {
 
 /// The per-shard connection counts and inboxes, shared by all shards.
 pub(super) struct Balancer {
-    open: Vec<AtomicUsize>,
+    /// Open connections per shard: the `cairn_shard_connections{shard}` gauges are
+    /// the counts themselves (atomic, moved by increments), for placement, operators
+    /// and tests alike.
+    open: Vec<IntGauge>,
     inboxes: Vec<mpsc::UnboundedSender<Handoff>>,
-    /// `cairn_shard_connections{shard}`: the counts above, for operators and tests.
-    /// Moved by the same increments as the counts (not set from them), so that
-    /// concurrent changes cannot leave a stale value behind.
-    gauges: Vec<IntGauge>,
 }
 
 /// One connection's place in a shard's count, given back on drop.
@@ -55,18 +53,14 @@ impl Balancer {
     /// A balancer for `shards` shards, and the inbox each shard reads handoffs from.
     pub fn new(shards: usize, gauge: IntGaugeVec) -> (Self, Vec<mpsc::UnboundedReceiver<Handoff>>) {
         let (inboxes, receivers) = (0..shards).map(|_| mpsc::unbounded_channel()).unzip();
-        let gauges = (0..shards)
+        let open = (0..shards)
             .map(|shard| {
                 let gauge = gauge.with_label_values(&[&shard.to_string()]);
                 gauge.set(0);
                 gauge
             })
             .collect();
-        let balancer = Balancer {
-            open: (0..shards).map(|_| AtomicUsize::new(0)).collect(),
-            inboxes,
-            gauges,
-        };
+        let balancer = Balancer { open, inboxes };
         (balancer, receivers)
     }
 
@@ -75,7 +69,7 @@ impl Balancer {
     pub fn place(self: &Arc<Self>, here: usize) -> Slot {
         let mut best = here;
         for (shard, open) in self.open.iter().enumerate() {
-            if open.load(Ordering::Relaxed) < self.open[best].load(Ordering::Relaxed) {
+            if open.get() < self.open[best].get() {
                 best = shard;
             }
         }
@@ -84,8 +78,7 @@ impl Balancer {
 
     /// Counts a connection served by `shard`.
     pub fn slot_on(self: &Arc<Self>, shard: usize) -> Slot {
-        self.open[shard].fetch_add(1, Ordering::Relaxed);
-        self.gauges[shard].inc();
+        self.open[shard].inc();
         Slot {
             balancer: Arc::clone(self),
             shard,
@@ -118,8 +111,7 @@ impl Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.balancer.open[self.shard].fetch_sub(1, Ordering::Relaxed);
-        self.balancer.gauges[self.shard].dec();
+        self.balancer.open[self.shard].dec();
     }
 }
 
@@ -150,10 +142,10 @@ mod tests {
         drop(second);
         let third = balancer.place(0);
         assert_eq!(third.shard(), 1);
-        let gauges: Vec<i64> = balancer.gauges.iter().map(IntGauge::get).collect();
+        let gauges: Vec<i64> = balancer.open.iter().map(IntGauge::get).collect();
         assert_eq!(gauges, [1, 1], "the gauges follow the counts");
         drop((first, third));
-        let gauges: Vec<i64> = balancer.gauges.iter().map(IntGauge::get).collect();
+        let gauges: Vec<i64> = balancer.open.iter().map(IntGauge::get).collect();
         assert_eq!(gauges, [0, 0]);
     }
 }

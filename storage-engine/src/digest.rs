@@ -84,6 +84,22 @@ pub struct Digest {
 }
 
 impl Digest {
+    /// Checks the length and hash of what an upload sent against this digest.
+    pub(crate) fn check_sent(&self, len: u64, hash: [u8; 32]) -> Result<()> {
+        if len != self.size {
+            return Err(Error::invalid(format!(
+                "upload ended after {len} of its declared {} bytes",
+                self.size
+            )));
+        }
+        if hash != self.hash {
+            return Err(Error::invalid(format!(
+                "uploaded content does not match its digest {self}"
+            )));
+        }
+        Ok(())
+    }
+
     /// Parses a lower- or upper-case 64-character hex hash.
     pub fn from_hex(function: DigestFunction, hex: &str, size: u64) -> Result<Digest> {
         Self::parse_hex(function, hex, size, &EITHER_CASE)

@@ -6,8 +6,7 @@
 //! shard count simply hands whole partitions to different threads and finds every blob.
 
 use crate::config::EngineConfig;
-use crate::digest::Digest;
-use crate::digest::Hasher;
+use crate::digest::{Digest, Hasher};
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::Key;
 use crate::index::Prefix;
@@ -195,9 +194,8 @@ impl Engine {
         Ok(match accepted {
             Accepted::AlreadyStored => Upload::already_stored(),
             Accepted::Streaming => Upload {
-                chunks: Some(chunk_tx),
+                chunks: Some((chunk_tx, digest.function.hasher())),
                 done: Some(done_rx),
-                hasher: Some(digest.function.hasher()),
                 committed: 0,
             },
         })
@@ -439,9 +437,9 @@ impl Engine {
 /// blob the engine already holds it sends nothing: the content is counted and dropped,
 /// as storing it again would change nothing.
 pub struct Upload {
-    chunks: Option<flume::Sender<UploadMsg>>,
+    /// Where chunks go and the hash of those sent; `None` for a blob already stored.
+    chunks: Option<(flume::Sender<UploadMsg>, Hasher)>,
     done: Option<oneshot::Receiver<Result<()>>>,
-    hasher: Option<Hasher>,
     committed: u64,
 }
 
@@ -450,7 +448,6 @@ impl Upload {
         Upload {
             chunks: None,
             done: None,
-            hasher: None,
             committed: 0,
         }
     }
@@ -462,10 +459,8 @@ impl Upload {
 
     pub async fn write(&mut self, chunk: Bytes) -> Result<()> {
         let len = chunk.len() as u64;
-        if let Some(tx) = &self.chunks {
-            if let Some(hasher) = &mut self.hasher {
-                hasher.update(&chunk);
-            }
+        if let Some((tx, hasher)) = &mut self.chunks {
+            hasher.update(&chunk);
             if tx.send_async(UploadMsg::Data(chunk)).await.is_err() {
                 return Err(self.failure().await);
             }
@@ -477,9 +472,12 @@ impl Upload {
     /// Completes the upload: the blob is verified, durable and visible when this
     /// returns `Ok`.
     pub async fn finish(mut self) -> Result<()> {
-        if let Some(tx) = self.chunks.take() {
-            let hash = self.hasher.take().map(Hasher::finalize).unwrap_or_default();
-            if tx.send_async(UploadMsg::Finish(hash)).await.is_err() {
+        if let Some((tx, hasher)) = self.chunks.take() {
+            if tx
+                .send_async(UploadMsg::Finish(hasher.finalize()))
+                .await
+                .is_err()
+            {
                 return Err(self.failure().await);
             }
         }

@@ -257,7 +257,7 @@ impl ExtentWriter {
             hash: self.key.hash,
             size: self.key.size,
         };
-        crate::shard::verify_sent(declared, self.received, hash)?;
+        declared.check_sent(self.received, hash)?;
         if self.chunk_fill > 0 {
             let last = std::mem::replace(&mut self.chunk_crc, crc32fast::Hasher::new());
             self.crcs.push(last.finalize());

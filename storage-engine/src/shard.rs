@@ -387,27 +387,7 @@ async fn put_whole(part: &Partition, digest: Digest, key: Key, data: &[u8]) -> R
 
 /// Checks a whole small blob's length and content against its digest.
 fn verify_whole(digest: Digest, data: &[u8]) -> Result<()> {
-    verify_sent(
-        digest,
-        data.len() as u64,
-        Digest::of(digest.function, data).hash,
-    )
-}
-
-/// Checks the length and hash of what an upload sent against the declared digest.
-pub(crate) fn verify_sent(digest: Digest, len: u64, hash: [u8; 32]) -> Result<()> {
-    if len != digest.size {
-        return Err(Error::invalid(format!(
-            "upload ended after {len} of its declared {} bytes",
-            digest.size
-        )));
-    }
-    if hash != digest.hash {
-        return Err(Error::invalid(format!(
-            "uploaded content does not match its digest {digest}"
-        )));
-    }
-    Ok(())
+    digest.check_sent(data.len() as u64, Digest::of(digest.function, data).hash)
 }
 
 /// Receives one upload. Small blobs are staged whole (bounded by `small_blob_max`) and
@@ -481,7 +461,7 @@ async fn upload_small(
                 buf.extend_from_slice(&data);
             }
             Ok(UploadMsg::Finish(hash)) => {
-                if let Err(e) = verify_sent(digest, buf.len() as u64, hash) {
+                if let Err(e) = digest.check_sent(buf.len() as u64, hash) {
                     return Some(Err(e));
                 }
                 break;
