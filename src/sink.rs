@@ -5,9 +5,15 @@
 //! executors, listeners, HTTP/2 handling and gRPC services — except that the
 //! [`Store`](crate::store::Store) sends every data call here instead of to the engine.
 //! What the sink leaves out is exactly what the storage path costs: no disk, no
-//! hashing of streamed uploads (batch uploads are still checked by the store's shared
-//! rules), no copies — a blob is held as the very chunks it arrived in, and served as
-//! them. So benchmarks against a sink and against a real node differ only by storage.
+//! checksums, no copies — a blob is held as the very chunks it arrived in, and served
+//! as them. So benchmarks against a sink and against a real node differ only by
+//! storage.
+//!
+//! What it keeps is what REAPI asks of any CAS: an upload becomes readable only if its
+//! bytes hash to its digest (batch uploads through the store's shared rules, streamed
+//! ones with the engine's own [`UploadHasher`]). A sink that kept and served
+//! unverified bytes would not be a CAS, and as a ceiling it would leave out a cost no
+//! conforming server can skip.
 //!
 //! Memory is bounded by a byte budget: once full, the oldest entries are dropped, so
 //! a read of a blob written long ago may be `NOT_FOUND`. Keep a read benchmark's
@@ -17,7 +23,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::{Bytes, BytesMut};
-use cairn_storage::Digest;
+use cairn_storage::{Digest, UploadHasher};
 
 /// What the sink holds an entry under.
 #[derive(Clone, PartialEq, Eq, Hash)]
@@ -128,6 +134,7 @@ impl Sink {
             digest,
             chunks: Vec::new(),
             committed: 0,
+            hasher: UploadHasher::new(digest.function),
         }
     }
 
@@ -170,6 +177,7 @@ pub struct SinkUpload {
     digest: Digest,
     chunks: Vec<Bytes>,
     committed: u64,
+    hasher: UploadHasher,
 }
 
 impl SinkUpload {
@@ -179,14 +187,18 @@ impl SinkUpload {
     }
 
     /// Accepts one chunk, without copying it.
-    pub fn write(&mut self, chunk: Bytes) {
+    pub async fn write(&mut self, chunk: Bytes) {
+        self.hasher.update(&chunk).await;
         self.committed += chunk.len() as u64;
         self.chunks.push(chunk);
     }
 
-    /// Makes the blob readable.
-    pub fn finish(self) {
+    /// Makes the blob readable if its bytes match its digest.
+    pub fn finish(self) -> cairn_storage::Result<()> {
+        self.digest
+            .check_sent(self.committed, self.hasher.finalize())?;
         self.sink.put(self.digest, self.chunks);
+        Ok(())
     }
 }
 
@@ -206,6 +218,7 @@ fn concat(mut chunks: Vec<Bytes>) -> Bytes {
 mod tests {
     use super::*;
     use cairn_storage::DigestFunction;
+    use futures::executor::block_on;
 
     fn digest(data: &[u8]) -> Digest {
         Digest::of(DigestFunction::Sha256, data)
@@ -216,10 +229,10 @@ mod tests {
         let sink = Sink::new(1 << 20);
         let blob = digest(b"abcdefgh");
         let mut upload = sink.begin_put(blob);
-        upload.write(Bytes::from_static(b"abc"));
-        upload.write(Bytes::from_static(b"defgh"));
+        block_on(upload.write(Bytes::from_static(b"abc")));
+        block_on(upload.write(Bytes::from_static(b"defgh")));
         assert!(!sink.contains(blob));
-        upload.finish();
+        upload.finish().unwrap();
         assert!(sink.contains(blob));
         assert_eq!(
             sink.get_bytes(blob).unwrap(),
@@ -228,6 +241,17 @@ mod tests {
         let range = concat(sink.get(blob, 2, Some(4)).unwrap());
         assert_eq!(range, Bytes::from_static(b"cdef"));
         assert!(concat(sink.get(blob, 8, None).unwrap()).is_empty());
+    }
+
+    #[test]
+    fn an_upload_that_does_not_match_its_digest_is_refused() {
+        let sink = Sink::new(1 << 20);
+        let claimed = digest(b"abcdefgh");
+        let mut upload = sink.begin_put(claimed);
+        block_on(upload.write(Bytes::from_static(b"abcdefgX")));
+        let refused = upload.finish().expect_err("wrong content accepted");
+        assert_eq!(refused.kind(), cairn_storage::ErrorKind::InvalidArgument);
+        assert!(!sink.contains(claimed));
     }
 
     #[test]

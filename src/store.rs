@@ -335,21 +335,18 @@ impl Upload {
         match &mut self.0 {
             UploadTo::Engine(upload) => upload.write(chunk).await,
             UploadTo::Sink(upload) => {
-                upload.write(chunk);
+                upload.write(chunk).await;
                 Ok(())
             }
         }
     }
 
     /// Completes the upload: the blob is verified, durable and visible when this
-    /// returns `Ok` (in a sink: visible).
+    /// returns `Ok` (in a sink: verified and visible).
     pub async fn finish(self) -> cairn_storage::Result<()> {
         match self.0 {
             UploadTo::Engine(upload) => upload.finish().await,
-            UploadTo::Sink(upload) => {
-                upload.finish();
-                Ok(())
-            }
+            UploadTo::Sink(upload) => upload.finish(),
         }
     }
 }

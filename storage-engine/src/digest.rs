@@ -6,7 +6,7 @@
 //! Both functions produce 32 bytes; a longer hash would need a new record version.
 
 use crate::error::{Error, Result};
-use sha2::Digest as _;
+use crate::sha256::Sha256;
 use std::fmt;
 
 /// The hash functions cairn stores blobs under.
@@ -53,7 +53,7 @@ impl DigestFunction {
 /// stream, never as a whole.
 #[derive(Clone)]
 pub enum Hasher {
-    Sha256(Box<sha2::Sha256>),
+    Sha256(Box<Sha256>),
     Blake3(Box<blake3::Hasher>),
 }
 
@@ -69,7 +69,7 @@ impl Hasher {
 
     pub fn finalize(self) -> [u8; 32] {
         match self {
-            Hasher::Sha256(h) => h.finalize().into(),
+            Hasher::Sha256(h) => h.finalize(),
             Hasher::Blake3(h) => *h.finalize().as_bytes(),
         }
     }
@@ -85,7 +85,7 @@ pub struct Digest {
 
 impl Digest {
     /// Checks the length and hash of what an upload sent against this digest.
-    pub(crate) fn check_sent(&self, len: u64, hash: [u8; 32]) -> Result<()> {
+    pub fn check_sent(&self, len: u64, hash: [u8; 32]) -> Result<()> {
         if len != self.size {
             return Err(Error::invalid(format!(
                 "upload ended after {len} of its declared {} bytes",

@@ -6,7 +6,7 @@
 //! shard count simply hands whole partitions to different threads and finds every blob.
 
 use crate::config::EngineConfig;
-use crate::digest::{Digest, Hasher};
+use crate::digest::Digest;
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::Key;
 use crate::index::Prefix;
@@ -15,6 +15,7 @@ use crate::manifest::Manifest;
 use crate::replication::ReplicationBatch;
 use crate::shard::{Accepted, Request, ShardRunner, Shared, UploadMsg};
 use crate::stream::BlobStream;
+use crate::upload_hash::UploadHasher;
 use crate::{checks, io, PartitionStats, Stats};
 use bytes::Bytes;
 use futures::channel::oneshot;
@@ -194,7 +195,7 @@ impl Engine {
         Ok(match accepted {
             Accepted::AlreadyStored => Upload::already_stored(),
             Accepted::Streaming => Upload {
-                chunks: Some((chunk_tx, digest.function.hasher())),
+                chunks: Some((chunk_tx, UploadHasher::new(digest.function))),
                 done: Some(done_rx),
                 committed: 0,
             },
@@ -438,7 +439,7 @@ impl Engine {
 /// as storing it again would change nothing.
 pub struct Upload {
     /// Where chunks go and the hash of those sent; `None` for a blob already stored.
-    chunks: Option<(flume::Sender<UploadMsg>, Hasher)>,
+    chunks: Option<(flume::Sender<UploadMsg>, UploadHasher)>,
     done: Option<oneshot::Receiver<Result<()>>>,
     committed: u64,
 }
@@ -460,7 +461,7 @@ impl Upload {
     pub async fn write(&mut self, chunk: Bytes) -> Result<()> {
         let len = chunk.len() as u64;
         if let Some((tx, hasher)) = &mut self.chunks {
-            hasher.update(&chunk);
+            hasher.update(&chunk).await;
             if tx.send_async(UploadMsg::Data(chunk)).await.is_err() {
                 return Err(self.failure().await);
             }

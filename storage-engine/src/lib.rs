@@ -35,15 +35,18 @@ mod reader;
 mod reclaimer;
 mod recover;
 mod replication;
+mod sha256;
 mod shard;
 mod stream;
+mod upload_hash;
 
-/// The in-memory index type, for `bench/benches/index_memory.rs` only (feature
+/// The in-memory index type and the SHA-256 lanes, for `bench/benches/` only (feature
 /// `bench-internals`). Not a stable API.
 #[cfg(feature = "bench-internals")]
 #[doc(hidden)]
 pub mod internals {
     pub use crate::index::{Index, Loc, Prefix};
+    pub use crate::sha256::{update_together, Sha256};
 }
 
 pub use config::EngineConfig;
@@ -53,6 +56,7 @@ pub use error::{Error, ErrorKind, Result};
 pub use replication::{Replica, ReplicationBatch};
 pub use shard::ShardRunner;
 pub use stream::BlobStream;
+pub use upload_hash::UploadHasher;
 
 /// Engine-wide statistics.
 #[derive(Debug, Clone, Default)]
