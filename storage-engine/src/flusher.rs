@@ -83,29 +83,33 @@ impl Partition {
 
     /// Writes the unflushed tail. The caller holds `flush_lock`.
     async fn flush_locked(&self) -> Result<()> {
-        let (file, start, data, end, pending) = {
+        // The tail goes straight into the I/O buffer: a copy into `Bytes` first, then
+        // into the buffer, was 2.4% of the node's samples under `batch-small`.
+        let (file, start, buf, end, pending) = {
             let mut st = self.st.borrow_mut();
-            let Some(p) = st.packed.as_mut() else {
+            let Some(p) = st.packed.as_ref() else {
                 return Ok(());
             };
             if p.flushed == p.head {
                 return Ok(());
             }
+            let seg = p.seg;
+            let Some(file) = st.segments.get(&seg).map(|s| s.file.clone()) else {
+                return Err(crate::Error::new(
+                    crate::ErrorKind::Internal,
+                    "packed segment vanished while flushing",
+                ));
+            };
+            let Some(p) = st.packed.as_mut() else {
+                return Ok(());
+            };
             let start = align_down(p.flushed);
             let from = (start - p.tail_base) as usize;
-            let data = Bytes::copy_from_slice(&p.tail[from..]);
+            let buf = file.padded(&p.tail[from..]);
             let pending = std::mem::take(&mut p.pending);
-            let (seg, head) = (p.seg, p.head);
-            let file = st.segments.get(&seg).map(|s| s.file.clone());
-            (file, start, data, head, pending)
+            (file, start, buf, p.head, pending)
         };
-        let Some(file) = file else {
-            return Err(crate::Error::new(
-                crate::ErrorKind::Internal,
-                "packed segment vanished while flushing",
-            ));
-        };
-        if let Err(e) = file.write_padded(&data, start).await {
+        if let Err(e) = file.write(buf, start).await {
             let mut st = self.st.borrow_mut();
             if let Some(p) = st.packed.as_mut() {
                 let newer = std::mem::replace(&mut p.pending, pending);

@@ -101,11 +101,16 @@ impl SegFile {
 
     /// Copies `data` into an aligned buffer padded with zeros and writes it at `pos`.
     pub async fn write_padded(&self, data: &[u8], pos: u64) -> Result<()> {
+        self.write(self.padded(data), pos).await
+    }
+
+    /// `data` copied into an I/O buffer, zero-padded to whole blocks.
+    pub fn padded(&self, data: &[u8]) -> IoBuf {
         let mut buf = self.alloc(crate::format::align_up(data.len() as u64) as usize);
         let out = buf.as_mut();
         out[..data.len()].copy_from_slice(data);
         out[data.len()..].fill(0);
-        self.write(buf, pos).await
+        buf
     }
 
     /// Reads `len` bytes at any position; fewer bytes come back only at end of file.
