@@ -87,21 +87,18 @@ impl Partition {
         // into the buffer, was 2.4% of the node's samples under `batch-small`.
         let (file, start, buf, end, pending) = {
             let mut st = self.st.borrow_mut();
-            let Some(p) = st.packed.as_ref() else {
+            let st = &mut *st;
+            let Some(p) = st.packed.as_mut() else {
                 return Ok(());
             };
             if p.flushed == p.head {
                 return Ok(());
             }
-            let seg = p.seg;
-            let Some(file) = st.segments.get(&seg).map(|s| s.file.clone()) else {
+            let Some(file) = st.segments.get(&p.seg).map(|s| s.file.clone()) else {
                 return Err(crate::Error::new(
                     crate::ErrorKind::Internal,
                     "packed segment vanished while flushing",
                 ));
-            };
-            let Some(p) = st.packed.as_mut() else {
-                return Ok(());
             };
             let start = align_down(p.flushed);
             let from = (start - p.tail_base) as usize;
