@@ -102,6 +102,150 @@ async fn blake3_and_zstd_resource_names() {
     );
 }
 
+/// `len` bytes of repeated English text followed by `noise` random bytes: the shape
+/// of a log or a generated source file, compressing about 5000:1 at 1 MiB.
+fn text(len: usize, noise: usize) -> Vec<u8> {
+    let sentence = b"The build cache stores every output once and serves it to every build. ";
+    let mut data: Vec<u8> = sentence.iter().copied().cycle().take(len).collect();
+    data.extend(blob(len as u64, noise));
+    data
+}
+
+fn zstd_frame(data: &[u8], level: i32, content_size: bool, checksum: bool) -> Vec<u8> {
+    let mut encoder = zstd::bulk::Compressor::new(level).unwrap();
+    encoder.include_contentsize(content_size).unwrap();
+    encoder.include_checksum(checksum).unwrap();
+    encoder.compress(data).unwrap()
+}
+
+fn compressed_upload_name(digest: &Digest, upload: usize) -> String {
+    format!(
+        "inst/uploads/0b1e2c6e-1111-4222-8333-{upload:012}/compressed-blobs/zstd/{}/{}",
+        digest.hash_hex(),
+        digest.size
+    )
+}
+
+#[tokio::test]
+async fn compressed_uploads_round_trip_at_any_ratio() {
+    let node = Node::start();
+    let mut client = node.bytestream().await;
+    let zeros = vec![0u8; 64 << 20];
+    let mut mixed = text(1 << 20, 0);
+    mixed.extend(blob(5, 1 << 20));
+    // (what, data, the frames it is sent as, bytes per WriteRequest)
+    let mut cases: Vec<(&str, Vec<u8>, Vec<u8>, usize)> = Vec::new();
+    for (len, level, content_size) in [
+        (1 << 20, 3, true),
+        (1 << 20 | 17, 1, false),
+        (3 << 20, 3, true),
+    ] {
+        let data = text(len, 64);
+        let frame = zstd_frame(&data, level, content_size, false);
+        assert!(frame.len() < 4096, "{} compressed bytes", frame.len());
+        cases.push(("text in one message", data, frame, usize::MAX));
+    }
+    let frame = zstd_frame(&zeros, 3, true, true);
+    cases.push(("64 MiB of zeros in one message", zeros, frame, usize::MAX));
+    let zeros = vec![0u8; 48 << 20];
+    let frame = zstd_frame(&zeros, 3, false, true);
+    cases.push(("48 MiB of zeros, a byte per message", zeros, frame, 1));
+    let frame = zstd_frame(&mixed, 3, false, true);
+    cases.push((
+        "half text, half noise, 1000-byte messages",
+        mixed,
+        frame,
+        1000,
+    ));
+    let noise = blob(6, 2 << 20);
+    let frame = zstd_frame(&noise, 1, true, false);
+    cases.push(("incompressible, 64 KiB messages", noise, frame, 64 << 10));
+    let (first, second) = (text(300_000, 10), blob(7, 50_000));
+    let mut two = zstd_frame(&first, 3, true, true);
+    two.extend(zstd_frame(&second, 19, false, false));
+    cases.push((
+        "two frames back to back",
+        [first, second].concat(),
+        two,
+        333,
+    ));
+
+    for (upload, (what, data, compressed, chunk)) in cases.into_iter().enumerate() {
+        let digest = sha256(&data);
+        let requests = write_requests(
+            &compressed_upload_name(&digest, upload),
+            &compressed,
+            chunk.min(compressed.len()),
+        );
+        let committed = client
+            .write(tokio_stream::iter(requests))
+            .await
+            .unwrap_or_else(|status| panic!("{what}: {status:?}"))
+            .into_inner()
+            .committed_size;
+        assert_eq!(committed, compressed.len() as i64, "{what}");
+        let read = read_blob(&mut client, &read_name("inst", &digest), 0, 0)
+            .await
+            .unwrap();
+        assert!(read == data, "{what}: plain read");
+        let zstd_name = format!(
+            "inst/compressed-blobs/zstd/{}/{}",
+            digest.hash_hex(),
+            digest.size
+        );
+        for offset in [0, data.len() / 3, data.len() - 1] {
+            let frame = read_blob(&mut client, &zstd_name, offset as i64, 0)
+                .await
+                .unwrap();
+            let plain = zstd::stream::decode_all(&frame[..]).unwrap();
+            assert!(
+                plain == data[offset..],
+                "{what}: compressed read from {offset}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn valid_frames_of_other_content_are_refused() {
+    let node = Node::start();
+    let mut client = node.bytestream().await;
+    let claimed = text(200_000, 16);
+    let digest = sha256(&claimed);
+    // The same length, one byte different: a valid frame of exactly the declared size.
+    let mut other = claimed.clone();
+    other[100_000] ^= 1;
+    let frame = zstd_frame(&other, 3, true, true);
+    let status = write_blob(&mut client, &compressed_upload_name(&digest, 1), &frame)
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    let mut cas = node.cas().await;
+    let response = cas
+        .batch_update_blobs(cairn_proto::reapi::BatchUpdateBlobsRequest {
+            requests: vec![cairn_proto::reapi::batch_update_blobs_request::Request {
+                digest: Some(wire(&digest)),
+                data: Bytes::from(frame),
+                compressor: cairn_proto::reapi::compressor::Value::Zstd as i32,
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let code = response.responses[0].status.as_ref().unwrap().code;
+    assert_eq!(code, Code::InvalidArgument as i32);
+    let missing = cas
+        .find_missing_blobs(FindMissingBlobsRequest {
+            blob_digests: vec![wire(&digest)],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(missing.missing_blob_digests.len(), 1, "nothing was stored");
+}
+
 #[tokio::test]
 async fn compressed_uploads_that_lie_are_refused() {
     let node = Node::start();

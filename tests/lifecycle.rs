@@ -4,38 +4,16 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use cairn_proto::bytestream::QueryWriteStatusRequest;
 use cairn_proto::reapi::{FindMissingBlobsRequest, GetCapabilitiesRequest};
-use common::{blob, free_port, read_blob, read_name, sha256, upload_name, wire, write_blob, Node};
+use common::{
+    blob, free_port, http, read_blob, read_name, sha256, upload_name, wire, write_blob, Node,
+};
 use tokio_stream::wrappers::ReceiverStream;
-
-/// One HTTP/1.1 request on a fresh connection; returns the status and the body.
-fn http(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
-    let mut stream = TcpStream::connect(addr).expect("connect to the HTTP listener");
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).unwrap();
-    stream.write_all(body).unwrap();
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).unwrap();
-    let split = response
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .expect("an HTTP response head");
-    let head = String::from_utf8_lossy(&response[..split]).to_string();
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .expect("a status code");
-    (status, response[split + 4..].to_vec())
-}
 
 #[test]
 fn http_cache_protocol_metrics_and_health() {

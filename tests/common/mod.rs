@@ -161,8 +161,18 @@ impl Drop for Node {
     }
 }
 
+/// The SHA-256 digest of `data`, computed by the `sha2` crate rather than the
+/// server's own hasher, so that a wrong hash in the server cannot hide behind a test
+/// that asks the server what the right one is.
 pub fn sha256(data: &[u8]) -> Digest {
-    Digest::of(DigestFunction::Sha256, data)
+    use sha2::Digest as _;
+    let hash = sha2::Sha256::digest(data);
+    Digest::from_hex(
+        DigestFunction::Sha256,
+        &hex::encode(hash),
+        data.len() as u64,
+    )
+    .expect("a SHA-256 digest")
 }
 
 pub fn wire(digest: &Digest) -> WireDigest {
@@ -274,4 +284,29 @@ pub async fn read_blob(
         data.extend_from_slice(&response.data);
     }
     Ok(data)
+}
+
+/// One HTTP/1.1 request on a fresh connection; returns the status and the body.
+pub fn http(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect to the HTTP listener");
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    stream.write_all(body).unwrap();
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).unwrap();
+    let split = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("an HTTP response head");
+    let head = String::from_utf8_lossy(&response[..split]).to_string();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .expect("a status code");
+    (status, response[split + 4..].to_vec())
 }
