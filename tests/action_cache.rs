@@ -5,10 +5,10 @@ mod common;
 use bytes::Bytes;
 use cairn_proto::reapi::batch_update_blobs_request::Request as UpdateRequest;
 use cairn_proto::reapi::{
-    ActionResult, BatchUpdateBlobsRequest, Directory, FileNode, GetActionResultRequest,
-    OutputDirectory, OutputFile, Tree, UpdateActionResultRequest,
+    ActionResult, BatchUpdateBlobsRequest, Directory, DirectoryNode, FileNode,
+    GetActionResultRequest, OutputDirectory, OutputFile, Tree, UpdateActionResultRequest,
 };
-use common::{blob, sha256, wire, Node};
+use common::{blob, http, sha256, wire, Node};
 use prost::Message;
 use tonic::Code;
 
@@ -155,6 +155,173 @@ async fn incomplete_results_are_not_found() {
     assert_eq!(complete.into_inner(), missing_in_tree);
 }
 
+fn file(name: &str, data: &[u8]) -> FileNode {
+    FileNode {
+        name: name.into(),
+        digest: Some(wire(&sha256(data))),
+        ..Default::default()
+    }
+}
+
+fn subdirectory(name: &str, directory: &Directory) -> DirectoryNode {
+    DirectoryNode {
+        name: name.into(),
+        digest: Some(wire(&sha256(&directory.encode_to_vec()))),
+    }
+}
+
+/// Stores `result` for `action`, then expects GetActionResult to answer NOT_FOUND over
+/// gRPC and 404 over HTTP (both ask the same completeness question).
+async fn expect_incomplete(node: &Node, action: &[u8], result: &ActionResult, what: &str) {
+    let mut ac = node.ac().await;
+    ac.update_action_result(update("", action, result))
+        .await
+        .unwrap();
+    let status = ac.get_action_result(get("", action)).await.unwrap_err();
+    assert_eq!(status.code(), Code::NotFound, "{what}: {status:?}");
+    assert!(
+        status.message().contains("incomplete"),
+        "{what}: {}",
+        status.message()
+    );
+    let path = format!("/ac/{}", sha256(action).hash_hex());
+    let (code, _) = http(node.http, "GET", &path, b"");
+    assert_eq!(code, 404, "{what} over HTTP");
+}
+
+#[tokio::test]
+async fn incomplete_trees_stdout_and_hierarchies_are_not_found() {
+    let node = Node::start();
+    let shallow = blob(40, 300);
+    let deep = blob(41, 500);
+    let stdout = b"built\n".to_vec();
+    let child = Directory {
+        files: vec![file("deep", &deep)],
+        ..Default::default()
+    };
+    let root = Directory {
+        files: vec![file("shallow", &shallow)],
+        directories: vec![subdirectory("sub", &child)],
+        ..Default::default()
+    };
+    let tree = Tree {
+        root: Some(root.clone()),
+        children: vec![child.clone()],
+    };
+    let tree_bytes = tree.encode_to_vec();
+    let root_bytes = root.encode_to_vec();
+    let child_bytes = child.encode_to_vec();
+    upload(&node, &[&shallow]).await;
+
+    let tree_only = ActionResult {
+        output_directories: vec![OutputDirectory {
+            path: "out".into(),
+            tree_digest: Some(wire(&sha256(&tree_bytes))),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    expect_incomplete(&node, b"tree missing", &tree_only, "a missing Tree").await;
+    upload(&node, &[&tree_bytes]).await;
+    expect_incomplete(
+        &node,
+        b"tree file missing",
+        &tree_only,
+        "a file of a child directory",
+    )
+    .await;
+    let with_stdout = ActionResult {
+        stdout_digest: Some(wire(&sha256(&stdout))),
+        ..tree_only.clone()
+    };
+    upload(&node, &[&deep]).await;
+    expect_incomplete(&node, b"stdout missing", &with_stdout, "a missing stdout").await;
+    upload(&node, &[&stdout]).await;
+
+    // Tree-only entries need no Directory blobs: nothing in REAPI asks for them.
+    let mut ac = node.ac().await;
+    let got = ac
+        .get_action_result(get("", b"stdout missing"))
+        .await
+        .unwrap();
+    assert_eq!(got.into_inner(), with_stdout);
+    let (code, body) = http(
+        node.http,
+        "GET",
+        &format!("/ac/{}", sha256(b"stdout missing").hash_hex()),
+        b"",
+    );
+    assert_eq!(code, 200);
+    assert_eq!(ActionResult::decode(&body[..]).unwrap(), with_stdout);
+
+    // An entry that advertises the separately stored hierarchy needs every Directory
+    // of it, whether or not it also has the Tree.
+    let both = ActionResult {
+        output_directories: vec![OutputDirectory {
+            path: "out".into(),
+            tree_digest: Some(wire(&sha256(&tree_bytes))),
+            root_directory_digest: Some(wire(&sha256(&root_bytes))),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let directories_only = ActionResult {
+        output_directories: vec![OutputDirectory {
+            path: "out".into(),
+            root_directory_digest: Some(wire(&sha256(&root_bytes))),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    expect_incomplete(&node, b"both, no root", &both, "Tree and a missing root").await;
+    expect_incomplete(&node, b"dirs, no root", &directories_only, "a missing root").await;
+    upload(&node, &[&root_bytes]).await;
+    expect_incomplete(&node, b"both, no child", &both, "Tree and a missing child").await;
+    expect_incomplete(
+        &node,
+        b"dirs, no child",
+        &directories_only,
+        "a missing child",
+    )
+    .await;
+    upload(&node, &[&child_bytes]).await;
+    for action in [&b"both, no child"[..], b"dirs, no child"] {
+        let got = ac.get_action_result(get("", action)).await.unwrap();
+        assert!(!got.into_inner().output_directories.is_empty());
+    }
+
+    // A hierarchy whose deepest file is gone is as incomplete as a Tree's.
+    let lost = blob(42, 700);
+    let lost_child = Directory {
+        files: vec![file("lost", &lost)],
+        ..Default::default()
+    };
+    let lost_root = Directory {
+        directories: vec![subdirectory("sub", &lost_child)],
+        ..Default::default()
+    };
+    upload(
+        &node,
+        &[&lost_child.encode_to_vec(), &lost_root.encode_to_vec()],
+    )
+    .await;
+    let lost_result = ActionResult {
+        output_directories: vec![OutputDirectory {
+            path: "out".into(),
+            root_directory_digest: Some(wire(&sha256(&lost_root.encode_to_vec()))),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    expect_incomplete(
+        &node,
+        b"dirs, no file",
+        &lost_result,
+        "a file deep in a hierarchy",
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn malformed_updates_are_invalid() {
     let node = Node::start();
@@ -183,6 +350,19 @@ async fn malformed_updates_are_invalid() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
+    let formless = ActionResult {
+        output_directories: vec![OutputDirectory {
+            path: "d".into(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let status = ac
+        .update_action_result(update("", b"x", &formless))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().contains("neither"), "{}", status.message());
     let status = ac
         .get_action_result(GetActionResultRequest::default())
         .await

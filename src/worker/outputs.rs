@@ -5,7 +5,14 @@
 //! `output_files` / `output_directories`. Each is looked up without following
 //! symlinks ([`super::paths::lookup_beneath`]); a file is hashed, a directory becomes a
 //! `Tree` (its root and every subdirectory), a symlink is reported with its target.
-//! Nothing outside the action directory is read. The collected blobs are then
+//! Nothing outside the action directory is read.
+//!
+//! A directory is always stored as a Tree, the form every client reads. Only when the
+//! Command's `output_directory_format` asks for the separately stored form too
+//! (REAPI v2.3: `DIRECTORY_ONLY`, which the worker may widen to `TREE_AND_DIRECTORY`)
+//! does the result carry `root_directory_digest`, and then every Directory message of
+//! the hierarchy is uploaded with the outputs: a digest the result advertises must be
+//! readable, and the action cache's completeness check demands it. The collected blobs are then
 //! uploaded together, so the CAS is asked once which of them it already has.
 
 use std::collections::HashMap;
@@ -77,10 +84,30 @@ pub fn wanted(command: &Command) -> Result<Vec<Wanted>> {
     Ok(wanted)
 }
 
+/// The forms in which output directories are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DirectoryFormat {
+    /// A Tree blob only (`TREE_ONLY`, and any format this worker does not know).
+    Tree,
+    /// A Tree blob and every Directory message (`DIRECTORY_ONLY`, `TREE_AND_DIRECTORY`).
+    TreeAndDirectories,
+}
+
+/// The form `command` asks its output directories to be stored in.
+pub fn directory_format(command: &Command) -> DirectoryFormat {
+    use cairn_proto::reapi::command::OutputDirectoryFormat;
+    match OutputDirectoryFormat::try_from(command.output_directory_format) {
+        Ok(OutputDirectoryFormat::DirectoryOnly | OutputDirectoryFormat::TreeAndDirectory) => {
+            DirectoryFormat::TreeAndDirectories
+        }
+        Ok(OutputDirectoryFormat::TreeOnly) | Err(_) => DirectoryFormat::Tree,
+    }
+}
+
 /// Blobs to upload: contents in memory or in files.
 #[derive(Default)]
 pub struct Blobs {
-    /// In-memory blobs (Trees).
+    /// In-memory blobs (Trees and Directory messages).
     pub memory: HashMap<BlobKey, Bytes>,
     /// Blobs in files (outputs, stdout, stderr).
     pub files: HashMap<BlobKey, PathBuf>,
@@ -161,6 +188,7 @@ pub fn collect(
     root: &Path,
     working_directory: &Path,
     wanted: &[Wanted],
+    format: DirectoryFormat,
     function: DigestFunction,
     result: &mut ActionResult,
     blobs: &mut Blobs,
@@ -195,7 +223,15 @@ pub fn collect(
                 let mut children = Vec::new();
                 let root_directory =
                     directory_message(&path, &from_root, function, blobs, &mut children)?;
-                let root_digest = digest_of(function, &root_directory.encode_to_vec());
+                let root_directory_digest = match format {
+                    DirectoryFormat::Tree => None,
+                    DirectoryFormat::TreeAndDirectories => {
+                        for child in &children {
+                            blobs.add_memory(function, child.encode_to_vec());
+                        }
+                        Some(blobs.add_memory(function, root_directory.encode_to_vec()))
+                    }
+                };
                 let tree = Tree {
                     root: Some(root_directory),
                     children,
@@ -205,7 +241,7 @@ pub fn collect(
                     path: output.name.clone(),
                     tree_digest: Some(tree_digest),
                     is_topologically_sorted: false,
-                    root_directory_digest: Some(root_digest),
+                    root_directory_digest,
                 });
             }
             Found::Symlink(target) => {
@@ -347,6 +383,7 @@ mod tests {
             root,
             Path::new("w"),
             &wanted(&command).unwrap(),
+            DirectoryFormat::Tree,
             DigestFunction::Sha256,
             &mut result,
             &mut blobs,
@@ -369,6 +406,76 @@ mod tests {
     }
 
     #[test]
+    fn directories_are_stored_separately_only_when_asked_for() {
+        use cairn_proto::reapi::command::OutputDirectoryFormat;
+        let root = tempfile::tempdir().unwrap();
+        let root = root.path();
+        std::fs::create_dir_all(root.join("out/a/b")).unwrap();
+        std::fs::write(root.join("out/a/b/leaf"), b"leaf").unwrap();
+        std::fs::write(root.join("out/empty"), b"").unwrap();
+        for (asked, stored) in [
+            (OutputDirectoryFormat::TreeOnly, DirectoryFormat::Tree),
+            (
+                OutputDirectoryFormat::DirectoryOnly,
+                DirectoryFormat::TreeAndDirectories,
+            ),
+            (
+                OutputDirectoryFormat::TreeAndDirectory,
+                DirectoryFormat::TreeAndDirectories,
+            ),
+        ] {
+            let command = Command {
+                output_paths: vec!["out".into()],
+                output_directory_format: asked as i32,
+                ..Default::default()
+            };
+            assert_eq!(directory_format(&command), stored);
+            let mut result = ActionResult::default();
+            let mut blobs = Blobs::default();
+            collect(
+                root,
+                Path::new(""),
+                &wanted(&command).unwrap(),
+                stored,
+                DigestFunction::Sha256,
+                &mut result,
+                &mut blobs,
+            )
+            .unwrap();
+            let output = &result.output_directories[0];
+            let tree =
+                Tree::decode(blobs.memory[&key(output.tree_digest.as_ref().unwrap())].clone())
+                    .unwrap();
+            let Some(root_digest) = &output.root_directory_digest else {
+                assert_eq!(stored, DirectoryFormat::Tree, "{asked:?}");
+                assert_eq!(blobs.memory.len(), 1, "only the Tree is uploaded");
+                continue;
+            };
+            assert_eq!(stored, DirectoryFormat::TreeAndDirectories, "{asked:?}");
+            // The root and every subdirectory are uploaded, each as the message the
+            // Tree and its parent name.
+            let root_message = Directory::decode(blobs.memory[&key(root_digest)].clone()).unwrap();
+            assert_eq!(Some(&root_message), tree.root.as_ref());
+            let mut pending = vec![root_message];
+            let mut seen = 0;
+            while let Some(directory) = pending.pop() {
+                seen += 1;
+                for child in &directory.directories {
+                    let bytes = &blobs.memory[&key(child.digest.as_ref().unwrap())];
+                    pending.push(Directory::decode(bytes.clone()).unwrap());
+                }
+            }
+            assert_eq!(seen, 1 + tree.children.len());
+            assert_eq!(seen, 3);
+        }
+        let unknown = Command {
+            output_directory_format: 77,
+            ..Default::default()
+        };
+        assert_eq!(directory_format(&unknown), DirectoryFormat::Tree);
+    }
+
+    #[test]
     fn escaping_output_symlinks_are_rejected() {
         let root = tempfile::tempdir().unwrap();
         let root = root.path();
@@ -384,6 +491,7 @@ mod tests {
                 root,
                 Path::new(""),
                 &wanted(&command).unwrap(),
+                DirectoryFormat::Tree,
                 DigestFunction::Sha256,
                 &mut ActionResult::default(),
                 &mut Blobs::default(),

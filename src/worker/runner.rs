@@ -141,6 +141,7 @@ impl Runner {
         let working_directory =
             check_relative_path(&command.working_directory, "working directory", true)?;
         let wanted = outputs::wanted(&command)?;
+        let directory_format = outputs::directory_format(&command);
 
         let tree = match inputs::fetch_tree(&cas, &root_digest).await? {
             Fetched::Ready(tree) => tree,
@@ -207,6 +208,7 @@ impl Runner {
                     &root,
                     &working_directory,
                     &wanted,
+                    directory_format,
                     function,
                     &mut result,
                     &mut blobs,
