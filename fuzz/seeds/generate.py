@@ -27,6 +27,24 @@ def record_input(image, start=0, mode=0, nonce=NONCE):
     return struct.pack("<QIB", nonce, start, mode) + image
 
 
+def zstd_rle_frame(byte, blocks, content_size=False):
+    """A zstd frame of `blocks` RLE blocks of 128 KiB each, built by hand (RFC 8878):
+    a few dozen bytes that decode to `blocks` x 128 KiB, the shape of a highly
+    compressible upload."""
+    block = 128 * 1024
+    frame = struct.pack("<I", 0xFD2FB528)
+    # Frame header descriptor: optional 4-byte content size, no checksum, no
+    # dictionary; then the window descriptor (2^(10+10) = 1 MiB).
+    frame += bytes([0x80 if content_size else 0x00, 10 << 3])
+    if content_size:
+        frame += struct.pack("<I", block * blocks)
+    for i in range(blocks):
+        last = 1 if i == blocks - 1 else 0
+        header = last | (1 << 1) | (block << 3)  # Block_Type 1: RLE
+        frame += struct.pack("<I", header)[:3] + bytes([byte])
+    return frame
+
+
 def write(target, name, data):
     d = os.path.join(HERE, target)
     os.makedirs(d, exist_ok=True)
@@ -48,6 +66,24 @@ def main():
     stale = bytearray(record(9, 1, 2, 9, b"abc"))
     stale[64:72] = bytes(8)  # both CRCs wrong: only mode 1 (repair) makes it decode
     write("record_decode", "repair-mode", record_input(bytes(stale), mode=1))
+
+    # zstd_stream: mode byte, two piece sizes, data (fuzz_targets/zstd_stream.rs).
+    write("zstd_stream", "rle-1mib-one-piece", bytes([0, 255, 255]) + zstd_rle_frame(0x41, 8))
+    write("zstd_stream", "rle-1mib-bytewise", bytes([0, 1, 1]) + zstd_rle_frame(0x20, 8, True))
+    write("zstd_stream", "two-frames", bytes([2, 3, 7]) + zstd_rle_frame(1, 2) + zstd_rle_frame(2, 3, True))
+    write("zstd_stream", "truncated", bytes([0, 5, 5]) + zstd_rle_frame(9, 4)[:-2])
+    text = b"The quick brown fox jumps over the lazy dog while the build cache answers. "
+    write("zstd_stream", "text-repeated", bytes([0x3b, 255, 255]) + text)
+    write("zstd_stream", "text-checksum-bytewise", bytes([0x15, 1, 2]) + text * 3)
+
+    # checkpoint_decode: nonce, mode, file image (fuzz_targets/checkpoint_decode.rs).
+    write("checkpoint_decode", "preamble-fixed",
+          struct.pack("<QB", NONCE, 1) + bytes(16) + bytes(range(64)))
+    write("checkpoint_decode", "raw-magic", struct.pack("<QB", NONCE, 0) + b"CRNCKPT1" + bytes(40))
+    write("checkpoint_decode", "described-damaged",
+          struct.pack("<QB", NONCE, 3) + bytes([40, 0, 0xFF]) + bytes(range(1, 62)))
+    write("checkpoint_decode", "described-intact",
+          struct.pack("<QB", NONCE, 2) + bytes([7, 0]) + bytes(range(30)))
 
     empty = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
     write("digest_parse", "sha256-empty", bytes([0]) + struct.pack("<Q", 0) + empty.encode())

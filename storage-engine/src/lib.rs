@@ -49,6 +49,14 @@ pub mod internals {
     pub use crate::sha256::{update_together, Sha256};
 }
 
+/// Index checkpoint images, for `fuzz/` only (feature `fuzz-internals`). Not a stable
+/// API.
+#[cfg(feature = "fuzz-internals")]
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::checkpoint::{decode, encode, Checkpoint, Entry, SegmentMark};
+}
+
 pub use config::EngineConfig;
 pub use digest::{Digest, DigestFunction, Hasher};
 pub use engine::{Engine, Upload};
