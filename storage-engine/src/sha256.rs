@@ -197,6 +197,23 @@ mod tests {
             .collect()
     }
 
+    /// The lanes tests below pass on any CPU, but without the SHA extensions they only
+    /// exercise the one-message fallback. Say so rather than pass unseen; a machine
+    /// known to lack them opts out with CAIRN_TEST_WITHOUT_SHA_NI=1.
+    #[test]
+    fn the_multi_lane_kernel_is_exercised_on_this_cpu() {
+        if std::env::var_os("CAIRN_TEST_WITHOUT_SHA_NI").is_some() {
+            eprintln!("CAIRN_TEST_WITHOUT_SHA_NI is set: the SHA-NI lanes go untested");
+            return;
+        }
+        assert!(
+            hashes_together(),
+            "this CPU lacks the x86 SHA extensions, so the multi-lane SHA-256 kernel \
+             (sha256/x86.rs) is not tested here; run the suite on a CPU with SHA-NI, or \
+             set CAIRN_TEST_WITHOUT_SHA_NI=1 to accept that"
+        );
+    }
+
     #[test]
     fn every_length_around_the_padding_boundaries_matches_sha2() {
         for len in 0..=3 * BLOCK + 1 {
