@@ -709,3 +709,112 @@ async fn large_blobs_stream_through_bounded_memory() {
         "peak RSS grew by {growth} bytes for a {size}-byte blob: something holds it whole"
     );
 }
+
+/// Every file under `dir` whose name ends with one of `extensions`.
+fn files_under(dir: &std::path::Path, extensions: &[&str]) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                pending.push(path);
+            } else if extensions
+                .iter()
+                .any(|extension| path.extension().is_some_and(|found| found == *extension))
+            {
+                found.push(path);
+            }
+        }
+    }
+    found
+}
+
+/// A damaged byte in the fourth 1 MiB chunk of a stored 5 MiB blob: a ByteStream read
+/// delivers the three intact chunks, then fails with DATA_LOSS instead of sending the
+/// damaged one; the failure is counted, the blob is dropped, and it can be uploaded
+/// again.
+#[tokio::test]
+async fn corrupted_later_chunk_fails_the_read_at_that_chunk() {
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path().join("data");
+    let data = blob(90, 5 << 20);
+    let digest = sha256(&data);
+    let node = Node::start_in(&dir, &["--no-execution"]);
+    let mut client = node.bytestream().await;
+    write_blob(&mut client, &upload_name("", &digest), &data)
+        .await
+        .unwrap();
+    drop(client);
+    assert!(node.terminate().success());
+
+    let damaged_at = (3 << 20) + 12_345;
+    let needle = &data[damaged_at..damaged_at + 64];
+    let mut damaged = 0;
+    for path in files_under(&dir, &["extents", "huge", "packed"]) {
+        let mut image = std::fs::read(&path).unwrap();
+        if let Some(at) = image
+            .windows(needle.len())
+            .position(|window| window == needle)
+        {
+            image[at] ^= 0x55;
+            std::fs::write(&path, &image).unwrap();
+            damaged += 1;
+        }
+    }
+    assert_eq!(damaged, 1, "the blob's fourth chunk is stored exactly once");
+
+    let node = Node::start_in(&dir, &["--no-execution"]);
+    let mut client = node.bytestream().await;
+    let mut stream = client
+        .read(cairn_proto::bytestream::ReadRequest {
+            resource_name: read_name("", &digest),
+            read_offset: 0,
+            read_limit: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut received = Vec::new();
+    let status = loop {
+        match stream.message().await {
+            Ok(Some(response)) => received.extend_from_slice(&response.data),
+            Ok(None) => panic!("a damaged blob was read to its end"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(status.code(), Code::DataLoss, "{status:?}");
+    assert_eq!(
+        received.len(),
+        3 << 20,
+        "the intact chunks before the damage"
+    );
+    assert!(
+        received == data[..3 << 20],
+        "the intact chunks are the blob's"
+    );
+    assert_eq!(node.metric_sum("cairn_partition_crc_failures"), 1.0);
+
+    let missing = node
+        .cas()
+        .await
+        .find_missing_blobs(FindMissingBlobsRequest {
+            blob_digests: vec![wire(&digest)],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        missing.missing_blob_digests.len(),
+        1,
+        "the damaged blob is dropped"
+    );
+    write_blob(&mut client, &upload_name("", &digest), &data)
+        .await
+        .unwrap();
+    let read = read_blob(&mut client, &read_name("", &digest), 0, 0)
+        .await
+        .unwrap();
+    assert!(read == data, "the blob uploaded again reads back whole");
+}

@@ -8,10 +8,10 @@ use std::net::TcpStream;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use cairn_proto::bytestream::QueryWriteStatusRequest;
+use cairn_proto::bytestream::{QueryWriteStatusRequest, ReadRequest};
 use cairn_proto::reapi::{FindMissingBlobsRequest, GetCapabilitiesRequest};
 use common::{
-    blob, free_port, http, read_blob, read_name, sha256, upload_name, wire, write_blob, Node,
+    blob, free_port, http, read_blob, read_name, sha256, upload_name, wire, write_blob, Node, Tmpfs,
 };
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -250,6 +250,142 @@ async fn sigterm_stops_cleanly_and_keeps_the_data() {
     assert_eq!(read, data);
 }
 
+/// Waits until the upload `name` has `committed` bytes, polling QueryWriteStatus a
+/// bounded number of times.
+async fn wait_committed(node: &Node, name: &str, committed: i64) {
+    let mut client = node.bytestream().await;
+    for _ in 0..2000 {
+        let status = client
+            .query_write_status(QueryWriteStatusRequest {
+                resource_name: name.to_string(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if status.committed_size == committed {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the upload {name} never reached {committed} bytes");
+}
+
+/// A stop signal in the middle of a Write and a Read: the node stops accepting
+/// connections at once, lets both streams finish, exits 0, and keeps what they stored.
+async fn a_stop_signal_lets_a_write_and_a_read_finish(signal: i32) {
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path().join("data");
+    let node = Node::start_in(&dir, &["--no-execution"]);
+    // Larger than every flow-control window between the node and the client, so the
+    // read is still in progress when the signal arrives.
+    let stored = blob(70 + signal as u64, 48 << 20);
+    let stored_digest = sha256(&stored);
+    let mut client = node.bytestream().await;
+    write_blob(&mut client, &upload_name("", &stored_digest), &stored)
+        .await
+        .unwrap();
+    let mut reading = client
+        .read(ReadRequest {
+            resource_name: read_name("", &stored_digest),
+            read_offset: 0,
+            read_limit: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut read = reading.message().await.unwrap().unwrap().data.to_vec();
+
+    let uploading = blob(80 + signal as u64, 3 << 20);
+    let uploading_digest = sha256(&uploading);
+    let name = upload_name("", &uploading_digest);
+    let mut requests = common::write_requests(&name, &uploading, 64 << 10).into_iter();
+    let (sender, receiver) = tokio::sync::mpsc::channel(64);
+    let mut writer = node.bytestream().await;
+    let call = tokio::spawn(async move { writer.write(ReceiverStream::new(receiver)).await });
+    for request in requests.by_ref().take(4) {
+        sender.send(request).await.unwrap();
+    }
+    wait_committed(&node, &name, 4 * (64 << 10)).await;
+
+    node.signal(signal);
+    let mut refused = false;
+    for _ in 0..2000 {
+        if TcpStream::connect(node.grpc).is_err() {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(
+        refused,
+        "new connections were still accepted after the signal"
+    );
+
+    for request in requests {
+        sender.send(request).await.unwrap();
+    }
+    drop(sender);
+    let committed = call.await.unwrap().expect("the write in flight finishes");
+    assert_eq!(
+        committed.into_inner().committed_size,
+        uploading.len() as i64
+    );
+    while let Some(response) = reading
+        .message()
+        .await
+        .expect("the read in flight finishes")
+    {
+        read.extend_from_slice(&response.data);
+    }
+    assert!(read == stored, "the read in flight returned other bytes");
+    drop((client, reading));
+    let status = node.wait();
+    assert!(status.success(), "cairn exited with {status}");
+
+    let node = Node::start_in(&dir, &["--no-execution"]);
+    let mut client = node.bytestream().await;
+    for (digest, data) in [(uploading_digest, &uploading), (stored_digest, &stored)] {
+        let again = read_blob(&mut client, &read_name("", &digest), 0, 0)
+            .await
+            .unwrap();
+        assert!(again == *data, "a blob was lost across the stop");
+    }
+    assert!(node.terminate().success());
+}
+
+#[tokio::test]
+async fn sigterm_lets_a_write_and_a_read_finish() {
+    a_stop_signal_lets_a_write_and_a_read_finish(libc::SIGTERM).await;
+}
+
+#[tokio::test]
+async fn sigint_lets_a_write_and_a_read_finish() {
+    a_stop_signal_lets_a_write_and_a_read_finish(libc::SIGINT).await;
+}
+
+/// Without `--max-size` the budget is 90% of the space available to the data
+/// directory. Measured on a tmpfs of its own, whose free space nothing else changes.
+#[tokio::test]
+async fn the_default_budget_is_ninety_percent_of_the_space() {
+    let tmpfs = Tmpfs::mount(1024);
+    let grpc = free_port();
+    let http_addr = free_port();
+    let dir = tmpfs.path.join("data");
+    let mut command = Command::new(common::BINARY);
+    command
+        .args(["--no-execution", "--listen", &grpc.to_string()])
+        .args(["--http-listen", &http_addr.to_string()])
+        .args(["--data-dir", dir.to_str().unwrap()]);
+    let node = Node::spawn(command, grpc, http_addr, dir);
+    let budget = node.metric_sum("cairn_partition_budget_bytes");
+    let expected = 0.9 * 1024.0 * 1024.0 * 1024.0;
+    assert!(
+        (budget - expected).abs() < expected * 0.01,
+        "budget {budget} bytes, expected 90% of 1 GiB"
+    );
+    assert!(node.terminate().success());
+}
+
 #[tokio::test]
 async fn sigkill_mid_upload_loses_nothing_acknowledged() {
     let temp = tempfile::tempdir().unwrap();
@@ -350,6 +486,14 @@ async fn the_example_config_starts() {
         4 << 20
     );
     assert_eq!(http(node.http, "GET", "/healthz", b"").0, 200);
+    // `max_size: "20GiB"` in the file, where the default is 90% of the disk.
+    // Each partition gets a whole share, so a few bytes may be left over.
+    let budget = node.metric_sum("cairn_partition_budget_bytes");
+    let configured = (20u64 << 30) as f64;
+    assert!(
+        budget <= configured && budget > configured - 4096.0,
+        "budget {budget}: not the 20GiB of config/single-node.json5"
+    );
     assert!(node.terminate().success());
 }
 
@@ -422,4 +566,89 @@ fn bad_configs_and_flags_fail_with_a_message() {
     ] {
         assert!(help.contains(flag), "{flag} missing from --help");
     }
+}
+
+/// The pids whose parent is `parent`, with their command names, from /proc.
+fn children_of(parent: i32) -> Vec<(i32, String)> {
+    let mut children = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...: comm may hold spaces, so split after its `)`.
+        let Some((head, rest)) = stat.rsplit_once(") ") else {
+            continue;
+        };
+        let ppid = rest
+            .split_whitespace()
+            .nth(1)
+            .and_then(|ppid| ppid.parse().ok());
+        if ppid == Some(parent) {
+            let comm = head.split_once(" (").map(|(_, comm)| comm.to_string());
+            children.push((pid, comm.unwrap_or_default()));
+        }
+    }
+    children
+}
+
+fn alive(pid: i32) -> bool {
+    // A zombie still has a /proc entry; count it as gone.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|stat| {
+            stat.rsplit_once(") ")
+                .is_some_and(|(_, rest)| !rest.starts_with('Z'))
+        })
+        .unwrap_or(false)
+}
+
+/// A node with execution runs a scheduler and a worker as its children; they must not
+/// outlive it, whether it stops on a signal or is killed outright.
+fn the_children_end_with_the_node(kill: bool) {
+    let node = Node::start();
+    let mut children = Vec::new();
+    for _ in 0..1000 {
+        children = children_of(node.pid());
+        if children.len() >= 2 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let names: Vec<&str> = children.iter().map(|(_, name)| name.as_str()).collect();
+    assert!(
+        names.contains(&"cairn-scheduler") && names.contains(&"cairn-worker"),
+        "children of the node: {names:?}"
+    );
+    if kill {
+        node.kill();
+    } else {
+        assert!(node.terminate().success());
+    }
+    for (pid, name) in children {
+        let mut gone = false;
+        for _ in 0..3000 {
+            if !alive(pid) {
+                gone = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if !gone {
+            // SAFETY: killing the leftover so that the test leaves nothing behind.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            panic!("{name} ({pid}) outlived the node");
+        }
+    }
+}
+
+#[test]
+fn the_children_end_after_sigterm_of_the_node() {
+    the_children_end_with_the_node(false);
+}
+
+#[test]
+fn the_children_end_after_sigkill_of_the_node() {
+    the_children_end_with_the_node(true);
 }

@@ -117,6 +117,32 @@ impl Node {
         child.wait().expect("wait for cairn")
     }
 
+    /// Sends `signal` without waiting for the exit.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: signalling our own child process.
+        unsafe { libc::kill(self.pid(), signal) };
+    }
+
+    /// Waits for the node to exit on its own (after [`Node::signal`]).
+    pub fn wait(mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("node is running");
+        child.wait().expect("wait for cairn")
+    }
+
+    /// The sum of the `name` samples in `/metrics` (every label set).
+    pub fn metric_sum(&self, name: &str) -> f64 {
+        let (status, body) = http(self.http, "GET", "/metrics", b"");
+        assert_eq!(status, 200, "GET /metrics");
+        String::from_utf8_lossy(&body)
+            .lines()
+            .filter(|line| {
+                line.strip_prefix(name)
+                    .is_some_and(|rest| rest.starts_with(['{', ' ']))
+            })
+            .filter_map(|line| line.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum()
+    }
+
     /// Kills the process with SIGKILL, keeping the data directory.
     pub fn kill(mut self) -> Option<tempfile::TempDir> {
         if let Some(mut child) = self.child.take() {
@@ -309,4 +335,50 @@ pub fn http(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> (u16, Ve
         .and_then(|code| code.parse().ok())
         .expect("a status code");
     (status, response[split + 4..].to_vec())
+}
+
+/// A tmpfs mounted for one test (root only), unmounted on drop: a filesystem whose
+/// size and free space nothing else on the machine changes.
+pub struct Tmpfs {
+    pub path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size_mib` MiB, or fails the test saying it needs root.
+    pub fn mount(size_mib: u64) -> Tmpfs {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let target = std::ffi::CString::new(dir.path().as_os_str().as_encoded_bytes())
+            .expect("a path without NUL");
+        let options = std::ffi::CString::new(format!("size={size_mib}m")).expect("options");
+        // SAFETY: every pointer is a valid NUL-terminated string for the call.
+        let mounted = unsafe {
+            libc::mount(
+                c"tmpfs".as_ptr(),
+                target.as_ptr(),
+                c"tmpfs".as_ptr(),
+                0,
+                options.as_ptr().cast(),
+            )
+        } == 0;
+        assert!(
+            mounted,
+            "this test mounts a {size_mib} MiB tmpfs and needs root: run the suite as root \
+             (CI does): {}",
+            std::io::Error::last_os_error()
+        );
+        Tmpfs {
+            path: dir.path().to_path_buf(),
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        if let Ok(target) = std::ffi::CString::new(self.path.as_os_str().as_encoded_bytes()) {
+            // SAFETY: unmounting the tmpfs this value mounted.
+            unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
 }
