@@ -56,6 +56,11 @@ pub struct Config {
     /// How long a shutdown waits for in-flight requests before closing connections,
     /// in seconds. Default `10`.
     pub shutdown_grace_seconds: u64,
+    /// Most client connections served at once, gRPC and HTTP together; a connection
+    /// past it is closed as soon as it is accepted. Default: the open-file limit
+    /// (raised at start to its hard maximum) less a reserve of 256 descriptors plus 4
+    /// per storage partition for the node's own files, and at least 16.
+    pub max_connections: Option<usize>,
     /// The S3 slow tier shared by a fleet of nodes (see `docs/s3.md` and
     /// [`S3Config`] for its settings and their defaults). Default: none, the node keeps
     /// everything on local disk only.
@@ -96,6 +101,7 @@ impl Default for Config {
             max_cas_blob_size: ByteSize(16 << 30),
             upload_resume_seconds: 60,
             shutdown_grace_seconds: 10,
+            max_connections: None,
             s3: None,
             sink: false,
             execution: Some(ExecutionConfig::default()),

@@ -6,7 +6,9 @@
 //! nothing between scrapes and are never stale.
 
 use cairn_storage::Stats;
-use prometheus::{Encoder, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
 
 use crate::error::{Error, Result};
 
@@ -24,6 +26,10 @@ pub struct Metrics {
     crc_failures: IntGaugeVec,
     queue_depth: IntGaugeVec,
     connections: IntGaugeVec,
+    connections_refused: IntCounter,
+    accept_errors: IntCounter,
+    max_connections: IntGauge,
+    open_files_limit: IntGauge,
 }
 
 impl Metrics {
@@ -42,6 +48,14 @@ impl Metrics {
         let counter = |name: &str, help: &str| -> Result<IntCounter> {
             let metric =
                 IntCounter::new(name, help).map_err(|error| Error::internal(error.to_string()))?;
+            registry
+                .register(Box::new(metric.clone()))
+                .map_err(|error| Error::internal(error.to_string()))?;
+            Ok(metric)
+        };
+        let single_gauge = |name: &str, help: &str| -> Result<IntGauge> {
+            let metric =
+                IntGauge::new(name, help).map_err(|error| Error::internal(error.to_string()))?;
             registry
                 .register(Box::new(metric.clone()))
                 .map_err(|error| Error::internal(error.to_string()))?;
@@ -103,6 +117,22 @@ impl Metrics {
                 "Open client connections served by each shard",
                 "shard",
             )?,
+            connections_refused: counter(
+                "connections_refused_total",
+                "Connections closed at once because the node served max_connections",
+            )?,
+            accept_errors: counter(
+                "accept_errors_total",
+                "Failed accept calls (EMFILE and the like pause accepting)",
+            )?,
+            max_connections: single_gauge(
+                "max_connections",
+                "Most client connections the node serves at once",
+            )?,
+            open_files_limit: single_gauge(
+                "open_files_limit",
+                "The process's open-file limit (soft RLIMIT_NOFILE)",
+            )?,
             registry,
         })
     }
@@ -110,6 +140,24 @@ impl Metrics {
     /// The per-shard connection gauge, kept up to date by the runtime.
     pub fn connections(&self) -> IntGaugeVec {
         self.connections.clone()
+    }
+
+    /// The counter of connections refused for `max_connections`.
+    pub fn connections_refused(&self) -> IntCounter {
+        self.connections_refused.clone()
+    }
+
+    /// The counter of failed `accept` calls.
+    pub fn accept_errors(&self) -> IntCounter {
+        self.accept_errors.clone()
+    }
+
+    /// Records the connection limit and the open-file limit it was derived from.
+    pub fn set_limits(&self, max_connections: usize, open_files: u64) {
+        self.max_connections
+            .set(i64::try_from(max_connections).unwrap_or(i64::MAX));
+        self.open_files_limit
+            .set(i64::try_from(open_files).unwrap_or(i64::MAX));
     }
 
     /// Counts one request.

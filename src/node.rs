@@ -55,6 +55,16 @@ pub fn run(config: Config) -> Result<()> {
     if shards == 0 {
         return Err(Error::invalid_argument("shards must be at least 1"));
     }
+    let fd_limit = runtime::fd_limit::raise().map_err(|error| {
+        Error::internal(format!("cannot read or raise the open-file limit: {error}"))
+    })?;
+    if fd_limit.now != fd_limit.before {
+        tracing::info!(
+            "raised the open-file limit from {} to {}",
+            fd_limit.before,
+            fd_limit.now
+        );
+    }
     let max_size = match config.max_size {
         Some(size) => size.0,
         None if config.sink => DEFAULT_SINK_BUDGET,
@@ -127,6 +137,16 @@ pub fn run(config: Config) -> Result<()> {
     } else {
         signals::stop_on_signal(stop.clone())?;
     }
+    let max_connections = config.max_connections.unwrap_or_else(|| {
+        let partitions = u64::from(engine.partitions());
+        let derived = runtime::fd_limit::default_max_connections(fd_limit.now, partitions);
+        usize::try_from(derived).unwrap_or(usize::MAX)
+    });
+    tracing::info!(
+        "serving at most {max_connections} connections (open-file limit {})",
+        fd_limit.now
+    );
+    metrics.set_limits(max_connections, fd_limit.now);
     let serve = runtime::Serve {
         grpc_addr: config.listen,
         http_addr: config.http_listen,
@@ -135,6 +155,9 @@ pub fn run(config: Config) -> Result<()> {
         engine,
         grace: config.shutdown_grace(),
         connections: metrics.connections(),
+        max_connections,
+        connections_refused: metrics.connections_refused(),
+        accept_errors: metrics.accept_errors(),
     };
     let served = runtime::run(serve, runners, stop);
     if let Some((embedded, _forwarding)) = execution {

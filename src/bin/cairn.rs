@@ -57,6 +57,12 @@ struct Args {
     #[arg(long, value_name = "N")]
     shards: Option<usize>,
 
+    /// Most client connections served at once, gRPC and HTTP together; more are
+    /// closed as soon as they are accepted [default: the open-file limit, raised at
+    /// start to its hard maximum, less a reserve for the store's own files].
+    #[arg(long, value_name = "N")]
+    max_connections: Option<usize>,
+
     /// Benchmarking only: keep blobs in memory (bounded by --max-size, default 1GiB)
     /// instead of the store, to measure the network stack alone. Nothing is durable.
     #[arg(long)]
@@ -96,6 +102,9 @@ fn main() -> ExitCode {
         }
         if let Some(shards) = args.shards {
             config.shards = Some(shards);
+        }
+        if let Some(max_connections) = args.max_connections {
+            config.max_connections = Some(max_connections);
         }
         if args.sink {
             config.sink = true;

@@ -16,6 +16,7 @@
 
 mod balance;
 mod connections;
+pub mod fd_limit;
 mod hyper_glue;
 mod listener;
 mod shard;
@@ -47,13 +48,20 @@ pub struct Serve {
     pub grace: Duration,
     /// The gauge of open connections per shard (label `shard`).
     pub connections: prometheus::IntGaugeVec,
+    /// Most client connections served at once, over both listeners.
+    pub max_connections: usize,
+    /// Counts connections refused for `max_connections`.
+    pub connections_refused: prometheus::IntCounter,
+    /// Counts failed `accept` calls.
+    pub accept_errors: prometheus::IntCounter,
 }
 
 /// Runs one shard per runner until `stop` turns true, then drains and shuts the
 /// engine down. Returns the first error any shard met.
 pub fn run(serve: Serve, runners: Vec<ShardRunner>, stop: watch::Sender<bool>) -> Result<()> {
     let cpus = allowed_cpus();
-    let (balancer, inboxes) = balance::Balancer::new(runners.len(), serve.connections);
+    let (balancer, inboxes) =
+        balance::Balancer::new(runners.len(), serve.connections, serve.max_connections);
     let shared = Arc::new(shard::Shared {
         grpc_addr: serve.grpc_addr,
         http_addr: serve.http_addr,
@@ -66,6 +74,8 @@ pub fn run(serve: Serve, runners: Vec<ShardRunner>, stop: watch::Sender<bool>) -
         drained: Barrier::new(runners.len()),
         failure: Mutex::new(None),
         balancer: Arc::new(balancer),
+        connections_refused: serve.connections_refused,
+        accept_errors: serve.accept_errors,
         listeners: Mutex::new(None),
     });
     let mut handles = Vec::with_capacity(runners.len());

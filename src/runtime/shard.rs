@@ -34,6 +34,10 @@ pub(super) struct Shared {
     pub drained: Barrier,
     pub failure: Mutex<Option<Error>>,
     pub balancer: Arc<Balancer>,
+    /// Connections closed at once because the node served `max_connections`.
+    pub connections_refused: prometheus::IntCounter,
+    /// Failed `accept` calls.
+    pub accept_errors: prometheus::IntCounter,
     /// Bound once the engine has recovered, before `ready` says so, with the number
     /// of shards yet to take their copies.
     pub listeners: Mutex<Option<(Listeners, usize)>>,
@@ -141,23 +145,71 @@ struct Here<'a> {
     connections: &'a Rc<Connections>,
 }
 
+/// The first pause after `accept` fails for want of descriptors or memory; each
+/// further failure doubles it, up to [`ACCEPT_PAUSE_MAX`].
+const ACCEPT_PAUSE_MIN: Duration = Duration::from_millis(5);
+const ACCEPT_PAUSE_MAX: Duration = Duration::from_secs(1);
+
 /// Accepts connections until a stop is asked for, and serves each on the shard with
 /// the fewest (see [`super::balance`]).
+///
+/// `accept` failing with EMFILE, ENFILE, ENOMEM or ENOBUFS leaves the connection in
+/// the listen backlog, so retrying at once fails again at once: glommio's accept tries
+/// the socket before it ever waits, and the loop spun without yielding, starving
+/// every connection on the shard (their closes went unnoticed, holding the very
+/// descriptors it lacked) and the stop signal with them. Such failures pause the loop,
+/// longer each time, and log once per run of failures; the first success resets both.
 async fn accept_loop(listener: TcpListener, here: Here<'_>, protocol: Protocol) {
     let mut stopped = Box::pin(stop_requested(here.shared.stop.subscribe()));
+    let mut pause = ACCEPT_PAUSE_MIN;
+    let mut failing = false;
     loop {
         let accepted = match select(Box::pin(listener.shared_accept()), stopped.as_mut()).await {
             Either::Left((accepted, _)) => accepted,
             Either::Right(((), _)) => return,
         };
         let stream = match accepted {
-            Ok(stream) => stream,
+            Ok(stream) => {
+                if failing {
+                    tracing::info!("accepting connections again");
+                }
+                pause = ACCEPT_PAUSE_MIN;
+                failing = false;
+                stream
+            }
             Err(error) => {
-                tracing::warn!("accept failed: {error}");
+                let error = std::io::Error::from(error);
+                here.shared.accept_errors.inc();
+                let starved = matches!(
+                    error.raw_os_error(),
+                    Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM | libc::ENOBUFS)
+                );
+                if !starved {
+                    tracing::debug!("accept failed: {error}");
+                    continue;
+                }
+                if !failing {
+                    tracing::warn!(
+                        "cannot accept connections: {error}; pausing (see max_connections \
+                         and the open-file limit)"
+                    );
+                    failing = true;
+                }
+                let sleep = Box::pin(glommio::timer::sleep(pause));
+                if let Either::Right(((), _)) = select(sleep, stopped.as_mut()).await {
+                    return;
+                }
+                pause = (pause * 2).min(ACCEPT_PAUSE_MAX);
                 continue;
             }
         };
-        let slot = here.shared.balancer.place(here.index);
+        let Some(slot) = here.shared.balancer.place(here.index) else {
+            // Closing at once tells the client to retry, where a connection left
+            // unserved would hold a descriptor until it gave up.
+            here.shared.connections_refused.inc();
+            drop(stream.bind_to_executor());
+            continue;
+        };
         if slot.shard() == here.index {
             serve(stream.bind_to_executor(), here, protocol, slot);
         } else if let Err(stream) = slot.hand_over(stream, protocol) {

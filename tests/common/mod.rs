@@ -70,7 +70,10 @@ impl Node {
 
     /// Starts `command`, which must make the node listen on `grpc`.
     pub fn spawn(mut command: Command, grpc: SocketAddr, http: SocketAddr, dir: PathBuf) -> Node {
-        command.stdin(Stdio::null()).env("RUST_LOG", "error");
+        command.stdin(Stdio::null());
+        if !command.get_envs().any(|(name, _)| name == "RUST_LOG") {
+            command.env("RUST_LOG", "error");
+        }
         let child = command.spawn().expect("start cairn");
         let mut node = Node {
             child: Some(child),
