@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use cairn::byte_size::ByteSize;
-use cairn::config::Config;
+use cairn::config::{Config, Durability};
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
@@ -57,6 +57,13 @@ struct Args {
     #[arg(long, value_name = "N")]
     shards: Option<usize>,
 
+    /// When a write is acknowledged: `sync`, once an fdatasync covering it completed
+    /// (concurrent writes share one; nothing acknowledged is lost on power loss), or
+    /// `interval`, once written, with an fdatasync every second (a power loss can drop
+    /// up to the last second of acknowledged writes) [default: sync].
+    #[arg(long, value_enum, value_name = "MODE")]
+    durability: Option<Durability>,
+
     /// Benchmarking only: keep blobs in memory (bounded by --max-size, default 1GiB)
     /// instead of the store, to measure the network stack alone. Nothing is durable.
     #[arg(long)]
@@ -96,6 +103,9 @@ fn main() -> ExitCode {
         }
         if let Some(shards) = args.shards {
             config.shards = Some(shards);
+        }
+        if let Some(durability) = args.durability {
+            config.durability = durability;
         }
         if args.sink {
             config.sink = true;
