@@ -65,11 +65,22 @@ fn evicting_size_for(seed: u64) -> usize {
 }
 
 /// The config and blob sizes of a run.
-fn mode(evicting: bool) -> (fn(&Path) -> EngineConfig, fn(u64) -> usize) {
+struct Mode {
+    config: fn(&Path) -> EngineConfig,
+    size_for: fn(u64) -> usize,
+}
+
+fn mode(evicting: bool) -> Mode {
     if evicting {
-        (evicting_config, evicting_size_for)
+        Mode {
+            config: evicting_config,
+            size_for: evicting_size_for,
+        }
     } else {
-        (crash_config, size_for)
+        Mode {
+            config: crash_config,
+            size_for,
+        }
     }
 }
 
@@ -86,7 +97,7 @@ fn crash_child() {
         .parse()
         .unwrap();
     let evicting = std::env::var_os(EVICTING_ENV).is_some();
-    let (config, size_for) = mode(evicting);
+    let Mode { config, size_for } = mode(evicting);
     let engine = start(config(Path::new(&dir)));
     let out = std::sync::Mutex::new(std::io::stdout());
     std::thread::scope(|s| {
@@ -153,7 +164,7 @@ fn oldest_segments(dir: &Path) -> HashMap<PathBuf, u32> {
 fn sigkill_rounds(evicting: bool) {
     let dir = tempfile::tempdir().unwrap();
     let exe = std::env::current_exe().unwrap();
-    let (config, size_for) = mode(evicting);
+    let Mode { config, size_for } = mode(evicting);
     // Each evicting round writes about 40 MB: fewer rounds keep the test's time close
     // to the other run's.
     let kills = if evicting { 10 } else { KILLS };
