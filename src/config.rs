@@ -61,7 +61,8 @@ pub struct Config {
     /// nothing acknowledged; `"interval"` as soon as it is written, with an
     /// `fdatasync` every second, so a power loss can drop up to the last second of
     /// acknowledged writes (a process crash loses nothing either way). Default
-    /// `"sync"` (its cost is measured in the README's benchmark table).
+    /// `"sync"`, the promise docs/s3.md makes (`CAIRN_BENCH_DURABILITY` in `bench/`
+    /// measures what it costs).
     pub durability: Durability,
     /// The S3 slow tier shared by a fleet of nodes (see `docs/s3.md` and
     /// [`S3Config`] for its settings and their defaults). Default: none, the node keeps
