@@ -61,6 +61,14 @@ pub struct Config {
     /// (raised at start to its hard maximum) less a reserve of 256 descriptors plus 4
     /// per storage partition for the node's own files, and at least 16.
     pub max_connections: Option<usize>,
+    /// When a write is acknowledged: `"sync"` once an `fdatasync` covering it has
+    /// completed (group commit: concurrent writes share one), so a power loss loses
+    /// nothing acknowledged; `"interval"` as soon as it is written, with an
+    /// `fdatasync` every second, so a power loss can drop up to the last second of
+    /// acknowledged writes (a process crash loses nothing either way). Default
+    /// `"sync"`, the promise docs/s3.md makes (`CAIRN_BENCH_DURABILITY` in `bench/`
+    /// measures what it costs).
+    pub durability: Durability,
     /// The S3 slow tier shared by a fleet of nodes (see `docs/s3.md` and
     /// [`S3Config`] for its settings and their defaults). Default: none, the node keeps
     /// everything on local disk only.
@@ -77,6 +85,26 @@ pub struct Config {
     /// defaults), and `--no-execution` turns it off either way.
     #[serde(default)]
     pub execution: Option<ExecutionConfig>,
+}
+
+/// When the store acknowledges a write (see [`Config::durability`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// After an `fdatasync` covering the write (group commit).
+    #[default]
+    Sync,
+    /// After the write; `fdatasync` once a second.
+    Interval,
+}
+
+impl From<Durability> for cairn_storage::Durability {
+    fn from(durability: Durability) -> Self {
+        match durability {
+            Durability::Sync => cairn_storage::Durability::Sync,
+            Durability::Interval => cairn_storage::Durability::Interval,
+        }
+    }
 }
 
 /// Remote execution served by a single node: the node starts a `cairn-scheduler` and
@@ -102,6 +130,7 @@ impl Default for Config {
             upload_resume_seconds: 60,
             shutdown_grace_seconds: 10,
             max_connections: None,
+            durability: Durability::Sync,
             s3: None,
             sink: false,
             execution: Some(ExecutionConfig::default()),
@@ -190,6 +219,7 @@ mod tests {
         assert_eq!(config.data_dir, PathBuf::from("./cairn-data"));
         assert_eq!(config.max_batch_total_size, ByteSize(4 << 20));
         assert!(config.max_size.is_none());
+        assert_eq!(config.durability, Durability::Sync);
         assert!(
             config.execution.is_none(),
             "a file needs an execution section"
@@ -216,6 +246,18 @@ mod tests {
         assert_eq!(config.max_size, Some(ByteSize(20 << 30)));
         assert_eq!(config.shards, Some(2));
         assert_eq!(config.max_cas_blob_size, ByteSize(1024));
+    }
+
+    #[test]
+    fn durability_values() {
+        let config = Config::parse("{ durability: 'interval' }").unwrap();
+        assert_eq!(config.durability, Durability::Interval);
+        assert_eq!(
+            Config::parse("{ durability: 'sync' }").unwrap().durability,
+            Durability::Sync
+        );
+        let error = Config::parse("{ durability: 'never' }").unwrap_err();
+        assert!(error.message().contains("never"), "{error}");
     }
 
     #[test]

@@ -1,9 +1,9 @@
 //! Prometheus metrics of the node, served at `/metrics` on the HTTP listener.
 //!
 //! Request, byte and hit/miss counters are updated by the services as they work; the
-//! storage figures (per-partition usage, objects, evictions, CRC failures, per-shard
-//! queue depth) are read from the engine when the endpoint is scraped, so they cost
-//! nothing between scrapes and are never stale.
+//! storage figures (per-partition usage, objects, evictions, CRC failures, syncs,
+//! per-shard queue depth) are read from the engine when the endpoint is scraped, so
+//! they cost nothing between scrapes and are never stale.
 
 use cairn_storage::Stats;
 use prometheus::{
@@ -24,6 +24,9 @@ pub struct Metrics {
     objects: IntGaugeVec,
     evictions: IntGaugeVec,
     crc_failures: IntGaugeVec,
+    syncs: IntGaugeVec,
+    sync_failures: IntGaugeVec,
+    sync_micros: IntGaugeVec,
     queue_depth: IntGaugeVec,
     connections: IntGaugeVec,
     connections_refused: IntCounter,
@@ -105,6 +108,21 @@ impl Metrics {
             crc_failures: gauge(
                 "partition_crc_failures",
                 "Records that failed their checksum, by partition",
+                "partition",
+            )?,
+            syncs: gauge(
+                "partition_syncs",
+                "Group commits (one fdatasync per segment written since the previous) run by each partition",
+                "partition",
+            )?,
+            sync_failures: gauge(
+                "partition_sync_failures",
+                "Failed fdatasyncs, by partition (a failed partition refuses writes until restarted)",
+                "partition",
+            )?,
+            sync_micros: gauge(
+                "partition_sync_microseconds",
+                "Time spent in fdatasync, by partition",
                 "partition",
             )?,
             queue_depth: gauge(
@@ -205,6 +223,9 @@ impl Metrics {
             set(&self.objects, label(), partition.objects);
             set(&self.evictions, label(), partition.evictions);
             set(&self.crc_failures, label(), partition.crc_failures);
+            set(&self.syncs, label(), partition.syncs);
+            set(&self.sync_failures, label(), partition.sync_failures);
+            set(&self.sync_micros, label(), partition.sync_micros);
         }
         for (shard, depth) in stats.queue_depths.iter().enumerate() {
             set(&self.queue_depth, shard.to_string(), *depth);

@@ -84,6 +84,7 @@ pub fn run(config: Config) -> Result<()> {
         },
         shards,
         replicate: config.s3.is_some(),
+        durability: config.durability.into(),
         ..EngineConfig::default()
     })?;
     let mut max_cas_blob_size = config.max_cas_blob_size.0;

@@ -41,13 +41,21 @@ pub fn scratch_dir() -> TempDir {
 }
 
 /// The benchmark configuration: the defaults (one shard per CPU, 16 partitions,
-/// segment size derived from the budget, 1 s group commit) with a 4 GiB budget and
-/// no periodic checkpoints.
+/// segment size derived from the budget, `Durability::Sync`) with a 4 GiB budget and
+/// no periodic checkpoints. `CAIRN_BENCH_DURABILITY=interval` (or `sync`) picks the
+/// durability setting, to measure what each costs.
 pub fn config(dir: &Path) -> EngineConfig {
+    let durability = match std::env::var("CAIRN_BENCH_DURABILITY") {
+        Ok(value) => value
+            .parse()
+            .unwrap_or_else(|e| panic!("CAIRN_BENCH_DURABILITY: {e}")),
+        Err(_) => EngineConfig::default().durability,
+    };
     EngineConfig {
         dir: dir.to_path_buf(),
         max_size: 4 << 30,
         checkpoint_interval: None,
+        durability,
         ..EngineConfig::default()
     }
 }

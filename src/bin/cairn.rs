@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use cairn::byte_size::ByteSize;
-use cairn::config::Config;
+use cairn::config::{Config, Durability};
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
@@ -63,6 +63,13 @@ struct Args {
     #[arg(long, value_name = "N")]
     max_connections: Option<usize>,
 
+    /// When a write is acknowledged: `sync`, once an fdatasync covering it completed
+    /// (concurrent writes share one; nothing acknowledged is lost on power loss), or
+    /// `interval`, once written, with an fdatasync every second (a power loss can drop
+    /// up to the last second of acknowledged writes) [default: sync].
+    #[arg(long, value_enum, value_name = "MODE")]
+    durability: Option<Durability>,
+
     /// Benchmarking only: keep blobs in memory (bounded by --max-size, default 1GiB)
     /// instead of the store, to measure the network stack alone. Nothing is durable.
     #[arg(long)]
@@ -105,6 +112,9 @@ fn main() -> ExitCode {
         }
         if let Some(max_connections) = args.max_connections {
             config.max_connections = Some(max_connections);
+        }
+        if let Some(durability) = args.durability {
+            config.durability = durability;
         }
         if args.sink {
             config.sink = true;

@@ -28,9 +28,14 @@ pub struct EngineConfig {
     /// Largest action-cache value accepted, clamped like `small_blob_max`.
     /// Default: 1 MiB.
     pub max_ac_value: u64,
-    /// How often written segments are `fdatasync`ed (power-loss durability; a
-    /// process crash loses nothing acknowledged either way). `None` never syncs.
-    /// Default: 1 s.
+    /// When a write is acknowledged: after an `fdatasync` covering it
+    /// ([`Durability::Sync`]) or as soon as it is written ([`Durability::Interval`]).
+    /// Default: [`Durability::Sync`].
+    pub durability: Durability,
+    /// With [`Durability::Interval`]: how often written segments are `fdatasync`ed,
+    /// which bounds the acknowledged writes a power loss can take (a process crash
+    /// loses nothing acknowledged either way). `None` syncs only at shutdown. Ignored
+    /// under [`Durability::Sync`]. Default: 1 s.
     pub sync_interval: Option<Duration>,
     /// How often each partition writes an index checkpoint (also written on clean
     /// shutdown). `None` writes one only at shutdown. Default: 300 s.
@@ -56,11 +61,45 @@ impl Default for EngineConfig {
             segment_size: None,
             small_blob_max: 256 << 10,
             max_ac_value: 1 << 20,
+            durability: Durability::Sync,
             sync_interval: Some(Duration::from_secs(1)),
             checkpoint_interval: Some(Duration::from_secs(300)),
             reinsert_fraction: 0.5,
             pin_shards: false,
             replicate: false,
+        }
+    }
+}
+
+/// What "stored" means when a write is acknowledged.
+///
+/// Writes are O_DIRECT, so an acknowledged write survives a crash of the process
+/// either way; the two settings differ on power loss, when the device's volatile
+/// write cache (and the filesystem's record of a new segment) is lost unless an
+/// `fdatasync` flushed it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// A write is acknowledged, and becomes visible to reads, only after an
+    /// `fdatasync` that started after the write completed has succeeded. Group
+    /// commit: one `fdatasync` covers every write that completed while the previous
+    /// one ran, so concurrent writers share its cost.
+    Sync,
+    /// A write is acknowledged once written; `fdatasync` runs every
+    /// `EngineConfig::sync_interval`. A power loss can drop the writes acknowledged
+    /// since the last sync (up to one interval).
+    Interval,
+}
+
+impl std::str::FromStr for Durability {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Durability> {
+        match s {
+            "sync" => Ok(Durability::Sync),
+            "interval" => Ok(Durability::Interval),
+            other => Err(Error::invalid(format!(
+                "durability must be `sync` or `interval`, not `{other}`"
+            ))),
         }
     }
 }
@@ -74,6 +113,7 @@ pub(crate) struct PartitionLimits {
     pub max_ac_value: u64,
     pub reinsert_budget: u64,
     pub replicate: bool,
+    pub durability: Durability,
 }
 
 impl PartitionLimits {
@@ -131,6 +171,7 @@ impl EngineConfig {
             max_ac_value,
             reinsert_budget: (segment_size as f64 * self.reinsert_fraction.clamp(0.0, 0.9)) as u64,
             replicate: self.replicate,
+            durability: self.durability,
         })
     }
 }

@@ -10,7 +10,8 @@
 //! The header is written last. Until then the extent starts with zeros, which the
 //! recovery scan treats as dead space, so a crash or an abandoned upload leaves an
 //! extent no one can see; only after the digest verifies is the first block rewritten
-//! with the real header, and only after that write completes is the record indexed.
+//! with the real header, and only after that write completes (under `Durability::Sync`,
+//! after the sync covering it: `syncer.rs`) is the record indexed.
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::{
@@ -19,7 +20,7 @@ use crate::format::{
 use crate::index::Loc;
 use crate::io::{self, IoBuf, SegFile};
 use crate::key::prefix;
-use crate::partition::{ExtentHead, Partition, SegKind};
+use crate::partition::{ExtentHead, Partition, Pending, SegKind};
 use futures::future::LocalBoxFuture;
 use futures::FutureExt;
 use std::rc::Rc;
@@ -35,6 +36,7 @@ impl Partition {
         key: Key,
         payload_len: u64,
     ) -> Result<ExtentWriter> {
+        self.check_writable()?;
         let aligned = align_up(record_len(payload_len));
         let (seg, off) = if aligned > self.limits.segment_size / 4 {
             let (seg, hot) = {
@@ -305,8 +307,16 @@ impl ExtentWriter {
         if let Some(s) = self.part.st.borrow_mut().segments.get_mut(&self.seg) {
             s.dirty = true;
         }
-        self.part.insert(prefix(&self.key), loc, false);
-        Ok(())
+        let generation = self.part.syncer.next_generation();
+        let pending = Pending {
+            prefix: prefix(&self.key),
+            loc,
+            if_absent: false,
+        };
+        for item in self.part.index_now(vec![pending]) {
+            self.part.insert(item.prefix, item.loc, item.if_absent);
+        }
+        self.part.wait_durable_generation(generation).await
     }
 
     /// Writes the partially filled last unit, zero-padded to the block size.

@@ -8,8 +8,9 @@
 //! records it is adding, which no one has been told are stored; the flush lock keeps
 //! two rewrites of one block from completing out of order.
 //!
-//! A record enters the index only when the flush that wrote it completes, in append
-//! order, so for AC entries the newest value always ends up indexed.
+//! A record enters the index only when the flush that wrote it completes (under
+//! `Durability::Sync`, when the sync covering that flush does: `syncer.rs`), in
+//! append order, so for AC entries the newest value always ends up indexed.
 
 use crate::error::Result;
 use crate::format::{align_down, encode_small_record, Key, HEADER_LEN};
@@ -21,7 +22,7 @@ use bytes::Bytes;
 /// Tail bytes kept in memory after a flush, for reads of recent records.
 const TAIL_KEEP: usize = 1 << 20;
 
-fn lsn(seg: u32, off: u64) -> u64 {
+pub(crate) fn lsn(seg: u32, off: u64) -> u64 {
     (u64::from(seg) << 32) | off
 }
 
@@ -29,6 +30,7 @@ impl Partition {
     /// Appends a small record and returns once it is on the device and indexed.
     /// `if_absent` is for reinsertion, which must not overwrite a newer value.
     pub async fn append(&self, key: Key, payload: &[u8], if_absent: bool) -> Result<()> {
+        self.check_writable()?;
         let rec_len = (HEADER_LEN + payload.len()) as u64;
         let target = loop {
             if let Some(target) = self.try_append(key, payload, rec_len, if_absent) {
@@ -68,9 +70,10 @@ impl Partition {
     }
 
     /// Waits until everything up to `target` is on the device, flushing if nobody else
-    /// is. Appends that arrive while a flush is in flight are written together by the
-    /// next one.
-    pub async fn flush_to(&self, target: u64) -> Result<()> {
+    /// is, and (under `Durability::Sync`) synced. Appends that arrive while a flush is
+    /// in flight are written together by the next one; the flush lock is not held
+    /// while syncing, so the next flush overlaps with the sync of the previous one.
+    async fn flush_to(&self, target: u64) -> Result<()> {
         while self.flushed_lsn() < target {
             let _guard = self.flush_lock.lock().await;
             if self.flushed_lsn() >= target {
@@ -78,7 +81,7 @@ impl Partition {
             }
             self.flush_locked().await?;
         }
-        Ok(())
+        self.wait_durable_lsn(target).await
     }
 
     /// Writes the unflushed tail. The caller holds `flush_lock`.
@@ -125,7 +128,7 @@ impl Partition {
                 }
             }
         }
-        for item in pending {
+        for item in self.index_now(pending) {
             self.insert(item.prefix, item.loc, item.if_absent);
         }
         Ok(())

@@ -123,6 +123,10 @@ impl SegFile {
     }
 
     pub async fn sync(&self) -> Result<()> {
+        #[cfg(feature = "fault-injection")]
+        crate::faults::before_sync(&self.path)
+            .await
+            .map_err(|e| Error::io(format!("syncing {}", self.path.display()), e))?;
         self.file
             .fdatasync()
             .await

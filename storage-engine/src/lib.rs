@@ -11,6 +11,7 @@
 //! - `partition`: a directory of segment files and the in-memory `index` over them;
 //! - `flusher`: small records, packed and group-committed with O_DIRECT;
 //! - `extent`: large uploads streaming into reserved, aligned extents;
+//! - `syncer`: `fdatasync` with group commit, before writes are acknowledged;
 //! - `reader`: reads, every byte checked against its CRC before it leaves;
 //! - `reclaimer`: the byte budget, FIFO segment reclaim with reinsertion of hot records;
 //! - `checkpoint` and `recover`: rkyv index checkpoints and the recovery scan;
@@ -24,6 +25,8 @@ mod digest;
 pub mod engine;
 mod error;
 mod extent;
+#[cfg(feature = "fault-injection")]
+pub mod faults;
 mod flusher;
 pub mod format;
 mod index;
@@ -38,6 +41,7 @@ mod replication;
 mod sha256;
 mod shard;
 mod stream;
+mod syncer;
 mod upload_hash;
 
 /// The in-memory index type and the SHA-256 lanes, for `bench/benches/` only (feature
@@ -57,10 +61,11 @@ pub mod fuzzing {
     pub use crate::checkpoint::{decode, encode, Checkpoint, Entry, SegmentMark};
 }
 
-pub use config::EngineConfig;
+pub use config::{Durability, EngineConfig};
 pub use digest::{Digest, DigestFunction, Hasher};
 pub use engine::{Engine, Upload};
 pub use error::{Error, ErrorKind, Result};
+pub use recover::RecoveryReport;
 pub use replication::{Replica, ReplicationBatch};
 pub use shard::ShardRunner;
 pub use stream::BlobStream;
@@ -91,6 +96,14 @@ impl Stats {
         self.partitions.iter().map(|p| p.evictions).sum()
     }
 
+    pub fn syncs(&self) -> u64 {
+        self.partitions.iter().map(|p| p.syncs).sum()
+    }
+
+    pub fn sync_failures(&self) -> u64 {
+        self.partitions.iter().map(|p| p.sync_failures).sum()
+    }
+
     pub fn replication_backlog_bytes(&self) -> u64 {
         self.partitions
             .iter()
@@ -113,4 +126,11 @@ pub struct PartitionStats {
     pub crc_failures: u64,
     /// Bytes written locally but not yet confirmed in the slow tier.
     pub replication_backlog_bytes: u64,
+    /// Sync generations run (each one `fdatasync` per segment written since the
+    /// previous one), those that failed, and the time spent in them.
+    pub syncs: u64,
+    pub sync_failures: u64,
+    pub sync_micros: u64,
+    /// What this partition's recovery did when the engine started.
+    pub recovery: RecoveryReport,
 }

@@ -9,7 +9,7 @@
 //! *huge* segment of its own. All three kinds share one id sequence, and the reclaimer
 //! (`reclaimer.rs`) frees the oldest id first, whatever its kind.
 //!
-//! State lives in a `RefCell` and is never borrowed across an `.await`; the two async
+//! State lives in a `RefCell` and is never borrowed across an `.await`; the async
 //! locks order the only multi-step operations (rolling a segment over, flushing).
 
 use crate::config::PartitionLimits;
@@ -135,6 +135,7 @@ pub struct Counters {
     pub evicted_bytes: Cell<u64>,
     pub reinserted: Cell<u64>,
     pub crc_failures: Cell<u64>,
+    pub recovery: Cell<crate::recover::RecoveryReport>,
 }
 
 pub struct Partition {
@@ -148,6 +149,7 @@ pub struct Partition {
     /// Serialises writes of the packed tail, so a rewrite of the shared last block can
     /// never overtake an older one.
     pub flush_lock: Mutex<()>,
+    pub syncer: crate::syncer::Syncer,
     pub counters: Counters,
 }
 
@@ -161,6 +163,7 @@ impl Partition {
             st: RefCell::new(st),
             roll_lock: Mutex::new(()),
             flush_lock: Mutex::new(()),
+            syncer: Default::default(),
             counters: Counters::default(),
         }
     }
@@ -224,22 +227,6 @@ impl Partition {
         s
     }
 
-    /// `fdatasync`s every segment written since the last call.
-    pub async fn sync_dirty(&self) {
-        let files: Vec<_> = {
-            let mut st = self.st.borrow_mut();
-            st.segments
-                .values_mut()
-                .filter_map(|s| std::mem::take(&mut s.dirty).then(|| s.file.clone()))
-                .collect()
-        };
-        for f in files {
-            if let Err(e) = f.sync().await {
-                tracing::error!(partition = self.id, "fdatasync failed: {e}");
-            }
-        }
-    }
-
     /// Closes every segment file at shutdown (those no reader still holds).
     pub async fn close_files(&self) {
         let segments = {
@@ -273,6 +260,10 @@ impl Partition {
             reinserted: self.counters.reinserted.get(),
             crc_failures: self.counters.crc_failures.get(),
             replication_backlog_bytes: backlog,
+            syncs: self.syncer.syncs.get(),
+            sync_failures: self.syncer.failures.get(),
+            sync_micros: self.syncer.sync_micros.get(),
+            recovery: self.counters.recovery.get(),
         }
     }
 }

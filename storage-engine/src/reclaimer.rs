@@ -37,6 +37,7 @@ impl Partition {
             id
         };
         let file = SegFile::create(&segment_path(&self.dir, id, kind), size).await?;
+        self.syncer.created_file();
         let mut st = self.st.borrow_mut();
         st.used += size;
         st.segments.insert(

@@ -23,12 +23,19 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::rc::Rc;
 
-/// Counts of what a recovery did, for logs and tests.
+/// What a partition's recovery did, for logs, `Engine::stats` and tests.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct RecoveryReport {
+    /// Index entries taken from the checkpoint.
     pub from_checkpoint: u64,
+    /// Checkpoint entries dropped because their segment was reclaimed after the
+    /// checkpoint was written.
+    pub checkpoint_stale: u64,
+    /// Intact records found by scanning the segments past the checkpoint's marks.
     pub scanned_records: u64,
+    /// Damaged records the scan skipped.
     pub skipped_damaged: u64,
+    /// Bytes of segment files read by the scan.
     pub scanned_bytes: u64,
 }
 
@@ -73,7 +80,9 @@ pub async fn recover(
                 kind,
                 size,
                 inflight: Vec::new(),
-                dirty: false,
+                // What a previous run wrote may still sit in the device's cache: the
+                // first sync covers it (under `Durability::Sync`, before serving).
+                dirty: true,
             },
         );
     }
@@ -103,6 +112,8 @@ pub async fn recover(
                 let loc = Loc::new(e.seg, e.off, u64::from(e.len), e.flags & 1 != 0);
                 index.insert(Prefix::new(e.prefix), loc);
                 report.from_checkpoint += 1;
+            } else {
+                report.checkpoint_stale += 1;
             }
         }
     }

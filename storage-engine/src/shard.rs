@@ -5,7 +5,7 @@
 //! state is touched without locks. Replies travel back over `Send` channels, so the
 //! futures callers await are `Send` even though everything inside the shard is `Rc`.
 
-use crate::config::PartitionLimits;
+use crate::config::{Durability, PartitionLimits};
 use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::format::Key;
@@ -131,6 +131,12 @@ impl ShardRunner {
             Ok(()) => self.recover().await,
             Err(e) => Err(e),
         };
+        let recovered = match recovered {
+            Ok(parts) if self.shared.limits.durability == Durability::Sync => {
+                sync_all(&parts).await.map(|()| parts)
+            }
+            other => other,
+        };
         let parts = match recovered {
             Ok(p) => {
                 let _ = self.ready.send(Ok(()));
@@ -144,7 +150,11 @@ impl ShardRunner {
         // Dropping `stop` wakes the background loops, which then end.
         let (stop, stopped) = flume::bounded::<()>(1);
         let mut loops = Vec::new();
-        if let Some(every) = self.shared.sync_interval {
+        let interval = match self.shared.limits.durability {
+            Durability::Sync => None,
+            Durability::Interval => self.shared.sync_interval,
+        };
+        if let Some(every) = interval {
             loops.push(
                 io::spawn_joinable(sync_loop(parts.clone(), every, stopped.clone())).boxed_local(),
             );
@@ -164,9 +174,8 @@ impl ShardRunner {
         }
         drop(stop);
         futures::future::join_all(loops).await;
-        let result = checkpoint_all(&parts).await;
+        let result = checkpoint_all(&parts).await.and(sync_all(&parts).await);
         for part in parts.values() {
-            part.sync_dirty().await;
             part.close_files().await;
         }
         if let Some(reply) = reply_to {
@@ -189,6 +198,7 @@ impl ShardRunner {
         let mut parts = HashMap::new();
         for (p, started, res) in recovered {
             let (part, report) = res?;
+            part.counters.recovery.set(report);
             tracing::info!(
                 shard = self.shard,
                 partition = p,
@@ -226,11 +236,22 @@ async fn tick(every: Duration, stop: &flume::Receiver<()>) -> bool {
     )
 }
 
+/// Syncs every partition; the first failure wins (each failure is logged and refuses
+/// its partition's writes, see `syncer.rs`).
+async fn sync_all(parts: &Parts) -> Result<()> {
+    let mut result = Ok(());
+    for part in parts.values() {
+        if let Err(e) = part.sync_dirty().await {
+            result = result.and(Err(e));
+        }
+    }
+    result
+}
+
 async fn sync_loop(parts: Parts, every: Duration, stop: flume::Receiver<()>) {
     while tick(every, &stop).await {
-        for part in parts.values() {
-            part.sync_dirty().await;
-        }
+        // A failure is logged and counted by the syncer, and refuses later writes.
+        let _ = sync_all(&parts).await;
     }
 }
 

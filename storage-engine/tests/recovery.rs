@@ -168,3 +168,130 @@ fn data_directory_of_another_format_version_is_refused() {
     assert_eq!(err.kind(), ErrorKind::FailedPrecondition);
     assert!(err.message().contains("format 2"), "{err}");
 }
+
+fn recovery_totals(s: &cairn_storage::Stats) -> cairn_storage::RecoveryReport {
+    let mut total = cairn_storage::RecoveryReport::default();
+    for p in &s.partitions {
+        total.from_checkpoint += p.recovery.from_checkpoint;
+        total.checkpoint_stale += p.recovery.checkpoint_stale;
+        total.scanned_records += p.recovery.scanned_records;
+        total.skipped_damaged += p.recovery.skipped_damaged;
+    }
+    total
+}
+
+#[test]
+fn restarts_report_what_the_checkpoint_gave_and_what_was_scanned() {
+    let live = tempfile::tempdir().unwrap();
+    let image = tempfile::tempdir().unwrap();
+    // 200 blobs, the checkpoint taken after the 101st; the image misses the final one.
+    let blobs = crash_image_with_replay(live.path(), image.path());
+
+    // Clean restart: everything from the checkpoint written at shutdown, nothing scanned.
+    let engine = start(config(live.path()));
+    let r = recovery_totals(&block_on(engine.stats()).unwrap());
+    assert_eq!((r.from_checkpoint, r.scanned_records), (200, 0), "{r:?}");
+    block_on(engine.shutdown()).unwrap();
+
+    // Crash restart: the checkpoint's 101, the other 99 replayed from the log.
+    let engine = start(config(image.path()));
+    let r = recovery_totals(&block_on(engine.stats()).unwrap());
+    assert_eq!((r.from_checkpoint, r.scanned_records), (101, 99), "{r:?}");
+    for (d, data) in &blobs {
+        assert!(block_on(engine.get_bytes(*d)).unwrap() == *data);
+    }
+    block_on(engine.shutdown()).unwrap();
+
+    // No checkpoint: every record scanned.
+    let scanned = tempfile::tempdir().unwrap();
+    crash_image(live.path(), scanned.path());
+    for p in std::fs::read_dir(scanned.path()).unwrap().flatten() {
+        let _ = std::fs::remove_file(p.path().join("checkpoint"));
+    }
+    let engine = start(config(scanned.path()));
+    let r = recovery_totals(&block_on(engine.stats()).unwrap());
+    assert_eq!((r.from_checkpoint, r.scanned_records), (0, 200), "{r:?}");
+    assert_eq!(r.skipped_damaged, 0);
+    block_on(engine.shutdown()).unwrap();
+}
+
+/// One partition of four 1 MiB segments: a few MiB of writes evict.
+fn tiny(dir: &Path) -> EngineConfig {
+    EngineConfig {
+        shards: 1,
+        partitions: 1,
+        max_size: 4 * MIB,
+        segment_size: Some(MIB),
+        ..config(dir)
+    }
+}
+
+/// Every blob reads back intact or is absent; returns the digests present.
+fn present_and_intact(engine: &cairn_storage::Engine, blobs: &[(Digest, Bytes)]) -> Vec<Digest> {
+    let mut present = Vec::new();
+    for (d, data) in blobs {
+        match block_on(engine.get_bytes(*d)) {
+            Ok(got) => {
+                assert!(got == *data, "{d} has wrong bytes");
+                present.push(*d);
+            }
+            Err(e) => assert_eq!(e.kind(), ErrorKind::NotFound, "{d}: {e}"),
+        }
+    }
+    present
+}
+
+#[test]
+fn restart_after_eviction_and_mid_reclaim() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = tempfile::tempdir().unwrap();
+    let engine = start(tiny(dir.path()));
+    let mut blobs = Vec::new();
+    for i in 0..60u64 {
+        let data = blob(1000 + i, 30_000);
+        blobs.push((put(&engine, &data), data));
+    }
+    block_on(engine.checkpoint()).unwrap();
+    // Read a few so the reclaimer copies them forward (reinsertion).
+    for (d, _) in &blobs[..5] {
+        block_on(engine.get_bytes(*d)).unwrap();
+    }
+    // Three times the budget more: the checkpoint's segments are all reclaimed.
+    for i in 60..460u64 {
+        let data = blob(1000 + i, 30_000);
+        blobs.push((put(&engine, &data), data));
+    }
+    let stats = block_on(engine.stats()).unwrap();
+    assert!(stats.evictions() > 0, "nothing was evicted");
+    assert!(stats.used_bytes() <= 4 * MIB);
+    let present = present_and_intact(&engine, &blobs);
+    assert!(present.len() < blobs.len(), "nothing was evicted");
+    let newest = blobs[blobs.len() - 10..].iter().map(|(d, _)| *d);
+    assert!(newest.clone().all(|d| present.contains(&d)));
+    // A crash now: the checkpoint names segments that were reclaimed since.
+    crash_image(dir.path(), image.path());
+    block_on(engine.shutdown()).unwrap();
+
+    for (what, path) in [("crash", image.path()), ("clean", dir.path())] {
+        let engine = start(tiny(path));
+        let stats = block_on(engine.stats()).unwrap();
+        let r = recovery_totals(&stats);
+        if what == "crash" {
+            assert!(r.checkpoint_stale > 0, "{what}: {r:?}");
+        } else {
+            assert_eq!(r.scanned_records, 0, "{what}: {r:?}");
+        }
+        assert_eq!(r.skipped_damaged, 0, "{what}: {r:?}");
+        assert!(disk_usage(path) <= 4 * MIB, "{what}: over budget");
+        let after = present_and_intact(&engine, &blobs);
+        assert_eq!(after, present, "{what}: restart changed what is stored");
+        assert_eq!(stats.objects(), present.len() as u64, "{what}");
+        // And it keeps evicting after the restart.
+        for i in 0..200u64 {
+            put(&engine, &blob(5000 + i, 30_000));
+        }
+        assert!(block_on(engine.stats()).unwrap().evictions() > 0, "{what}");
+        assert_eq!(block_on(engine.stats()).unwrap().crc_failures(), 0);
+        block_on(engine.shutdown()).unwrap();
+    }
+}

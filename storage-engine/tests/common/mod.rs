@@ -2,14 +2,15 @@
 #![allow(dead_code)]
 
 use bytes::Bytes;
-use cairn_storage::{Digest, DigestFunction, Engine, EngineConfig};
+use cairn_storage::{Digest, DigestFunction, Durability, Engine, EngineConfig};
 use std::path::{Path, PathBuf};
 
 pub use futures::executor::block_on;
 
 pub const MIB: u64 = 1 << 20;
 
-/// A small engine: 4 partitions of 8 MiB segments, 128 MiB in all.
+/// A small engine: 4 partitions of 8 MiB segments, 128 MiB in all, syncing only at
+/// shutdown (tests of power-loss durability set `Durability::Sync`).
 pub fn config(dir: &Path) -> EngineConfig {
     EngineConfig {
         dir: dir.to_path_buf(),
@@ -19,6 +20,7 @@ pub fn config(dir: &Path) -> EngineConfig {
         segment_size: Some(8 * MIB),
         small_blob_max: 64 << 10,
         max_ac_value: 64 << 10,
+        durability: Durability::Interval,
         sync_interval: None,
         checkpoint_interval: None,
         reinsert_fraction: 0.5,
