@@ -1162,3 +1162,88 @@ async fn no_execution_serves_the_cache_alone() {
     assert_eq!(error.code(), Code::Unimplemented, "{error:?}");
     assert!(!node.data_dir.join("scheduler.addr").exists());
 }
+
+/// The SHA-256 of `data` in hex, computed here rather than by the server.
+fn independent_sha256(data: &[u8]) -> String {
+    use sha2::Digest as _;
+    hex::encode(sha2::Sha256::digest(data))
+}
+
+#[tokio::test]
+async fn an_action_cannot_change_the_inputs_of_later_actions() {
+    let mut cluster = Cluster::start(SchedulerConfig::Default, false);
+    cluster.worker("w1", &["--max-inflight-tasks", "1"]);
+    let data = b"original input\n".to_vec();
+    let tool = b"#!/bin/sh\necho original tool\n".to_vec();
+    let sub = Directory {
+        files: vec![FileNode {
+            name: "tool".into(),
+            digest: Some(wire(&sha256(&tool))),
+            is_executable: true,
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let sub_bytes = sub.encode_to_vec();
+    let root = Directory {
+        files: vec![FileNode {
+            name: "in".into(),
+            digest: Some(wire(&sha256(&data))),
+            ..Default::default()
+        }],
+        directories: vec![cairn_proto::reapi::DirectoryNode {
+            name: "x".into(),
+            digest: Some(wire(&sha256(&sub_bytes))),
+        }],
+        ..Default::default()
+    };
+    let spec = |script: String| Spec {
+        input_root: root.clone(),
+        blobs: vec![data.clone(), tool.clone(), sub_bytes.clone()],
+        ..Spec::script(script).outputs(&["out/in", "out/tool"])
+    };
+    // The same user may make its input writable; root writes it whatever its mode.
+    // Every shape runs: as root both write, otherwise the second one's writes fail.
+    let shapes = [
+        "chmod u+w in x/tool; echo poison >> in; echo poison >> x/tool",
+        "echo poison >> in; echo poison >> x/tool",
+    ];
+    for (round, shape) in shapes.iter().enumerate() {
+        let poison = cluster
+            .action(spec(format!(
+                "{shape}; cp in out/in; cp x/tool out/tool; echo poisoner {round}"
+            )))
+            .await;
+        let (_, response) = cluster.execute(&poison, false).await;
+        assert_eq!(code_of(&response), Code::Ok, "{shape}: {response:?}");
+
+        let check = cluster
+            .action(spec(format!(
+                "cat in > out/in; cat x/tool > out/tool; echo reader {round}"
+            )))
+            .await;
+        let (_, response) = cluster.execute(&check, false).await;
+        assert_eq!(code_of(&response), Code::Ok, "{shape}: {response:?}");
+        let result = response.result.as_ref().expect("result");
+        assert_eq!(result.exit_code, 0, "{shape}: {result:?}");
+        assert_eq!(
+            result.execution_metadata.as_ref().expect("metadata").worker,
+            "w1"
+        );
+        for (path, original) in [("out/in", &data), ("out/tool", &tool)] {
+            let seen = output_file(&cluster, &response, path).await;
+            assert_eq!(
+                String::from_utf8_lossy(&seen),
+                String::from_utf8_lossy(original),
+                "after `{shape}`, a later action saw a changed {path}"
+            );
+            let digest = result
+                .output_files
+                .iter()
+                .find(|file| file.path == path)
+                .and_then(|file| file.digest.clone())
+                .expect("digest");
+            assert_eq!(digest.hash, independent_sha256(original), "{path}");
+        }
+    }
+}
