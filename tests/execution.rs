@@ -591,6 +591,9 @@ async fn identical_concurrent_executes_run_once() {
     );
     assert_eq!(code_of(&first), Code::Ok);
     assert_eq!(first.result, second.result);
+    // Both executed (one run shared), neither came from the action cache.
+    assert!(!first.cached_result, "{first:?}");
+    assert!(!second.cached_result, "{second:?}");
     assert_ne!(first_ops[0].name, second_ops[0].name);
     assert_eq!(lines(&marker), 1, "the action ran more than once");
     assert_eq!(output_file(&cluster, &second, "out").await, b"same\n");
