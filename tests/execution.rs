@@ -591,6 +591,9 @@ async fn identical_concurrent_executes_run_once() {
     );
     assert_eq!(code_of(&first), Code::Ok);
     assert_eq!(first.result, second.result);
+    // Both executed (one run shared), neither came from the action cache.
+    assert!(!first.cached_result, "{first:?}");
+    assert!(!second.cached_result, "{second:?}");
     assert_ne!(first_ops[0].name, second_ops[0].name);
     assert_eq!(lines(&marker), 1, "the action ran more than once");
     assert_eq!(output_file(&cluster, &second, "out").await, b"same\n");
@@ -1161,4 +1164,336 @@ async fn no_execution_serves_the_cache_alone() {
         .expect_err("Execute on a cache-only node");
     assert_eq!(error.code(), Code::Unimplemented, "{error:?}");
     assert!(!node.data_dir.join("scheduler.addr").exists());
+}
+
+/// The SHA-256 of `data` in hex, computed here rather than by the server.
+fn independent_sha256(data: &[u8]) -> String {
+    use sha2::Digest as _;
+    hex::encode(sha2::Sha256::digest(data))
+}
+
+#[tokio::test]
+async fn an_action_cannot_change_the_inputs_of_later_actions() {
+    let mut cluster = Cluster::start(SchedulerConfig::Default, false);
+    cluster.worker("w1", &["--max-inflight-tasks", "1"]);
+    let data = b"original input\n".to_vec();
+    let tool = b"#!/bin/sh\necho original tool\n".to_vec();
+    let sub = Directory {
+        files: vec![FileNode {
+            name: "tool".into(),
+            digest: Some(wire(&sha256(&tool))),
+            is_executable: true,
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let sub_bytes = sub.encode_to_vec();
+    let root = Directory {
+        files: vec![FileNode {
+            name: "in".into(),
+            digest: Some(wire(&sha256(&data))),
+            ..Default::default()
+        }],
+        directories: vec![cairn_proto::reapi::DirectoryNode {
+            name: "x".into(),
+            digest: Some(wire(&sha256(&sub_bytes))),
+        }],
+        ..Default::default()
+    };
+    let spec = |script: String| Spec {
+        input_root: root.clone(),
+        blobs: vec![data.clone(), tool.clone(), sub_bytes.clone()],
+        ..Spec::script(script).outputs(&["out/in", "out/tool"])
+    };
+    // The same user may make its input writable; root writes it whatever its mode.
+    // Every shape runs: as root both write, otherwise the second one's writes fail.
+    let shapes = [
+        "chmod u+w in x/tool; echo poison >> in; echo poison >> x/tool",
+        "echo poison >> in; echo poison >> x/tool",
+    ];
+    for (round, shape) in shapes.iter().enumerate() {
+        let poison = cluster
+            .action(spec(format!(
+                "{shape}; cp in out/in; cp x/tool out/tool; echo poisoner {round}"
+            )))
+            .await;
+        let (_, response) = cluster.execute(&poison, false).await;
+        assert_eq!(code_of(&response), Code::Ok, "{shape}: {response:?}");
+
+        let check = cluster
+            .action(spec(format!(
+                "cat in > out/in; cat x/tool > out/tool; echo reader {round}"
+            )))
+            .await;
+        let (_, response) = cluster.execute(&check, false).await;
+        assert_eq!(code_of(&response), Code::Ok, "{shape}: {response:?}");
+        let result = response.result.as_ref().expect("result");
+        assert_eq!(result.exit_code, 0, "{shape}: {result:?}");
+        assert_eq!(
+            result.execution_metadata.as_ref().expect("metadata").worker,
+            "w1"
+        );
+        for (path, original) in [("out/in", &data), ("out/tool", &tool)] {
+            let seen = output_file(&cluster, &response, path).await;
+            assert_eq!(
+                String::from_utf8_lossy(&seen),
+                String::from_utf8_lossy(original),
+                "after `{shape}`, a later action saw a changed {path}"
+            );
+            let digest = result
+                .output_files
+                .iter()
+                .find(|file| file.path == path)
+                .and_then(|file| file.digest.clone())
+                .expect("digest");
+            assert_eq!(digest.hash, independent_sha256(original), "{path}");
+        }
+    }
+}
+
+/// Whether `pid` names a live process: a zombie (killed, not yet reaped by whoever
+/// inherited it) counts as gone.
+fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name, which is in parentheses.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+/// Waits (bounded) for the pid an action wrote to `path`.
+fn recorded_pid(path: &Path) -> i32 {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(pid) = std::fs::read_to_string(path)
+            .ok()
+            .and_then(|text| text.trim().parse().ok())
+        {
+            return pid;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} not written within 60 s",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+async fn assert_gone(pid: i32, when: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while alive(pid) {
+        assert!(
+            Instant::now() < deadline,
+            "{when}: the background process {pid} still runs"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn background_processes_die_with_their_action() {
+    let mut cluster = Cluster::start(SchedulerConfig::Default, false);
+    cluster.worker("w1", &[]);
+
+    // A normal exit: the shell is gone, its background child must follow.
+    let pid_file = cluster.marker("exit.pid");
+    let action = cluster
+        .action(Spec::script(format!(
+            "sleep 300 & echo $! > {}; echo done",
+            pid_file.display()
+        )))
+        .await;
+    let (_, response) = cluster.execute(&action, false).await;
+    assert_eq!(code_of(&response), Code::Ok, "{response:?}");
+    assert_eq!(response.result.as_ref().expect("result").exit_code, 0);
+    assert_gone(recorded_pid(&pid_file), "after a normal exit").await;
+
+    // A timeout.
+    let pid_file = cluster.marker("timeout.pid");
+    let action = cluster
+        .action(Spec {
+            timeout: Some(Duration::from_secs(1)),
+            ..Spec::script(format!(
+                "sleep 300 & echo $! > {}; sleep 60",
+                pid_file.display()
+            ))
+        })
+        .await;
+    let (_, response) = cluster.execute(&action, false).await;
+    assert_eq!(code_of(&response), Code::DeadlineExceeded, "{response:?}");
+    assert_gone(recorded_pid(&pid_file), "after a timeout").await;
+
+    // A cancellation.
+    let pid_file = cluster.marker("cancel.pid");
+    let action = cluster
+        .action(Spec::script(format!(
+            "sleep 300 & echo $! > {}; sleep 60",
+            pid_file.display()
+        )))
+        .await;
+    let mut stream = cluster.open_execute(&action, false).await;
+    let first = stream
+        .message()
+        .await
+        .expect("stream")
+        .expect("an operation");
+    let pid = recorded_pid(&pid_file);
+    assert!(alive(pid), "the background process runs before the cancel");
+    OperationsClient::new(cluster.channel().await)
+        .cancel_operation(CancelOperationRequest {
+            name: first.name.clone(),
+        })
+        .await
+        .expect("CancelOperation");
+    let mut last = first;
+    while let Some(operation) = stream.message().await.expect("stream") {
+        last = operation;
+    }
+    assert_eq!(code_of(&response_of(&last)), Code::Cancelled);
+    assert_gone(pid, "after a cancellation").await;
+}
+
+#[tokio::test]
+async fn a_tree_with_a_subdirectory_a_symlink_and_a_working_directory_runs() {
+    let mut cluster = Cluster::start(SchedulerConfig::Default, false);
+    cluster.worker("w1", &[]);
+    let tool = b"#!/bin/sh\necho tool ran\n".to_vec();
+    let data = b"input data\n".to_vec();
+    let sub = Directory {
+        files: vec![FileNode {
+            name: "data.txt".into(),
+            digest: Some(wire(&sha256(&data))),
+            ..Default::default()
+        }],
+        symlinks: vec![SymlinkNode {
+            name: "tool".into(),
+            target: "../tool.sh".into(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let sub_bytes = sub.encode_to_vec();
+    let root = Directory {
+        files: vec![FileNode {
+            name: "tool.sh".into(),
+            digest: Some(wire(&sha256(&tool))),
+            is_executable: true,
+            ..Default::default()
+        }],
+        directories: vec![cairn_proto::reapi::DirectoryNode {
+            name: "src".into(),
+            digest: Some(wire(&sha256(&sub_bytes))),
+        }],
+        symlinks: vec![SymlinkNode {
+            name: "link".into(),
+            target: "src/data.txt".into(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let action = cluster
+        .action(Spec {
+            input_root: root,
+            blobs: vec![tool, data, sub_bytes],
+            working_directory: "src".into(),
+            ..Spec::script(
+                "./tool > out/log; cat ../link >> out/log; cat data.txt >> out/log; pwd > out/where",
+            )
+            .outputs(&["out/log", "out/where"])
+        })
+        .await;
+    let (_, response) = cluster.execute(&action, false).await;
+    assert_eq!(code_of(&response), Code::Ok, "{response:?}");
+    let result = response.result.as_ref().expect("result");
+    assert_eq!(
+        result.exit_code,
+        0,
+        "{}",
+        String::from_utf8_lossy(&cluster.read(result.stderr_digest.as_ref().unwrap()).await)
+    );
+    let log = output_file(&cluster, &response, "out/log").await;
+    assert_eq!(
+        String::from_utf8_lossy(&log),
+        "tool ran\ninput data\ninput data\n"
+    );
+    let expected = b"tool ran\ninput data\ninput data\n";
+    let digest = result
+        .output_files
+        .iter()
+        .find(|file| file.path == "out/log")
+        .and_then(|file| file.digest.clone())
+        .expect("digest");
+    assert_eq!(digest.hash, independent_sha256(expected));
+    let place = output_file(&cluster, &response, "out/where").await;
+    assert!(
+        String::from_utf8_lossy(&place)
+            .trim_end()
+            .ends_with("/root/src"),
+        "the command ran in {}",
+        String::from_utf8_lossy(&place)
+    );
+}
+
+#[tokio::test]
+async fn missing_inputs_are_named_then_run_once_uploaded() {
+    let mut cluster = Cluster::start(SchedulerConfig::Default, false);
+    cluster.worker("w1", &[]);
+    let first = b"first missing input\n".to_vec();
+    let second = b"second missing input\n".to_vec();
+    let file = |name: &str, data: &[u8]| FileNode {
+        name: name.into(),
+        digest: Some(wire(&sha256(data))),
+        ..Default::default()
+    };
+    let action = cluster
+        .action(Spec {
+            input_root: Directory {
+                files: vec![file("a", &first), file("b", &second)],
+                ..Default::default()
+            },
+            ..Spec::script("cat a b > out").outputs(&["out"])
+        })
+        .await;
+    let (_, response) = cluster.execute(&action, false).await;
+    assert_eq!(code_of(&response), Code::FailedPrecondition, "{response:?}");
+    let status = response.status.as_ref().expect("status");
+    let failure = status
+        .details
+        .iter()
+        .find(|any| any.type_url == "type.googleapis.com/google.rpc.PreconditionFailure")
+        .map(|any| {
+            cairn_proto::rpc::PreconditionFailure::decode(any.value.as_slice())
+                .expect("PreconditionFailure")
+        })
+        .expect("a PreconditionFailure detail");
+    let mut subjects: Vec<(String, String)> = failure
+        .violations
+        .iter()
+        .map(|violation| (violation.r#type.clone(), violation.subject.clone()))
+        .collect();
+    subjects.sort();
+    let mut expected: Vec<(String, String)> = [&first, &second]
+        .iter()
+        .map(|data| {
+            (
+                "MISSING".to_string(),
+                format!("blobs/{}/{}", independent_sha256(data), data.len()),
+            )
+        })
+        .collect();
+    expected.sort();
+    assert_eq!(subjects, expected);
+
+    cluster.upload(&[first.clone(), second.clone()]).await;
+    let (_, response) = cluster.execute(&action, false).await;
+    assert_eq!(code_of(&response), Code::Ok, "{response:?}");
+    assert!(!response.cached_result);
+    assert_eq!(response.result.as_ref().expect("result").exit_code, 0);
+    assert_eq!(
+        output_file(&cluster, &response, "out").await,
+        [first, second].concat()
+    );
 }

@@ -43,8 +43,9 @@ pub struct WorkerConfig {
     pub properties: BTreeMap<String, PropertyValue>,
     /// Tasks run at once. Default: the number of CPUs the worker may run on.
     pub max_inflight_tasks: Option<u32>,
-    /// Directory for the file cache and the per-action directories; it must be on one
-    /// filesystem, because inputs are hardlinked from the cache. Default
+    /// Directory for the file cache and the per-action directories. Each action gets
+    /// a private copy of its inputs, a reflink where the filesystem has them (btrfs,
+    /// XFS), so a filesystem with reflinks makes materializing nearly free. Default
     /// `./cairn-worker`.
     pub work_dir: PathBuf,
     /// Byte budget of the local file cache; least recently used files go first.

@@ -9,7 +9,8 @@
 //!    is touched.
 //! 3. [`materialize`] creates the directories, makes sure every file is in the local
 //!    [`FileCache`] (small files fetched in batches, large ones streamed, concurrently),
-//!    hardlinks them into place and creates the symlinks.
+//!    puts a private copy of each in place (a reflink where the filesystem has them;
+//!    see [`FileCache`] for why not a hardlink) and creates the symlinks.
 //!
 //! Blobs the CAS lacks are collected rather than failing on the first, so the client
 //! gets one FAILED_PRECONDITION listing all of them and can upload them at once.
@@ -184,32 +185,55 @@ pub async fn materialize(
     if !missing.is_empty() {
         return Ok(Fetched::Missing(missing));
     }
-    for (path, digest, executable) in &plan.files {
-        let name = entry_name(digest, *executable);
-        let destination = root.join(path);
-        if !cache.link(&name, &destination)? {
-            let missing = fill_cache(
-                vec![(name.clone(), digest.clone(), *executable)],
-                cas,
-                cache,
-                concurrency,
-            )
-            .await?;
-            if !missing.is_empty() {
-                return Ok(Fetched::Missing(missing));
-            }
-            if !cache.link(&name, &destination)? {
-                return Err(Error::internal(format!(
-                    "input {} vanished from the file cache twice",
-                    path.display()
-                )));
-            }
+    // Copying is blocking file I/O (megabytes where the filesystem has no reflinks):
+    // keep it off the threads that drive the session and other tasks' transfers.
+    let vanished = tokio::task::block_in_place(|| copy_inputs(&plan.files, root, cache))?;
+    if !vanished.is_empty() {
+        let refill: HashMap<String, (Digest, bool)> = vanished
+            .iter()
+            .map(|(_, digest, executable)| {
+                (
+                    entry_name(digest, *executable),
+                    (digest.clone(), *executable),
+                )
+            })
+            .collect();
+        let refill = refill
+            .into_iter()
+            .map(|(name, (digest, executable))| (name, digest, executable))
+            .collect();
+        let missing = fill_cache(refill, cas, cache, concurrency).await?;
+        if !missing.is_empty() {
+            return Ok(Fetched::Missing(missing));
+        }
+        let again = tokio::task::block_in_place(|| copy_inputs(&vanished, root, cache))?;
+        if let Some((path, _, _)) = again.first() {
+            return Err(Error::internal(format!(
+                "input {} vanished from the file cache twice",
+                path.display()
+            )));
         }
     }
     for (path, target) in &plan.symlinks {
         std::os::unix::fs::symlink(target, root.join(path))?;
     }
     Ok(Fetched::Ready(()))
+}
+
+/// Copies each of `files` from the cache beneath `root`; returns those whose entry
+/// was evicted before it could be copied.
+fn copy_inputs(
+    files: &[(PathBuf, Digest, bool)],
+    root: &Path,
+    cache: &FileCache,
+) -> Result<Vec<(PathBuf, Digest, bool)>> {
+    let mut vanished = Vec::new();
+    for (path, digest, executable) in files {
+        if !cache.copy_to(&entry_name(digest, *executable), &root.join(path))? {
+            vanished.push((path.clone(), digest.clone(), *executable));
+        }
+    }
+    Ok(vanished)
 }
 
 /// Bytes of small blobs fetched into memory per round before they are written out.
