@@ -32,7 +32,10 @@ PACKAGES=(
 )
 
 # From PyPI, not Debian:
-# moto[server]         moto_server, a real S3-protocol server for the slow-tier tests
+# moto[server]         moto_server, a real S3-protocol server for the slow-tier tests,
+#                      pinned: moto 5.2.x answers CompleteMultipartUpload with a root
+#                      element the AWS SDK rejects (docs/s3.md)
+MOTO_VERSION=5.1.22
 
 LOG="${CAIRN_DEPS_LOG:-/tmp/cairn-install-deps.log}"
 CHECK_ONLY=0
@@ -55,26 +58,35 @@ done
 
 # moto_server for the S3 tests. A Debian python3 refuses pip installs into the system
 # environment (PEP 668) unless told otherwise; a python3 of its own (pyenv, venv) does not.
+moto_version() {
+  python3 -c 'import moto; print(moto.__version__)' 2>/dev/null || true
+}
+
 ensure_moto() {
-  if command -v moto_server >/dev/null 2>&1; then
-    echo "install-deps: moto_server already installed"
+  local want="moto[server]==$MOTO_VERSION"
+  if command -v moto_server >/dev/null 2>&1 && [ "$(moto_version)" = "$MOTO_VERSION" ]; then
+    echo "install-deps: moto_server $MOTO_VERSION already installed"
     return 0
   fi
   if [ "$CHECK_ONLY" -eq 1 ]; then
-    echo "install-deps: missing: moto[server] (PyPI)"
+    echo "install-deps: missing: $want (PyPI; found: $(moto_version))"
     exit 1
   fi
-  echo "install-deps: installing moto[server] from PyPI (log: $LOG)"
-  echo "+ python3 -m pip install moto[server]" >>"$LOG"
-  if ! python3 -m pip install --quiet 'moto[server]' >>"$LOG" 2>&1 &&
-     ! python3 -m pip install --quiet --break-system-packages 'moto[server]' >>"$LOG" 2>&1; then
-    echo "install-deps: FAILED: pip install 'moto[server]'" >&2
+  echo "install-deps: installing $want from PyPI (log: $LOG)"
+  echo "+ python3 -m pip install $want" >>"$LOG"
+  if ! python3 -m pip install --quiet "$want" >>"$LOG" 2>&1 &&
+     ! python3 -m pip install --quiet --break-system-packages "$want" >>"$LOG" 2>&1; then
+    echo "install-deps: FAILED: pip install '$want'" >&2
     tail -n 40 "$LOG" >&2
     exit 1
   fi
   hash -r
   command -v moto_server >/dev/null 2>&1 || {
-    echo "install-deps: moto_server is not on PATH after installing moto[server]" >&2
+    echo "install-deps: moto_server is not on PATH after installing $want" >&2
+    exit 1
+  }
+  [ "$(moto_version)" = "$MOTO_VERSION" ] || {
+    echo "install-deps: python3 sees moto $(moto_version), not $MOTO_VERSION" >&2
     exit 1
   }
 }

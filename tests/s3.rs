@@ -7,8 +7,12 @@
 //! its state in memory, so "S3 restarted" is a fresh, empty server on the same port.
 //! moto's request log on stderr is how the tests count requests made to S3.
 //!
-//! When `moto_server` is not installed (scripts/install-deps.sh installs it) every
-//! test fails saying so, unless `CAIRN_SKIP_S3` is set.
+//! The server is moto, pinned by scripts/install-deps.sh to a version whose answers the
+//! AWS SDK accepts (moto 5.2 answers CompleteMultipartUpload with a root element the
+//! SDK rejects; the multipart test fails against it). When `moto_server` is not
+//! installed every test fails saying so, unless `CAIRN_SKIP_S3` is set.
+//!
+//! Every test ends by stopping its nodes with SIGTERM and asserting a clean exit.
 
 mod common;
 
@@ -42,7 +46,21 @@ struct Moto {
     child: Option<Child>,
     addr: SocketAddr,
     log: PathBuf,
+    /// Environment of the server process (moto's own settings).
+    env: Vec<(String, String)>,
     _dir: tempfile::TempDir,
+}
+
+/// A moto server stopped with SIGSTOP: it keeps its connections open and answers
+/// nothing. Dropping the guard (also when the test panics) resumes it.
+struct Paused<'a> {
+    moto: &'a Moto,
+}
+
+impl Drop for Paused<'_> {
+    fn drop(&mut self) {
+        self.moto.signal(libc::SIGCONT);
+    }
 }
 
 impl Moto {
@@ -50,6 +68,11 @@ impl Moto {
     /// is set: then it returns `None` (after saying so) and the test passes without
     /// having run, which must never happen unnoticed in CI.
     async fn start() -> Option<Moto> {
+        Moto::start_with(&[]).await
+    }
+
+    /// Starts moto with `env` set in its environment.
+    async fn start_with(env: &[(&str, &str)]) -> Option<Moto> {
         if Command::new("moto_server")
             .arg("--help")
             .stdout(Stdio::null())
@@ -57,8 +80,8 @@ impl Moto {
             .status()
             .is_err()
         {
-            let why = "moto_server is not installed (scripts/install-deps.sh runs \
-                       pip install 'moto[server]')";
+            let why = "moto_server is not installed (scripts/install-deps.sh installs the \
+                       pinned moto[server])";
             if std::env::var_os("CAIRN_SKIP_S3").is_some() {
                 eprintln!("skipping, as CAIRN_SKIP_S3 asks: {why}");
                 return None;
@@ -70,6 +93,10 @@ impl Moto {
             child: None,
             addr: free_port(),
             log: dir.path().join("moto.log"),
+            env: env
+                .iter()
+                .map(|(name, value)| (name.to_string(), value.to_string()))
+                .collect(),
             _dir: dir,
         };
         moto.run().await;
@@ -92,6 +119,7 @@ impl Moto {
             .arg("127.0.0.1")
             .arg("-p")
             .arg(self.addr.port().to_string())
+            .envs(self.env.iter().map(|(name, value)| (name, value)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("moto log"))
             .stderr(log)
@@ -114,7 +142,21 @@ impl Moto {
             .expect("create the bucket");
     }
 
+    /// Stops the server with SIGSTOP until the guard is dropped.
+    fn pause(&self) -> Paused<'_> {
+        self.signal(libc::SIGSTOP);
+        Paused { moto: self }
+    }
+
+    fn signal(&self, signal: i32) {
+        if let Some(child) = &self.child {
+            // SAFETY: signalling our own child process, which has not been reaped.
+            unsafe { libc::kill(child.id() as i32, signal) };
+        }
+    }
+
     fn stop(&mut self) {
+        self.signal(libc::SIGCONT);
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
@@ -278,6 +320,12 @@ async fn wait_metric(node: &Node, name: &str, labels: &str, check: impl Fn(u64) 
     }
 }
 
+/// Stops `node` with SIGTERM and asserts that it exited cleanly.
+fn assert_clean_exit(node: Node) {
+    let status = node.terminate();
+    assert!(status.success(), "cairn exited with {status}");
+}
+
 /// Stores small blobs through BatchUpdateBlobs.
 async fn put_blobs(node: &Node, blobs: &[Vec<u8>]) -> Vec<Digest> {
     let mut cas = node.cas().await;
@@ -354,7 +402,7 @@ async fn only_in_the_bucket(moto: &Moto, dir: &Path, data: &[u8]) -> Digest {
     let node = fleet_node(moto, dir);
     let digest = put_stream(&node, data).await;
     wait_in_bucket(&client(&moto.endpoint()), &[digest]).await;
-    node.terminate();
+    assert_clean_exit(node);
     digest
 }
 
@@ -439,6 +487,12 @@ async fn nodes_sharing_a_bucket_serve_each_others_blobs_and_action_results() {
     let mut all = digests.clone();
     all.push(large_digest);
     wait_in_bucket(&s3, &all).await;
+    // The object can be in the bucket while its upload failed: a server may store it
+    // and then answer CompleteMultipartUpload in a way the SDK rejects. The upload
+    // completed only when nothing is left to upload and no attempt failed.
+    wait_metric(&a, "cairn_replication_backlog_bytes", "", |n| n == 0).await;
+    assert_eq!(metric(&a, "cairn_s3_upload_failures_total", "").await, 0);
+    assert_eq!(metric(&a, "cairn_s3_rejected_objects", "").await, 0);
     let parts = s3
         .head_object()
         .bucket(BUCKET)
@@ -475,8 +529,8 @@ async fn nodes_sharing_a_bucket_serve_each_others_blobs_and_action_results() {
         .into_inner();
     assert_eq!(got, result);
     wait_metric(&b, "cairn_s3_fetches_total", "result=\"hit\"", |n| n >= 22).await;
-    a.terminate();
-    b.terminate();
+    assert_clean_exit(a);
+    assert_clean_exit(b);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -530,8 +584,8 @@ async fn find_missing_answers_from_the_bucket_index_without_asking_s3() {
         .await
         .expect("an entry whose outputs are in S3 is complete");
     assert_eq!(got.into_inner(), result);
-    a.terminate();
-    b.terminate();
+    assert_clean_exit(a);
+    assert_clean_exit(b);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -576,7 +630,7 @@ async fn s3_outage_queues_uploads_and_a_restart_drains_them() {
     let a = fleet_node(&moto, &dir);
     wait_in_bucket(&s3, &more).await;
     wait_metric(&a, "cairn_replication_backlog_bytes", "", |n| n == 0).await;
-    a.terminate();
+    assert_clean_exit(a);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -591,7 +645,7 @@ async fn a_wiped_node_serves_everything_from_s3() {
     let blobs = small_blobs(5000, 100);
     let digests = put_blobs(&a, &blobs).await;
     wait_in_bucket(&s3, &digests).await;
-    a.terminate();
+    assert_clean_exit(a);
     std::fs::remove_dir_all(&dir).expect("wipe the data directory");
 
     let a = fleet_node(&moto, &dir);
@@ -599,7 +653,7 @@ async fn a_wiped_node_serves_everything_from_s3() {
     for (data, expected) in read.iter().zip(&blobs) {
         assert_eq!(data.as_ref().ok(), Some(expected));
     }
-    a.terminate();
+    assert_clean_exit(a);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -656,8 +710,8 @@ async fn an_object_altered_in_the_bucket_is_neither_served_nor_cached() {
     // Not cached locally, and no longer believed to be in the bucket.
     assert_eq!(find_missing(&b, &digests).await, digests);
     assert_eq!(metric(&b, "cairn_partition_objects", "").await, 0);
-    a.terminate();
-    b.terminate();
+    assert_clean_exit(a);
+    assert_clean_exit(b);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -689,7 +743,7 @@ async fn a_blob_the_local_tier_cannot_hold_is_still_served_from_s3() {
     assert_eq!(metric(&b, fetches, "result=\"passthrough\"").await, 3);
     assert_eq!(metric(&b, fetches, "result=\"hit\"").await, 0);
     assert_eq!(metric(&b, "cairn_partition_objects", "").await, 0);
-    b.terminate();
+    assert_clean_exit(b);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -723,7 +777,7 @@ async fn a_ranged_read_of_a_blob_only_in_s3_stores_the_whole_blob_locally() {
         .await
         .expect("read the whole blob locally");
     assert!(whole == data, "the local copy differs");
-    b.terminate();
+    assert_clean_exit(b);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -763,5 +817,216 @@ async fn a_reader_that_goes_away_mid_stream_still_leaves_a_local_copy() {
         .await
         .expect("read the whole blob locally");
     assert!(whole == data, "the local copy differs");
-    b.terminate();
+    assert_clean_exit(b);
+}
+
+/// A client's deadline for a read miss while S3 hangs: well above the node's own bound
+/// on such a read (`read_miss_timeout_ms`, 5 s by default), so a `NOT_FOUND` in time is
+/// the node's doing.
+const CLIENT_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Polls of `/healthz` (every 250 ms) before a node must call itself degraded: the
+/// documented bound is `operation_timeout_ms` (30 s by default) after the first request
+/// S3 leaves unanswered, which the uploader sends within 200 ms of a write.
+const DEGRADED_POLLS: u32 = 180;
+
+/// Reads a whole blob through ByteStream within `CLIENT_DEADLINE`: the bytes received,
+/// or the status the read ended with (`DEADLINE_EXCEEDED` when the node never answered).
+async fn read_within_deadline(node: &Node, digest: &Digest) -> Result<usize, Code> {
+    let read = async {
+        let mut bytestream = node.bytestream().await;
+        let mut request = tonic::Request::new(ReadRequest {
+            resource_name: read_name("", digest),
+            read_offset: 0,
+            read_limit: 0,
+        });
+        request.set_timeout(CLIENT_DEADLINE);
+        let mut stream = bytestream
+            .read(request)
+            .await
+            .map_err(|status| status.code())?
+            .into_inner();
+        let mut received = 0;
+        while let Some(piece) = stream.message().await.map_err(|status| status.code())? {
+            received += piece.data.len();
+        }
+        Ok(received)
+    };
+    tokio::time::timeout(CLIENT_DEADLINE, read)
+        .await
+        .unwrap_or(Err(Code::DeadlineExceeded))
+}
+
+/// GetActionResult within `CLIENT_DEADLINE`.
+async fn get_action_result_within_deadline(
+    node: &Node,
+    action: &Digest,
+) -> Result<ActionResult, Code> {
+    let get = async {
+        let mut request = tonic::Request::new(GetActionResultRequest {
+            action_digest: Some(wire(action)),
+            ..Default::default()
+        });
+        request.set_timeout(CLIENT_DEADLINE);
+        node.ac()
+            .await
+            .get_action_result(request)
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|status| status.code())
+    };
+    tokio::time::timeout(CLIENT_DEADLINE, get)
+        .await
+        .unwrap_or(Err(Code::DeadlineExceeded))
+}
+
+/// Polls `/healthz` until its body starts with `verdict`, at most `polls` times.
+async fn wait_health(node: &Node, verdict: &str, polls: u32) -> String {
+    let mut last = String::new();
+    for _ in 0..polls {
+        let (status, body) = http_get(node, "/healthz").await;
+        assert!(status.contains("200"), "/healthz answered {status}");
+        if body.starts_with(verdict) {
+            return body;
+        }
+        last = body;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    panic!("/healthz never said {verdict:?} in {polls} polls; last: {last}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_s3_degrades_the_node_bounds_read_misses_and_loses_nothing() {
+    let Some(moto) = Moto::start().await else {
+        return;
+    };
+    let s3 = client(&moto.endpoint());
+    let temp = tempfile::tempdir().expect("temporary directory");
+    let a = fleet_node(&moto, &temp.path().join("a"));
+    let b = fleet_node(&moto, &temp.path().join("b"));
+    wait_metric(&b, "cairn_s3_bucket_index_listed", "", |n| n == 1).await;
+    let before = put_blobs(&a, &small_blobs(11_000, 10)).await;
+    wait_in_bucket(&s3, &before).await;
+
+    // S3 stops answering while its connections stay open.
+    let paused = moto.pause();
+    let blobs = small_blobs(12_000, 100);
+    let during = put_blobs(&a, &blobs).await;
+    let large = blob(12_500, 3 << 20);
+    let large_digest = put_stream(&a, &large).await;
+    let action = sha256(b"written while S3 hangs");
+    let result = ActionResult {
+        output_files: vec![OutputFile {
+            path: "out".into(),
+            digest: Some(wire(&during[0])),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    a.ac()
+        .await
+        .update_action_result(UpdateActionResultRequest {
+            action_digest: Some(wire(&action)),
+            action_result: Some(result.clone()),
+            ..Default::default()
+        })
+        .await
+        .expect("UpdateActionResult is acknowledged while S3 hangs");
+
+    let body = wait_health(&a, "degraded", DEGRADED_POLLS).await;
+    assert!(body.contains("S3 unreachable"), "{body}");
+    assert_eq!(metric(&a, "cairn_s3_up", "").await, 0);
+    assert!(metric(&a, "cairn_replication_backlog_bytes", "").await > 0);
+
+    // Misses through the other node answer NOT_FOUND, bounded by the node itself.
+    assert_eq!(
+        read_within_deadline(&b, &during[1]).await,
+        Err(Code::NotFound)
+    );
+    assert_eq!(
+        read_within_deadline(&b, &large_digest).await,
+        Err(Code::NotFound)
+    );
+    assert_eq!(
+        get_action_result_within_deadline(&b, &action).await,
+        Err(Code::NotFound)
+    );
+    assert!(metric(&b, "cairn_s3_fetches_total", "result=\"error\"").await >= 3);
+    assert_eq!(metric(&b, "cairn_s3_up", "").await, 0);
+    // Local data is still served.
+    let read = get_blobs(&a, &during).await;
+    assert!(read
+        .iter()
+        .zip(&blobs)
+        .all(|(r, b)| r.as_ref().ok() == Some(b)));
+
+    // Once S3 answers again everything drains and every acknowledged write is readable
+    // through the other node.
+    drop(paused);
+    wait_metric(&a, "cairn_replication_backlog_bytes", "", |n| n == 0).await;
+    wait_health(&a, "ok", DEGRADED_POLLS).await;
+    assert_eq!(metric(&a, "cairn_s3_rejected_objects", "").await, 0);
+    let read = get_blobs(&b, &during).await;
+    for (data, expected) in read.iter().zip(&blobs) {
+        assert_eq!(data.as_ref().ok(), Some(expected));
+    }
+    assert_eq!(
+        read_within_deadline(&b, &large_digest).await,
+        Ok(large.len())
+    );
+    assert_eq!(
+        get_action_result_within_deadline(&b, &action).await,
+        Ok(result)
+    );
+    assert_clean_exit(a);
+    assert_clean_exit(b);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_object_s3_keeps_rejecting_does_not_hold_back_later_records() {
+    // moto refuses to complete a multipart upload whose parts but the last are smaller
+    // than S3_UPLOAD_PART_MIN_SIZE. Above the node's 16 MiB parts, it rejects every
+    // multipart upload (EntityTooSmall) and accepts every other request.
+    let Some(mut moto) = Moto::start_with(&[("S3_UPLOAD_PART_MIN_SIZE", "17825792")]).await else {
+        return;
+    };
+    let s3 = client(&moto.endpoint());
+    let temp = tempfile::tempdir().expect("temporary directory");
+    let dir = temp.path().join("a");
+    let a = fleet_node(&moto, &dir);
+    let large = blob(13_000, (64 << 20) + (1 << 20));
+    let large_digest = put_stream(&a, &large).await;
+    let rejected = format!("key=\"{}\"", blob_key(&large_digest));
+    wait_metric(&a, "cairn_s3_rejected_objects", &rejected, |n| n == 1).await;
+
+    // Blobs written after it, about 25 in its partition, all reach the bucket and
+    // leave the backlog: only the rejected record is still owed.
+    let mut later = Vec::new();
+    for seed in [14_000, 15_000] {
+        let blobs: Vec<Vec<u8>> = (0..200).map(|i| blob(seed + i, 8 << 10)).collect();
+        later.extend(put_blobs(&a, &blobs).await);
+    }
+    wait_in_bucket(&s3, &later).await;
+    let owed = large.len() as u64;
+    wait_metric(&a, "cairn_replication_backlog_bytes", "", |n| {
+        (owed..owed + (32 << 10)).contains(&n)
+    })
+    .await;
+    // And it is retried.
+    wait_metric(&a, "cairn_s3_upload_failures_total", "", |n| n >= 2).await;
+    assert_eq!(metric(&a, "cairn_s3_rejected_objects", &rejected).await, 1);
+    assert!(!bucket_keys(&s3).await.contains(&blob_key(&large_digest)));
+    let (_, body) = http_get(&a, "/healthz").await;
+    assert!(body.starts_with("ok"), "{body}");
+    assert_clean_exit(a);
+
+    // The owed record survives a restart, and goes through once S3 takes it.
+    moto.stop();
+    moto.env.clear();
+    moto.run().await;
+    let a = fleet_node(&moto, &dir);
+    wait_in_bucket(&s3, &[large_digest]).await;
+    wait_metric(&a, "cairn_replication_backlog_bytes", "", |n| n == 0).await;
+    assert_eq!(metric(&a, "cairn_s3_rejected_objects", "").await, 0);
+    assert_clean_exit(a);
 }

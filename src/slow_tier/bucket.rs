@@ -13,8 +13,9 @@ use std::time::Duration;
 use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_config::{BehaviorVersion, Region};
+use aws_sdk_s3::config::http::HttpResponse;
 use aws_sdk_s3::config::{RequestChecksumCalculation, ResponseChecksumValidation};
-use aws_sdk_s3::error::DisplayErrorContext;
+use aws_sdk_s3::error::{DisplayErrorContext, SdkError};
 use aws_sdk_s3::primitives::ByteStream as S3Body;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use aws_sdk_s3::Client;
@@ -25,11 +26,66 @@ use futures::{Stream, StreamExt};
 
 use super::config::S3Config;
 
-/// A failed S3 call, described for logs and `/healthz`.
-pub type S3Error = String;
+/// A failed S3 call, described for logs and `/healthz`, and why it failed.
+///
+/// The uploader treats the two kinds differently. An *unreachable* S3 (no answer
+/// within the timeouts, no connection, a 5xx or throttling answer after the SDK's
+/// retries) fails every request alike, so the whole batch waits and is retried with
+/// backoff. A *rejected* object (any other answer S3 gave about that object: a 4xx, or
+/// an answer the SDK cannot parse) says nothing about the next object, so replication
+/// moves past it and retries it on its own.
+#[derive(Debug, Clone)]
+pub struct S3Error {
+    message: String,
+    unreachable: bool,
+}
 
-fn describe<E: std::error::Error>(what: &str, error: E) -> S3Error {
-    format!("{what}: {}", DisplayErrorContext(error))
+impl S3Error {
+    /// S3 did not answer usefully: a timeout, a connection failure, a 5xx.
+    pub fn unreachable(message: impl Into<String>) -> S3Error {
+        S3Error {
+            message: message.into(),
+            unreachable: true,
+        }
+    }
+
+    /// A failure tied to one object: S3 answered, but refused it.
+    pub fn rejected(message: impl Into<String>) -> S3Error {
+        S3Error {
+            message: message.into(),
+            unreachable: false,
+        }
+    }
+
+    /// Whether S3 itself failed rather than one object.
+    pub fn is_unreachable(&self) -> bool {
+        self.unreachable
+    }
+}
+
+impl std::fmt::Display for S3Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+fn describe<E>(what: &str, error: SdkError<E, HttpResponse>) -> S3Error
+where
+    E: std::error::Error + 'static,
+{
+    let unreachable = match &error {
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) => true,
+        SdkError::ServiceError(service) => {
+            let status = service.raw().status().as_u16();
+            status >= 500 || status == 429
+        }
+        _ => false,
+    };
+    let message = format!("{what}: {}", DisplayErrorContext(error));
+    S3Error {
+        message,
+        unreachable,
+    }
 }
 
 /// The bucket and the client that reaches it.
@@ -59,6 +115,8 @@ impl Bucket {
             .timeout_config(
                 TimeoutConfig::builder()
                     .connect_timeout(Duration::from_millis(config.connect_timeout_ms))
+                    .operation_attempt_timeout(Duration::from_millis(config.attempt_timeout_ms))
+                    .operation_timeout(Duration::from_millis(config.operation_timeout_ms))
                     .build(),
             );
         if let Some(endpoint) = &config.endpoint {
@@ -117,7 +175,7 @@ impl Bucket {
             .map_err(|error| describe(&format!("starting a multipart upload of {key}"), error))?;
         let upload_id = created
             .upload_id()
-            .ok_or_else(|| format!("the multipart upload of {key} has no id"))?
+            .ok_or_else(|| S3Error::rejected(format!("the multipart upload of {key} has no id")))?
             .to_string();
         let outcome = self.upload_parts(key, &upload_id, chunks).await;
         if outcome.is_err() {
@@ -157,7 +215,7 @@ impl Bucket {
             let take = pending.len().min(self.part_size);
             let body = pending.split_to(take).freeze();
             let number = i32::try_from(parts.len() + 1)
-                .map_err(|_| format!("{key} needs too many parts"))?;
+                .map_err(|_| S3Error::rejected(format!("{key} needs too many parts")))?;
             let part = self
                 .client
                 .upload_part()

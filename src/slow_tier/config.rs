@@ -52,6 +52,21 @@ pub struct S3Config {
     /// Time allowed to open a connection to the endpoint, in milliseconds.
     /// Default `3000`.
     pub connect_timeout_ms: u64,
+    /// Time allowed for one attempt at a request, in milliseconds: from sending it
+    /// until the answer's headers (for an upload, until the whole body was sent and
+    /// answered). A server that keeps the connection open but stops answering fails
+    /// the attempt after this long, and the SDK tries again (`max_attempts`). Also the
+    /// longest pause allowed while a blob read from S3 streams in. A part upload must
+    /// go at `part_size` per this long (16 MiB in 10 s: 1.6 MB/s). Default `10000`.
+    pub attempt_timeout_ms: u64,
+    /// Time allowed for a whole request, all its attempts and the waits between them,
+    /// in milliseconds. A request S3 leaves unanswered fails after at most this long,
+    /// which marks the node degraded (`/healthz`, `cairn_s3_up` 0). Default `30000`.
+    pub operation_timeout_ms: u64,
+    /// Longest time a read that missed locally waits for S3 to start answering, in
+    /// milliseconds, before the client gets `NOT_FOUND`. A healthy S3 answers in tens
+    /// of milliseconds; this bounds what a hung one costs each read. Default `5000`.
+    pub read_miss_timeout_ms: u64,
     /// How often the bucket index is rebuilt by listing the bucket, in seconds, so
     /// objects removed by lifecycle rules or added by other nodes are noticed; `0`
     /// lists only at startup. Default `3600`.
@@ -76,6 +91,9 @@ impl Default for S3Config {
             retry_initial_ms: 200,
             retry_max_ms: 10_000,
             connect_timeout_ms: 3_000,
+            attempt_timeout_ms: 10_000,
+            operation_timeout_ms: 30_000,
+            read_miss_timeout_ms: 5_000,
             relist_seconds: 3_600,
             threads: 2,
         }
@@ -100,12 +118,37 @@ impl S3Config {
                 "s3.multipart_threshold must be at least s3.part_size",
             ));
         }
+        if self.connect_timeout_ms == 0
+            || self.attempt_timeout_ms == 0
+            || self.operation_timeout_ms == 0
+            || self.read_miss_timeout_ms == 0
+        {
+            return Err(Error::invalid_argument(
+                "s3.connect_timeout_ms, s3.attempt_timeout_ms, s3.operation_timeout_ms and \
+                 s3.read_miss_timeout_ms must be at least 1",
+            ));
+        }
+        if self.attempt_timeout_ms > self.operation_timeout_ms {
+            return Err(Error::invalid_argument(
+                "s3.attempt_timeout_ms must not exceed s3.operation_timeout_ms",
+            ));
+        }
         if self.upload_concurrency == 0 || self.threads == 0 || self.max_attempts == 0 {
             return Err(Error::invalid_argument(
                 "s3.upload_concurrency, s3.threads and s3.max_attempts must be at least 1",
             ));
         }
         Ok(())
+    }
+
+    /// How long one attempt at a request, or a pause in a streamed body, may last.
+    pub fn attempt_timeout(&self) -> Duration {
+        Duration::from_millis(self.attempt_timeout_ms)
+    }
+
+    /// How long a local miss waits for S3 to start answering.
+    pub fn read_miss_timeout(&self) -> Duration {
+        Duration::from_millis(self.read_miss_timeout_ms)
     }
 
     /// The wait before retry number `failures` (counting from 1) of an upload.
@@ -139,6 +182,16 @@ mod tests {
         assert_eq!(config.backoff(1), Duration::from_millis(200));
         assert_eq!(config.backoff(2), Duration::from_millis(400));
         assert_eq!(config.backoff(40), Duration::from_millis(10_000));
+    }
+
+    #[test]
+    fn an_attempt_may_not_outlast_its_operation() {
+        let config = S3Config {
+            bucket: "cache".into(),
+            attempt_timeout_ms: 40_000,
+            ..S3Config::default()
+        };
+        assert!(config.validate().is_err());
     }
 
     #[test]

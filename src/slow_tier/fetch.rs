@@ -16,8 +16,15 @@
 //! that has every byte finds the blob locally on its next read. A ranged read trims
 //! what is forwarded, but the fetch still reads the whole object, to verify and cache
 //! it. A client that goes away does not stop the fetch: the local copy is still made.
+//!
+//! A miss waits on S3 for a bounded time: when S3 has not started answering within
+//! `read_miss_timeout_ms` the client gets `NOT_FOUND`, as when the bucket lacks the
+//! object, and the node counts S3 as unreachable. A hung S3 thus costs each miss that
+//! long, not the client's whole deadline. Once the object streams, a pause longer than
+//! `attempt_timeout_ms` ends the fetch (and the client's stream) the same way.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use aws_sdk_s3::primitives::{ByteStream as S3Body, ByteStreamError};
 use bytes::{Bytes, BytesMut};
@@ -283,6 +290,10 @@ enum Failure {
 async fn fetch(tier: &Tier, digest: Digest, forward: &mut Forward) -> Result<Kept> {
     let key = tier.bucket.cas_key(&digest);
     let outcome = stream_object(tier, digest, &key, forward).await;
+    if !matches!(outcome, Err(Failure::Unreachable(_))) {
+        // S3 answered: a node that only reads learns this way that S3 is back.
+        tier.status.reachable();
+    }
     let result = match &outcome {
         Ok(Kept::Locally) => {
             tier.index.insert(digest);
@@ -327,11 +338,15 @@ async fn stream_object(
     key: &str,
     forward: &mut Forward,
 ) -> std::result::Result<Kept, Failure> {
-    let body = tier
-        .bucket
-        .get(key)
+    let body = tokio::time::timeout(tier.config.read_miss_timeout(), tier.bucket.get(key))
         .await
-        .map_err(Failure::Unreachable)?
+        .map_err(|_| {
+            Failure::Unreachable(format!(
+                "GET {key}: no answer within {} ms",
+                tier.config.read_miss_timeout_ms
+            ))
+        })?
+        .map_err(|error| Failure::Unreachable(error.to_string()))?
         .ok_or(Failure::Missing)?;
     forward.start();
     let mut upload = match tier.engine.begin_put(digest).await {
@@ -341,7 +356,7 @@ async fn stream_object(
             None
         }
     };
-    let mut pieces = Pieces::new(body);
+    let mut pieces = Pieces::new(body, tier.config.attempt_timeout());
     let mut hasher = digest.function.hasher();
     let mut received = 0u64;
     while let Some(piece) = pieces
@@ -401,21 +416,28 @@ struct Pieces {
     body: S3Body,
     buffer: BytesMut,
     ended: bool,
+    /// Longest wait for the next bytes of the body.
+    stall: Duration,
 }
 
 impl Pieces {
-    fn new(body: S3Body) -> Pieces {
+    fn new(body: S3Body, stall: Duration) -> Pieces {
         Pieces {
             body,
             buffer: BytesMut::new(),
             ended: false,
+            stall,
         }
     }
 
-    async fn next(&mut self) -> std::result::Result<Option<Bytes>, ByteStreamError> {
+    async fn next(&mut self) -> std::result::Result<Option<Bytes>, String> {
         self.buffer.reserve(PIECE.saturating_sub(self.buffer.len()));
         while !self.ended && self.buffer.len() < PIECE {
-            match self.body.try_next().await? {
+            let chunk = tokio::time::timeout(self.stall, self.body.try_next())
+                .await
+                .map_err(|_| format!("no bytes for {} ms", self.stall.as_millis()))?
+                .map_err(|error: ByteStreamError| error.to_string())?;
+            match chunk {
                 Some(chunk) => self.buffer.extend_from_slice(&chunk),
                 None => self.ended = true,
             }

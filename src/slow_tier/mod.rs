@@ -16,6 +16,14 @@
 //! the action-cache completeness check) never go to S3 per digest: they are answered
 //! from the [`index`].
 //!
+//! S3 is never waited on without a bound. Every request has a per-attempt and a
+//! per-operation timeout (`attempt_timeout_ms`, `operation_timeout_ms`), so a server
+//! that keeps its connections open but stops answering (a hung process, a black-holed
+//! route) fails requests instead of stalling them: the uploader retries with backoff
+//! and the node reports itself degraded within `operation_timeout_ms`. A read that
+//! missed locally waits at most `read_miss_timeout_ms` for S3 to start answering before
+//! the client gets `NOT_FOUND`.
+//!
 //! Shard executors must never block nor await anything that is not `Send`, and
 //! aws-sdk-s3 wants tokio, so all S3 traffic runs on a small tokio runtime owned by
 //! this module; handlers reach it through `Send` join handles. The engine handle is
@@ -38,7 +46,7 @@ use cairn_storage::{Digest, Engine, Stats};
 use tokio::runtime::Runtime;
 
 use crate::error::{Error, Result};
-use bucket::Bucket;
+use bucket::{Bucket, S3Error};
 use config::S3Config;
 use fetch::Fetch;
 use index::BucketIndex;
@@ -153,43 +161,81 @@ async fn fetch_action_result(tier: &Tier, instance: &str, action: Digest) -> Res
         .bucket
         .ac_key(&Engine::ac_object_key(instance, &action));
     let missing = || Error::not_found(format!("no action result for {key}, locally or in S3"));
-    let body = match tier.bucket.get(&key).await {
-        Ok(Some(body)) => body,
-        Ok(None) => {
+    // An action result is small: the whole exchange gets the read-miss bound.
+    let read = tokio::time::timeout(
+        tier.config.read_miss_timeout(),
+        read_action_result(tier, &key),
+    );
+    let read = read.await;
+    if matches!(read, Ok(Ok(_)) | Ok(Err(AcFetchError::TooLarge(_)))) {
+        tier.status.reachable();
+    }
+    let value = match read {
+        Ok(Ok(Some(value))) => value,
+        Ok(Ok(None)) => {
             tier.status.fetches.with_label_values(&["miss"]).inc();
             return Err(missing());
         }
-        Err(why) => {
-            tier.status.unreachable(&why);
-            tier.status.fetches.with_label_values(&["error"]).inc();
-            return Err(Error::not_found(format!(
-                "no action result stored locally and S3 cannot be reached: {why}"
-            )));
-        }
-    };
-    let limit = tier.engine.max_ac_value();
-    let mut body = body;
-    let mut value = BytesMut::new();
-    while let Some(chunk) = body
-        .try_next()
-        .await
-        .map_err(|error| Error::not_found(format!("reading {key} from S3 failed: {error}")))?
-    {
-        if (value.len() + chunk.len()) as u64 > limit {
+        Ok(Err(AcFetchError::TooLarge(limit))) => {
             tier.status.fetches.with_label_values(&["corrupt"]).inc();
             return Err(Error::not_found(format!(
                 "the action result {key} in S3 is larger than {limit} bytes"
             )));
         }
-        value.extend_from_slice(&chunk);
-    }
-    let value = value.freeze();
+        Ok(Err(AcFetchError::S3(why))) => return Err(unreachable(tier, &why)),
+        Err(_) => {
+            let why = S3Error::unreachable(format!(
+                "GET {key}: no answer within {} ms",
+                tier.config.read_miss_timeout_ms
+            ));
+            return Err(unreachable(tier, &why));
+        }
+    };
     tier.engine
         .ac_put(instance, action, value.clone())
         .await
         .map_err(Error::from)?;
     tier.status.fetches.with_label_values(&["hit"]).inc();
     Ok(value)
+}
+
+/// Why an action result could not be read from the bucket.
+enum AcFetchError {
+    S3(S3Error),
+    /// The object is larger than the engine's largest action-cache value.
+    TooLarge(u64),
+}
+
+/// The action-cache value stored under `key`, `None` when the bucket has none.
+async fn read_action_result(
+    tier: &Tier,
+    key: &str,
+) -> std::result::Result<Option<Bytes>, AcFetchError> {
+    let Some(mut body) = tier.bucket.get(key).await.map_err(AcFetchError::S3)? else {
+        return Ok(None);
+    };
+    let limit = tier.engine.max_ac_value();
+    let mut value = BytesMut::new();
+    while let Some(chunk) = body.try_next().await.map_err(|error| {
+        AcFetchError::S3(S3Error::unreachable(format!(
+            "reading {key} from S3 failed: {error}"
+        )))
+    })? {
+        if (value.len() + chunk.len()) as u64 > limit {
+            return Err(AcFetchError::TooLarge(limit));
+        }
+        value.extend_from_slice(&chunk);
+    }
+    Ok(Some(value.freeze()))
+}
+
+/// Records that an action-cache read found S3 unreachable; the error the client gets.
+fn unreachable(tier: &Tier, why: &S3Error) -> Error {
+    tier.status.unreachable(why);
+    tier.status.fetches.with_label_values(&["error"]).inc();
+    Error::not_found(format!(
+        "no action result stored locally and S3 cannot be reached: {why}"
+    ))
 }
 
 /// Lists the bucket now and then every `relist_seconds`, retrying failed listings.

@@ -10,7 +10,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use cairn_storage::Stats;
-use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
 
 use crate::error::{Error, Result};
 
@@ -25,6 +27,8 @@ pub struct Status {
     pub upload_failures: IntCounter,
     /// Reads from S3 after a local miss, by result.
     pub fetches: IntCounterVec,
+    /// 1 for each object whose upload S3 keeps rejecting, by object key.
+    rejected: IntGaugeVec,
     index_objects: IntGauge,
     index_listed: IntGauge,
     backlog: IntGauge,
@@ -51,6 +55,17 @@ impl Status {
                 .map_err(internal)?;
             Ok(metric)
         };
+        let rejected = IntGaugeVec::new(
+            Opts::new(
+                "s3_rejected_objects",
+                "Objects S3 keeps rejecting, by key: 1 while the upload is owed and retried",
+            ),
+            &["key"],
+        )
+        .map_err(internal)?;
+        registry
+            .register(Box::new(rejected.clone()))
+            .map_err(internal)?;
         let gauge = |name: &str, help: &str| -> Result<IntGauge> {
             let metric = IntGauge::new(name, help).map_err(internal)?;
             registry
@@ -74,6 +89,7 @@ impl Status {
                 "Reads from S3 after a local miss, by result (hit, passthrough, miss, corrupt, error)",
                 "result",
             )?,
+            rejected,
             index_objects: gauge(
                 "s3_bucket_index_objects",
                 "Blobs the node knows the bucket holds",
@@ -98,8 +114,20 @@ impl Status {
         self.failing.store(false, Ordering::Release);
     }
 
+    /// Records that S3 rejected the upload of `key`; it stays listed until
+    /// [`Status::accepted`].
+    pub fn rejected(&self, key: &str) {
+        self.rejected.with_label_values(&[key]).set(1);
+    }
+
+    /// Records that `key` was uploaded, after it may have been rejected before.
+    pub fn accepted(&self, key: &str) {
+        // An error only means the key was never rejected.
+        let _ = self.rejected.remove_label_values(&[key]);
+    }
+
     /// Records a failed exchange with S3.
-    pub fn unreachable(&self, error: &str) {
+    pub fn unreachable(&self, error: &impl std::fmt::Display) {
         self.failing.store(true, Ordering::Release);
         if let Ok(mut last) = self.last_error.lock() {
             *last = Some(error.to_string());

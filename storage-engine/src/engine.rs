@@ -375,13 +375,31 @@ impl Engine {
         .await?
     }
 
-    /// Confirms that every record of `batch` reached the slow tier: they may now be
-    /// evicted locally, and a restart will not offer them again.
+    /// Records of `partition` whose upload failed and that are still owed to the slow
+    /// tier (see `ReplicationBatch::still_owed`), about `max_bytes` of them. Reporting
+    /// the batch done clears those that went through.
+    pub async fn replication_owed(
+        &self,
+        partition: u32,
+        max_bytes: u64,
+    ) -> Result<ReplicationBatch> {
+        let tx = self.shard_of_partition(partition)?;
+        self.call(tx, |reply| Request::ReplicationOwed {
+            part: partition,
+            max_bytes,
+            reply,
+        })
+        .await?
+    }
+
+    /// Confirms that the records of `batch` reached the slow tier, but for those marked
+    /// still owed: the others may now be evicted locally, and a restart will not offer
+    /// them again.
     pub async fn replication_done(&self, batch: &ReplicationBatch) -> Result<()> {
         let tx = self.shard_of_partition(batch.partition)?;
         self.call(tx, |reply| Request::ReplicationDone {
             part: batch.partition,
-            next: batch.next.clone(),
+            done: batch.settlement(),
             reply,
         })
         .await?

@@ -13,7 +13,7 @@ use crate::index::Prefix;
 use crate::io;
 use crate::partition::Partition;
 use crate::reader::Found;
-use crate::replication::{Cursor, ReplicationBatch};
+use crate::replication::{ReplicationBatch, Settlement};
 use crate::stream::BlobStream;
 use crate::PartitionStats;
 use bytes::{Bytes, BytesMut};
@@ -74,9 +74,14 @@ pub(crate) enum Request {
         max_bytes: u64,
         reply: oneshot::Sender<Result<ReplicationBatch>>,
     },
+    ReplicationOwed {
+        part: u32,
+        max_bytes: u64,
+        reply: oneshot::Sender<Result<ReplicationBatch>>,
+    },
     ReplicationDone {
         part: u32,
-        next: Cursor,
+        done: Settlement,
         reply: oneshot::Sender<Result<()>>,
     },
     Shutdown {
@@ -365,8 +370,20 @@ fn dispatch(parts: &Parts, req: Request) {
                 let _ = reply.send(Err(e));
             }
         },
-        Request::ReplicationDone { part, next, reply } => {
-            let _ = reply.send(partition(parts, part).and_then(|p| p.replication_done(&next)));
+        Request::ReplicationOwed {
+            part,
+            max_bytes,
+            reply,
+        } => match partition(parts, part) {
+            Ok(p) => io::spawn(async move {
+                let _ = reply.send(p.replication_owed(max_bytes).await);
+            }),
+            Err(e) => {
+                let _ = reply.send(Err(e));
+            }
+        },
+        Request::ReplicationDone { part, done, reply } => {
+            let _ = reply.send(partition(parts, part).and_then(|p| p.replication_done(&done)));
         }
         Request::Shutdown { reply } => {
             let _ = reply.send(Ok(()));

@@ -165,3 +165,116 @@ fn unreplicated_data_is_never_evicted() {
     assert!(block_on(engine.stats()).unwrap().evictions() > 0);
     block_on(engine.shutdown()).unwrap();
 }
+
+/// The digest of a blob replica.
+fn blob_digest(replica: &Replica) -> Option<Digest> {
+    match replica {
+        Replica::Blob { digest, .. } => Some(*digest),
+        Replica::ActionResult { .. } => None,
+    }
+}
+
+#[test]
+fn an_owed_record_is_passed_kept_and_offered_again_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let small = |dir: &Path| EngineConfig {
+        max_size: 16 * MIB,
+        partitions: 1,
+        segment_size: Some(MIB),
+        small_blob_max: 64 << 10,
+        max_ac_value: 64 << 10,
+        ..repl_config(dir)
+    };
+    let engine = start(small(dir.path()));
+    let first: Vec<_> = (0..10u64).map(|i| put(&engine, &blob(i, 50_000))).collect();
+    let mut batch = block_on(engine.replication_batch(0, 4 * MIB)).unwrap();
+    let owed = blob_digest(&batch.replicas[0]).unwrap();
+    assert_eq!(owed, first[0]);
+    batch.still_owed(0);
+    block_on(engine.replication_done(&batch)).unwrap();
+    // The cursor went past the owed record: later ones are offered, it is not.
+    let later: Vec<_> = (10..20u64)
+        .map(|i| put(&engine, &blob(i, 50_000)))
+        .collect();
+    let (blobs, _) = drain(&engine);
+    assert!(later.iter().all(|d| blobs.contains_key(d)));
+    assert!(!blobs.contains_key(&owed));
+    let backlog = block_on(engine.stats())
+        .unwrap()
+        .replication_backlog_bytes();
+    assert!(
+        (50_000..60_000).contains(&backlog),
+        "the owed record is not the whole backlog: {backlog}"
+    );
+
+    // Writes far beyond the budget evict everything else, never the owed record.
+    for i in 0..600u64 {
+        put(&engine, &blob(1000 + i, 50_000));
+        if i % 50 == 0 {
+            drain(&engine);
+        }
+    }
+    drain(&engine);
+    assert!(block_on(engine.stats()).unwrap().evictions() > 0);
+    assert!(block_on(engine.get_bytes(owed)).unwrap() == blob(0, 50_000));
+    block_on(engine.shutdown()).unwrap();
+
+    // Still owed after a restart; reporting it done clears it.
+    let engine = start(small(dir.path()));
+    assert!(block_on(engine.replication_batch(0, 4 * MIB))
+        .unwrap()
+        .is_empty());
+    let batch = block_on(engine.replication_owed(0, 4 * MIB)).unwrap();
+    let offered: Vec<_> = batch.replicas.iter().filter_map(blob_digest).collect();
+    assert_eq!(offered, vec![owed]);
+    block_on(engine.replication_done(&batch)).unwrap();
+    assert!(block_on(engine.replication_owed(0, 4 * MIB))
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        block_on(engine.stats())
+            .unwrap()
+            .replication_backlog_bytes(),
+        0
+    );
+    block_on(engine.shutdown()).unwrap();
+}
+
+#[test]
+fn an_owed_action_result_superseded_by_a_newer_value_is_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = start(EngineConfig {
+        partitions: 1,
+        ..repl_config(dir.path())
+    });
+    let action = Digest::of(DigestFunction::Sha256, b"act");
+    block_on(engine.ac_put("inst", action, Bytes::from_static(b"old"))).unwrap();
+    let mut batch = block_on(engine.replication_batch(0, 4 * MIB)).unwrap();
+    assert_eq!(batch.replicas.len(), 1);
+    batch.still_owed(0);
+    block_on(engine.replication_done(&batch)).unwrap();
+    block_on(engine.ac_put("inst", action, Bytes::from_static(b"new"))).unwrap();
+    let (_, ac) = drain(&engine);
+    assert_eq!(
+        ac.get(&Engine::ac_object_key("inst", &action)),
+        Some(&Bytes::from_static(b"new"))
+    );
+    // Uploading the old value now would overwrite the new one in the bucket.
+    let batch = block_on(engine.replication_owed(0, 4 * MIB)).unwrap();
+    assert!(batch.is_empty());
+    assert_eq!(batch.owed_records(), 1);
+    block_on(engine.replication_done(&batch)).unwrap();
+    assert_eq!(
+        block_on(engine.replication_owed(0, 4 * MIB))
+            .unwrap()
+            .owed_records(),
+        0
+    );
+    assert_eq!(
+        block_on(engine.stats())
+            .unwrap()
+            .replication_backlog_bytes(),
+        0
+    );
+    block_on(engine.shutdown()).unwrap();
+}
