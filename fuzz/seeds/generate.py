@@ -71,6 +71,7 @@ def main():
     write("zstd_stream", "rle-1mib-one-piece", bytes([0, 255, 255]) + zstd_rle_frame(0x41, 8))
     write("zstd_stream", "rle-1mib-bytewise", bytes([0, 1, 1]) + zstd_rle_frame(0x20, 8, True))
     write("zstd_stream", "two-frames", bytes([2, 3, 7]) + zstd_rle_frame(1, 2) + zstd_rle_frame(2, 3, True))
+    write("zstd_stream", "empty-stream", bytes([0, 5, 5]))
     write("zstd_stream", "truncated", bytes([0, 5, 5]) + zstd_rle_frame(9, 4)[:-2])
     text = b"The quick brown fox jumps over the lazy dog while the build cache answers. "
     write("zstd_stream", "text-repeated", bytes([0x3b, 255, 255]) + text)
