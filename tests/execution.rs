@@ -788,25 +788,27 @@ async fn a_failing_command_is_reported_and_not_cached() {
     assert!(!again.cached_result);
 }
 
-#[tokio::test]
-async fn inputs_and_outputs_are_materialized() {
-    let mut cluster = Cluster::start(SchedulerConfig::Default, false);
-    cluster.worker("w1", &[]);
-    let tool = b"#!/bin/sh\necho tool ran\n".to_vec();
-    let data = b"input data\n".to_vec();
+/// An input root with an executable `tool.sh`, a subdirectory `src` holding `data.txt`
+/// and the symlinks `in_src`, and a symlink `link` to `src/data.txt`; with its blobs.
+fn tool_and_data_tree(
+    tool: &[u8],
+    data: &[u8],
+    in_src: Vec<SymlinkNode>,
+) -> (Directory, Vec<Vec<u8>>) {
     let sub = Directory {
         files: vec![FileNode {
             name: "data.txt".into(),
-            digest: Some(wire(&sha256(&data))),
+            digest: Some(wire(&sha256(data))),
             ..Default::default()
         }],
+        symlinks: in_src,
         ..Default::default()
     };
     let sub_bytes = sub.encode_to_vec();
     let root = Directory {
         files: vec![FileNode {
             name: "tool.sh".into(),
-            digest: Some(wire(&sha256(&tool))),
+            digest: Some(wire(&sha256(tool))),
             is_executable: true,
             ..Default::default()
         }],
@@ -821,10 +823,20 @@ async fn inputs_and_outputs_are_materialized() {
         }],
         ..Default::default()
     };
+    (root, vec![tool.to_vec(), data.to_vec(), sub_bytes])
+}
+
+#[tokio::test]
+async fn inputs_and_outputs_are_materialized() {
+    let mut cluster = Cluster::start(SchedulerConfig::Default, false);
+    cluster.worker("w1", &[]);
+    let tool = b"#!/bin/sh\necho tool ran\n".to_vec();
+    let data = b"input data\n".to_vec();
+    let (root, blobs) = tool_and_data_tree(&tool, &data, Vec::new());
     let action = cluster
         .action(Spec {
             input_root: root,
-            blobs: vec![tool, data, sub_bytes],
+            blobs,
             working_directory: "src".into(),
             ..Spec::script("../tool.sh > ../out/log; cat ../link >> ../out/log; mkdir -p ../out/tree/d; echo x > ../out/tree/d/f")
                 .outputs(&["../out/log"])
@@ -1167,11 +1179,6 @@ async fn no_execution_serves_the_cache_alone() {
 }
 
 /// The SHA-256 of `data` in hex, computed here rather than by the server.
-fn independent_sha256(data: &[u8]) -> String {
-    use sha2::Digest as _;
-    hex::encode(sha2::Sha256::digest(data))
-}
-
 #[tokio::test]
 async fn an_action_cannot_change_the_inputs_of_later_actions() {
     let mut cluster = Cluster::start(SchedulerConfig::Default, false);
@@ -1246,7 +1253,7 @@ async fn an_action_cannot_change_the_inputs_of_later_actions() {
                 .find(|file| file.path == path)
                 .and_then(|file| file.digest.clone())
                 .expect("digest");
-            assert_eq!(digest.hash, independent_sha256(original), "{path}");
+            assert_eq!(digest.hash, sha256(original).hash_hex(), "{path}");
         }
     }
 }
@@ -1362,42 +1369,16 @@ async fn a_tree_with_a_subdirectory_a_symlink_and_a_working_directory_runs() {
     cluster.worker("w1", &[]);
     let tool = b"#!/bin/sh\necho tool ran\n".to_vec();
     let data = b"input data\n".to_vec();
-    let sub = Directory {
-        files: vec![FileNode {
-            name: "data.txt".into(),
-            digest: Some(wire(&sha256(&data))),
-            ..Default::default()
-        }],
-        symlinks: vec![SymlinkNode {
-            name: "tool".into(),
-            target: "../tool.sh".into(),
-            ..Default::default()
-        }],
+    let tool_link = SymlinkNode {
+        name: "tool".into(),
+        target: "../tool.sh".into(),
         ..Default::default()
     };
-    let sub_bytes = sub.encode_to_vec();
-    let root = Directory {
-        files: vec![FileNode {
-            name: "tool.sh".into(),
-            digest: Some(wire(&sha256(&tool))),
-            is_executable: true,
-            ..Default::default()
-        }],
-        directories: vec![cairn_proto::reapi::DirectoryNode {
-            name: "src".into(),
-            digest: Some(wire(&sha256(&sub_bytes))),
-        }],
-        symlinks: vec![SymlinkNode {
-            name: "link".into(),
-            target: "src/data.txt".into(),
-            ..Default::default()
-        }],
-        ..Default::default()
-    };
+    let (root, blobs) = tool_and_data_tree(&tool, &data, vec![tool_link]);
     let action = cluster
         .action(Spec {
             input_root: root,
-            blobs: vec![tool, data, sub_bytes],
+            blobs,
             working_directory: "src".into(),
             ..Spec::script(
                 "./tool > out/log; cat ../link >> out/log; cat data.txt >> out/log; pwd > out/where",
@@ -1426,7 +1407,7 @@ async fn a_tree_with_a_subdirectory_a_symlink_and_a_working_directory_runs() {
         .find(|file| file.path == "out/log")
         .and_then(|file| file.digest.clone())
         .expect("digest");
-    assert_eq!(digest.hash, independent_sha256(expected));
+    assert_eq!(digest.hash, sha256(expected).hash_hex());
     let place = output_file(&cluster, &response, "out/where").await;
     assert!(
         String::from_utf8_lossy(&place)
@@ -1480,7 +1461,7 @@ async fn missing_inputs_are_named_then_run_once_uploaded() {
         .map(|data| {
             (
                 "MISSING".to_string(),
-                format!("blobs/{}/{}", independent_sha256(data), data.len()),
+                format!("blobs/{}/{}", sha256(data).hash_hex(), data.len()),
             )
         })
         .collect();
