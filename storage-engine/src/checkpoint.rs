@@ -19,7 +19,12 @@ use std::path::Path;
 
 pub const FILE: &str = "checkpoint";
 const TMP_FILE: &str = "checkpoint.tmp";
-const MAGIC: &[u8; 8] = b"CRNCKPT1";
+/// Version 2: CAS prefixes leave the blob's size out (see `key.rs`). A version-1
+/// checkpoint holds prefixes this build would never look up, so it is ignored and the
+/// index rebuilt by scanning the segments, whose records are unchanged.
+const MAGIC: &[u8; 8] = b"CRNCKPT2";
+/// Magics of checkpoints from older builds, recognised only to say why they are ignored.
+const OLD_MAGICS: [&[u8; 8]; 1] = [b"CRNCKPT1"];
 const PREAMBLE: usize = 16;
 
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -90,6 +95,16 @@ pub async fn load(dir: &Path, nonce: u64) -> Result<Option<(Checkpoint, u64)>> {
     .await;
     file.close().await?;
     let (size, image) = read?;
+    if OLD_MAGICS
+        .iter()
+        .any(|old| image.get(..8) == Some(&old[..]))
+    {
+        tracing::info!(
+            "{} is from an older index format; rebuilding the index by scanning segments",
+            path.display()
+        );
+        return Ok(None);
+    }
     match decode(&image, nonce) {
         Some(cp) => Ok(Some((cp, size))),
         None => {
@@ -175,6 +190,100 @@ impl Partition {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::digest::{Digest, DigestFunction};
+    use crate::format::Key;
+    use crate::key::{ac_key, cas_key, prefix};
+    use crate::{Engine, EngineConfig};
+    use bytes::Bytes;
+    use futures::executor::block_on;
+    use std::collections::HashMap;
+
+    /// The index prefix of version-1 checkpoints, which mixed in every key's size.
+    fn v1_prefix(key: &Key) -> u64 {
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&key.hash[..8]);
+        let tag = (u64::from(key.kind.code()) << 8) | u64::from(key.function.code());
+        u64::from_le_bytes(first)
+            ^ key.size.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            ^ tag.rotate_left(56)
+    }
+
+    fn small_engine(dir: &Path) -> Engine {
+        Engine::start(EngineConfig {
+            dir: dir.to_path_buf(),
+            max_size: 128 << 20,
+            shards: 2,
+            partitions: 4,
+            segment_size: Some(8 << 20),
+            checkpoint_interval: None,
+            pin_shards: false,
+            ..EngineConfig::default()
+        })
+        .unwrap()
+    }
+
+    /// A data directory whose checkpoints a version-1 build wrote (prefixes with the
+    /// size mixed in, magic `CRNCKPT1`) finds every blob after the upgrade: the old
+    /// checkpoint is ignored and the index rebuilt from the unchanged records. Were it
+    /// loaded, every CAS blob would be missing, since no lookup asks for those prefixes.
+    #[test]
+    fn a_version_1_checkpoint_is_rebuilt_not_misread() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = small_engine(dir.path());
+        let mut blobs = Vec::new();
+        let mut v1_of = HashMap::new();
+        for (i, size) in [100usize, 5_000, 60_000, 150_000, 3 << 20]
+            .into_iter()
+            .enumerate()
+        {
+            let data = Bytes::from(vec![i as u8 + 1; size]);
+            let d = Digest::of(DigestFunction::Sha256, &data);
+            block_on(engine.put(d, data.clone())).unwrap();
+            v1_of.insert(prefix(&cas_key(&d)).get(), v1_prefix(&cas_key(&d)));
+            blobs.push((d, data));
+        }
+        let action = Digest::of(DigestFunction::Sha256, b"action");
+        block_on(engine.ac_put("", action, Bytes::from_static(b"result"))).unwrap();
+        let ac = ac_key("", &action);
+        v1_of.insert(prefix(&ac).get(), v1_prefix(&ac));
+        block_on(engine.checkpoint()).unwrap();
+        block_on(engine.shutdown()).unwrap();
+
+        let mut rewritten = 0;
+        for part in std::fs::read_dir(dir.path()).unwrap().flatten() {
+            let path = part.path().join(FILE);
+            let Ok(image) = std::fs::read(&path) else {
+                continue;
+            };
+            let len = u32::from_le_bytes(image[12..16].try_into().unwrap()) as usize;
+            let mut aligned = rkyv::util::AlignedVec::<16>::new();
+            aligned.extend_from_slice(&image[PREAMBLE..PREAMBLE + len]);
+            let mut cp = rkyv::from_bytes::<Checkpoint, rkyv::rancor::Error>(&aligned).unwrap();
+            for e in &mut cp.entries {
+                e.prefix = v1_of[&e.prefix];
+                rewritten += 1;
+            }
+            let mut old = encode(&cp).unwrap();
+            old[..8].copy_from_slice(b"CRNCKPT1");
+            std::fs::write(&path, old).unwrap();
+        }
+        assert_eq!(rewritten, blobs.len() + 1, "every record was checkpointed");
+
+        let engine = small_engine(dir.path());
+        let digests: Vec<Digest> = blobs.iter().map(|(d, _)| *d).collect();
+        assert_eq!(block_on(engine.find_missing(digests)).unwrap(), vec![]);
+        for (d, data) in &blobs {
+            assert!(block_on(engine.get_bytes(*d)).unwrap() == *data);
+            let (found, blob) = block_on(engine.get_by_hash(d.function, d.hash)).unwrap();
+            assert_eq!(found, *d);
+            assert!(block_on(blob.collect_bytes()).unwrap() == *data);
+        }
+        assert_eq!(
+            block_on(engine.ac_get("", action)).unwrap(),
+            Bytes::from_static(b"result")
+        );
+        block_on(engine.shutdown()).unwrap();
+    }
 
     #[test]
     fn corrupted_checkpoint_is_ignored() {

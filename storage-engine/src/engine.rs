@@ -6,9 +6,9 @@
 //! shard count simply hands whole partitions to different threads and finds every blob.
 
 use crate::config::EngineConfig;
-use crate::digest::Digest;
+use crate::digest::{Digest, DigestFunction};
 use crate::error::{Error, ErrorKind, Result};
-use crate::format::Key;
+use crate::format::{record_len, Key};
 use crate::index::Prefix;
 use crate::key::{ac_key, cas_key, partition_of, prefix};
 use crate::manifest::Manifest;
@@ -235,17 +235,19 @@ impl Engine {
     }
 
     /// Returns the digests that are not stored, in the order given. One request per
-    /// shard, answered from the in-memory index alone.
+    /// shard, answered from the in-memory index alone, except for blobs of 2 GiB and
+    /// more whose header is read (see `Loc::fits`). A right hash with a wrong size is
+    /// missing.
     pub async fn find_missing(&self, digests: Vec<Digest>) -> Result<Vec<Digest>> {
         let shards = self.inner.shards.len();
-        let mut per_shard: Vec<Vec<(usize, u32, Prefix)>> = vec![Vec::new(); shards];
+        let mut per_shard: Vec<Vec<(usize, u32, Prefix, u64)>> = vec![Vec::new(); shards];
         for (i, d) in digests.iter().enumerate() {
             if d.is_empty_blob() {
                 continue;
             }
             let key = cas_key(d);
             let part = partition_of(&key, self.inner.partitions);
-            per_shard[part as usize % shards].push((i, part, prefix(&key)));
+            per_shard[part as usize % shards].push((i, part, prefix(&key), record_len(d.size)));
         }
         let mut replies = Vec::new();
         for (shard, items) in per_shard.into_iter().enumerate() {
@@ -260,8 +262,21 @@ impl Engine {
             replies.push(rx);
         }
         let mut missing = Vec::new();
+        let mut unsure = Vec::new();
         for rx in replies {
-            missing.extend(rx.await.map_err(|_| Error::unavailable())?);
+            let (absent, unknown) = rx.await.map_err(|_| Error::unavailable())?;
+            missing.extend(absent);
+            unsure.extend(unknown);
+        }
+        for i in unsure {
+            let key = cas_key(&digests[i]);
+            let (part, tx) = self.route(&key);
+            if !self
+                .call(tx, |reply| Request::Holds { part, key, reply })
+                .await??
+            {
+                missing.push(i);
+            }
         }
         missing.sort_unstable();
         Ok(missing.into_iter().map(|i| digests[i]).collect())
@@ -283,15 +298,55 @@ impl Engine {
         self.call(tx, |reply| Request::Get {
             part,
             key,
+            any_size: false,
             offset,
             limit,
             reply,
         })
         .await?
+        .map(|(_, blob)| blob)
         .map_err(|e| match e.kind() {
             ErrorKind::NotFound => Error::not_found(format!("blob {digest} not found")),
             _ => e,
         })
+    }
+
+    /// Reads a whole CAS blob named by digest function and hash alone, as Bazel's HTTP
+    /// cache protocol names them; the reply's digest carries the size the record
+    /// holds. The index finds the blob without its size (see `key.rs`), so this is the
+    /// same blob, present or absent, that `get` and `find_missing` see.
+    pub async fn get_by_hash(
+        &self,
+        function: DigestFunction,
+        hash: [u8; 32],
+    ) -> Result<(Digest, BlobStream)> {
+        let named = Digest {
+            function,
+            hash,
+            size: 0,
+        };
+        if named.is_empty_blob() {
+            return Ok((named, BlobStream::once(Bytes::new())));
+        }
+        let key = cas_key(&named);
+        let (part, tx) = self.route(&key);
+        let (size, blob) = self
+            .call(tx, |reply| Request::Get {
+                part,
+                key,
+                any_size: true,
+                offset: 0,
+                limit: None,
+                reply,
+            })
+            .await?
+            .map_err(|e| match e.kind() {
+                ErrorKind::NotFound => {
+                    Error::not_found(format!("blob {} not found", named.hash_hex()))
+                }
+                _ => e,
+            })?;
+        Ok((Digest { size, ..named }, blob))
     }
 
     /// Reads a whole blob into memory.
@@ -307,11 +362,13 @@ impl Engine {
             .call(tx, |reply| Request::Get {
                 part,
                 key,
+                any_size: false,
                 offset: 0,
                 limit: None,
                 reply,
             })
             .await?
+            .map(|(_, blob)| blob)
             .map_err(|e| match e.kind() {
                 ErrorKind::NotFound => {
                     Error::not_found(format!("no action result for {action} in {instance:?}"))

@@ -70,6 +70,21 @@ impl Loc {
     pub fn mark_accessed(&mut self) {
         self.len_flags |= ACCESSED;
     }
+
+    /// Whether this is the location of a record `record_len` bytes long, as far as the
+    /// stored length can tell: `None` when both lengths saturate and only the record's
+    /// header can answer. A CAS prefix leaves the size out (see `key.rs`), so this is
+    /// what keeps FindMissingBlobs exact for a right hash with a wrong size.
+    pub fn fits(&self, record_len: u64) -> Option<bool> {
+        let want = record_len.min(u64::from(LEN_MASK)) as u32;
+        if want != self.record_len() {
+            Some(false)
+        } else if want == LEN_MASK {
+            None
+        } else {
+            Some(true)
+        }
+    }
 }
 
 /// Prefixes are already uniformly distributed; hashing them again is wasted work.
@@ -112,6 +127,11 @@ mod tests {
         assert!(loc.accessed());
         assert_eq!(loc.record_len(), LEN_MASK);
         assert_eq!(Loc::new(1, 2, 100, true).record_len(), 100);
+        assert_eq!(Loc::new(1, 2, 100, true).fits(100), Some(true));
+        assert_eq!(Loc::new(1, 2, 100, true).fits(101), Some(false));
+        assert_eq!(loc.fits(100), Some(false));
+        assert_eq!(loc.fits(3 << 30), None);
+        assert_eq!(Loc::new(1, 2, 100, false).fits(3 << 30), Some(false));
         assert_eq!(
             Prefix::new(0xDEAD_BEEF_0123_4567).get(),
             0xDEAD_BEEF_0123_4567

@@ -1,10 +1,19 @@
 //! From digests to index keys and partitions.
 //!
-//! The in-memory index holds 8 bytes of each key (a "prefix" mixed from hash, size,
-//! kind and function) instead of the full 42-byte key; the full key lives in the
-//! record header and is compared on every read. Two distinct keys sharing a prefix
-//! is a 2^-64 event per pair: the cost is that one of them reads as missing (and
+//! The in-memory index holds 8 bytes of each key (a "prefix" mixed from hash, kind
+//! and function) instead of the full 42-byte key; the full key lives in the record
+//! header and is compared on every read. Two distinct keys sharing a prefix is a
+//! 2^-64 event per pair: the cost is that one of them reads as missing (and
 //! FindMissingBlobs could call the other present), never that wrong bytes are served.
+//!
+//! A CAS blob's prefix leaves its size out. The size adds nothing to a verified
+//! SHA-256 or BLAKE3 hash (two blobs of one hash and different sizes would be a
+//! collision), and leaving it out lets the engine find a blob by hash alone, which
+//! Bazel's HTTP cache protocol needs (`GET /cas/{sha256}`): the record header then
+//! tells the size. Exactness for a (hash, size) whose size is wrong is kept by
+//! comparing the record length the index holds, a function of the payload length
+//! (see [`crate::partition::Partition::holds`]). An AC key's size is already folded
+//! into its BLAKE3 hash, so its prefix mixes it in or not to no effect; it keeps it.
 //!
 //! AC entries are keyed by instance name and action digest together, hashed with
 //! BLAKE3 into a 32-byte record key, so that instances never see each other's results.
@@ -39,15 +48,27 @@ pub fn ac_key(instance: &str, action: &Digest) -> Key {
 }
 
 /// The 8-byte index key. Hash bytes are already uniform, so a cheap mix suffices.
+/// A CAS key's size is left out (see the module docs); changing this function changes
+/// what checkpoints hold, so it goes with a new checkpoint magic (`checkpoint.rs`).
 pub fn prefix(key: &Key) -> Prefix {
     let mut first = [0u8; 8];
     first.copy_from_slice(&key.hash[..8]);
     let tag = (u64::from(key.kind.code()) << 8) | u64::from(key.function.code());
-    Prefix::new(
-        u64::from_le_bytes(first)
-            ^ key.size.wrapping_mul(0x9E37_79B9_7F4A_7C15)
-            ^ tag.rotate_left(56),
-    )
+    let size = match key.kind {
+        RecordKind::Cas => 0,
+        _ => key.size.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+    };
+    Prefix::new(u64::from_le_bytes(first) ^ size ^ tag.rotate_left(56))
+}
+
+/// Whether a record whose header holds `found` answers a lookup of `wanted`; with
+/// `any_size`, a CAS lookup by hash alone, whatever the blob's size.
+pub fn answers(found: &Key, wanted: &Key, any_size: bool) -> bool {
+    if any_size {
+        found.kind == wanted.kind && found.function == wanted.function && found.hash == wanted.hash
+    } else {
+        found == wanted
+    }
 }
 
 /// The partition that owns a key. Uses hash bytes disjoint from the prefix so that the
@@ -79,5 +100,18 @@ mod tests {
         let mut k = cas_key(&d);
         k.kind = RecordKind::Ac;
         assert_ne!(prefix(&cas_key(&d)), prefix(&k));
+    }
+
+    #[test]
+    fn cas_prefix_ignores_the_size_and_ac_prefix_does_not() {
+        let d = Digest::of(DigestFunction::Sha256, b"x");
+        let wrong = Digest { size: 7, ..d };
+        assert_eq!(prefix(&cas_key(&d)), prefix(&cas_key(&wrong)));
+        let mut a = ac_key("", &d);
+        let b = a;
+        a.size += 1;
+        assert_ne!(prefix(&a), prefix(&b));
+        assert!(answers(&cas_key(&d), &cas_key(&wrong), true));
+        assert!(!answers(&cas_key(&d), &cas_key(&wrong), false));
     }
 }

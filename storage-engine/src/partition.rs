@@ -177,12 +177,13 @@ impl Partition {
         Some((p, *loc))
     }
 
-    pub fn contains(&self, key: &Key) -> bool {
-        self.contains_prefix(prefix(key))
-    }
-
-    pub fn contains_prefix(&self, prefix: Prefix) -> bool {
-        self.st.borrow().index.contains_key(&prefix)
+    /// Whether the record at `prefix` is `record_len` bytes long (see `Loc::fits`):
+    /// `None` when only its header can tell.
+    pub fn holds_len(&self, prefix: Prefix, record_len: u64) -> Option<bool> {
+        match self.st.borrow().index.get(&prefix) {
+            Some(loc) => loc.fits(record_len),
+            None => Some(false),
+        }
     }
 
     /// Adds a record to the index, unless its segment was reclaimed meanwhile.

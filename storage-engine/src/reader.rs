@@ -9,9 +9,12 @@
 //! DATA_LOSS), never the damaged bytes.
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::format::{decode_chunk_table, verify_body, Header, Key, CRC_CHUNK, HEADER_LEN};
+use crate::format::{
+    decode_chunk_table, record_len, verify_body, Header, Key, CRC_CHUNK, HEADER_LEN,
+};
 use crate::index::{Loc, Prefix};
 use crate::io::{self, SegFile};
+use crate::key::{answers, prefix};
 use crate::partition::Partition;
 use bytes::Bytes;
 use std::rc::Rc;
@@ -21,8 +24,8 @@ pub const WHOLE_READ_MAX: u64 = 4 << 20;
 
 /// What a read found.
 pub enum Found {
-    /// The payload slice requested, already verified.
-    Whole(Bytes),
+    /// The payload slice requested, already verified, and the whole payload's length.
+    Whole(Bytes, u64),
     /// A large record: verified header and chunk table, payload still on disk.
     Large(LargeRecord),
 }
@@ -36,13 +39,38 @@ pub struct LargeRecord {
 }
 
 impl Partition {
+    /// Whether the record of exactly `key` is stored, without marking it accessed.
+    /// Answered from the index unless the record is 2 GiB or more, when the length it
+    /// holds is saturated and the header is read.
+    pub async fn holds(&self, key: &Key) -> Result<bool> {
+        let p = prefix(key);
+        let Some(loc) = self.st.borrow().index.get(&p).copied() else {
+            return Ok(false);
+        };
+        if let Some(fits) = loc.fits(record_len(key.size)) {
+            return Ok(fits);
+        }
+        let Some(file) = self.segment_file(loc.seg) else {
+            return Ok(false);
+        };
+        let head = file.read(u64::from(loc.off), HEADER_LEN).await?;
+        Ok(Header::decode(&head, self.nonce).is_ok_and(|h| h.key == *key))
+    }
+
     /// Finds a record and, for small ones, reads `[offset, offset+limit)` of its payload.
+    /// With `any_size`, `key`'s size is ignored: a CAS blob looked up by hash alone.
     /// `Ok(None)`: not stored, or dropped as corrupt.
-    pub async fn find(&self, key: &Key, offset: u64, limit: Option<u64>) -> Result<Option<Found>> {
+    pub async fn find(
+        &self,
+        key: &Key,
+        any_size: bool,
+        offset: u64,
+        limit: Option<u64>,
+    ) -> Result<Option<Found>> {
         let Some((prefix, loc)) = self.lookup(key) else {
             return Ok(None);
         };
-        if offset > key.size {
+        if !any_size && offset > key.size {
             return Err(Error::new(
                 ErrorKind::OutOfRange,
                 format!(
@@ -62,19 +90,20 @@ impl Partition {
                         .await?
                 }
             };
-            let Some(payload) = self.check_whole(prefix, loc, key, bytes) else {
+            let Some(payload) = self.check_whole(prefix, loc, key, any_size, bytes) else {
                 return Ok(None);
             };
-            let end = limit.map_or(payload.len() as u64, |l| {
-                (offset + l).min(payload.len() as u64)
-            });
+            let len = payload.len() as u64;
+            let start = offset.min(len);
+            let end = limit.map_or(len, |l| start.saturating_add(l).min(len));
             return Ok(Some(Found::Whole(
-                payload.slice(offset as usize..end as usize),
+                payload.slice(start as usize..end as usize),
+                len,
             )));
         }
         let head = file.read(u64::from(loc.off), HEADER_LEN).await?;
         let header = match Header::decode(&head, self.nonce) {
-            Ok(h) if h.key == *key => h,
+            Ok(h) if answers(&h.key, key, any_size) => h,
             _ => {
                 self.drop_corrupt(prefix, loc, "a record header");
                 return Ok(None);
@@ -97,9 +126,16 @@ impl Partition {
     }
 
     /// Checks a whole record read from disk; returns its payload.
-    fn check_whole(&self, prefix: Prefix, loc: Loc, key: &Key, bytes: Bytes) -> Option<Bytes> {
+    fn check_whole(
+        &self,
+        prefix: Prefix,
+        loc: Loc,
+        key: &Key,
+        any_size: bool,
+        bytes: Bytes,
+    ) -> Option<Bytes> {
         let header = match Header::decode(&bytes, self.nonce) {
-            Ok(h) if h.key == *key => h,
+            Ok(h) if answers(&h.key, key, any_size) => h,
             Ok(_) => return None,
             Err(_) => {
                 self.drop_corrupt(prefix, loc, "a record header");

@@ -43,19 +43,31 @@ pub(crate) enum Request {
         accepted: oneshot::Sender<Result<Accepted>>,
         done: oneshot::Sender<Result<()>>,
     },
-    /// Which of `items` (position in the caller's list, partition, index prefix) are
-    /// not stored. Prefixes rather than 42-byte keys: the index holds nothing else, and
-    /// the smaller items halved the bytes moved per FindMissingBlobs digest.
+    /// Which of `items` (position in the caller's list, partition, index prefix,
+    /// record length) are not stored. Prefixes rather than 42-byte keys: the index
+    /// holds nothing else, and the smaller items halved the bytes moved per
+    /// FindMissingBlobs digest. The record length keeps the answer exact for a CAS
+    /// prefix, which leaves the size out. The reply is (missing, unsure): records of
+    /// 2 GiB and more whose saturated length cannot tell, asked again as `Holds`.
     Missing {
-        items: Vec<(usize, u32, Prefix)>,
-        reply: oneshot::Sender<Vec<usize>>,
+        items: Vec<(usize, u32, Prefix, u64)>,
+        reply: oneshot::Sender<(Vec<usize>, Vec<usize>)>,
     },
+    /// Whether exactly `key` is stored, reading its header if need be.
+    Holds {
+        part: u32,
+        key: Key,
+        reply: oneshot::Sender<Result<bool>>,
+    },
+    /// A read; with `any_size`, a CAS blob found by hash alone. The reply carries the
+    /// payload's whole length with the stream of the part asked for.
     Get {
         part: u32,
         key: Key,
+        any_size: bool,
         offset: u64,
         limit: Option<u64>,
-        reply: oneshot::Sender<Result<BlobStream>>,
+        reply: oneshot::Sender<Result<(u64, BlobStream)>>,
     },
     AcPut {
         part: u32,
@@ -317,23 +329,36 @@ fn dispatch(parts: &Parts, req: Request) {
             }
         },
         Request::Missing { items, reply } => {
-            let missing = items
-                .into_iter()
-                .filter(|(_, p, prefix)| !parts.get(p).is_some_and(|p| p.contains_prefix(*prefix)))
-                .map(|(i, _, _)| i)
-                .collect();
-            let _ = reply.send(missing);
+            let mut missing = Vec::new();
+            let mut unsure = Vec::new();
+            for (i, p, prefix, len) in items {
+                match parts.get(&p).map(|p| p.holds_len(prefix, len)) {
+                    Some(Some(true)) => {}
+                    Some(None) => unsure.push(i),
+                    Some(Some(false)) | None => missing.push(i),
+                }
+            }
+            let _ = reply.send((missing, unsure));
         }
+        Request::Holds { part, key, reply } => match partition(parts, part) {
+            Ok(p) => io::spawn(async move {
+                let _ = reply.send(p.holds(&key).await);
+            }),
+            Err(e) => {
+                let _ = reply.send(Err(e));
+            }
+        },
         Request::Get {
             part,
             key,
+            any_size,
             offset,
             limit,
             reply,
         } => {
             let parts = parts.clone();
             io::spawn(async move {
-                let _ = reply.send(get(&parts, part, key, offset, limit).await);
+                let _ = reply.send(get(&parts, part, key, any_size, offset, limit).await);
             });
         }
         Request::AcPut {
@@ -395,28 +420,29 @@ async fn get(
     parts: &Parts,
     part: u32,
     key: Key,
+    any_size: bool,
     offset: u64,
     limit: Option<u64>,
-) -> Result<BlobStream> {
+) -> Result<(u64, BlobStream)> {
     let p = partition(parts, part)?;
-    match p.find(&key, offset, limit).await? {
+    match p.find(&key, any_size, offset, limit).await? {
         None => Err(Error::not_found("not found")),
-        Some(Found::Whole(bytes)) => Ok(BlobStream::once(bytes)),
+        Some(Found::Whole(bytes, len)) => Ok((len, BlobStream::once(bytes))),
         Some(Found::Large(rec)) => {
-            let end = limit.map_or(rec.payload_len, |l| {
-                offset.saturating_add(l).min(rec.payload_len)
-            });
+            let len = rec.payload_len;
+            let start = offset.min(len);
+            let end = limit.map_or(len, |l| start.saturating_add(l).min(len));
             let (tx, rx) = flume::bounded(2);
             let owner = p.clone();
-            io::spawn(async move { owner.stream_large(rec, offset, end, tx).await });
-            Ok(BlobStream::channel(rx))
+            io::spawn(async move { owner.stream_large(rec, start, end, tx).await });
+            Ok((len, BlobStream::channel(rx)))
         }
     }
 }
 
 /// Stores a small blob given whole, after checking it against its digest.
 async fn put_whole(part: &Partition, digest: Digest, key: Key, data: &[u8]) -> Result<()> {
-    if part.contains(&key) {
+    if part.holds(&key).await? {
         return Ok(());
     }
     verify_whole(digest, data)?;
@@ -439,9 +465,16 @@ async fn upload(
     accepted: oneshot::Sender<Result<Accepted>>,
     done: oneshot::Sender<Result<()>>,
 ) {
-    if part.contains(&key) {
-        let _ = accepted.send(Ok(Accepted::AlreadyStored));
-        return;
+    match part.holds(&key).await {
+        Ok(true) => {
+            let _ = accepted.send(Ok(Accepted::AlreadyStored));
+            return;
+        }
+        Ok(false) => {}
+        Err(e) => {
+            let _ = accepted.send(Err(e));
+            return;
+        }
     }
     if digest.size <= part.limits.small_blob_max {
         let _ = accepted.send(Ok(Accepted::Streaming));

@@ -131,3 +131,68 @@ fn blob_over_the_size_limit_is_refused_without_evicting_anything() {
     assert_eq!(block_on(engine.stats()).unwrap().evictions(), 0);
     block_on(engine.shutdown()).unwrap();
 }
+
+#[test]
+fn get_by_hash_finds_a_blob_without_its_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = start(config(dir.path()));
+    for (seed, size) in [(1, 10), (2, 70_000), (3, 3 * MIB as usize)] {
+        let data = blob(seed, size);
+        let d = put(&engine, &data);
+        let (found, stream) = block_on(engine.get_by_hash(d.function, d.hash)).unwrap();
+        assert_eq!(found, d, "the size comes from the record");
+        assert!(block_on(stream.collect_bytes()).unwrap() == data);
+        let mut blake = d;
+        blake.function = DigestFunction::Blake3;
+        let err = block_on(engine.get_by_hash(blake.function, blake.hash)).err();
+        assert_eq!(err.map(|e| e.kind()), Some(ErrorKind::NotFound));
+    }
+    let absent = digest(b"never stored");
+    let err = block_on(engine.get_by_hash(absent.function, absent.hash)).err();
+    assert_eq!(err.map(|e| e.kind()), Some(ErrorKind::NotFound));
+    let empty = Digest::empty(DigestFunction::Sha256);
+    let (found, stream) = block_on(engine.get_by_hash(empty.function, empty.hash)).unwrap();
+    assert_eq!(found, empty);
+    assert!(block_on(stream.collect_bytes()).unwrap().is_empty());
+    block_on(engine.shutdown()).unwrap();
+}
+
+/// The index finds CAS blobs by hash alone; the answer for a (hash, size) pair must
+/// still be exact, for reads, existence and uploads.
+#[test]
+fn a_right_hash_with_a_wrong_size_is_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = start(config(dir.path()));
+    for (seed, size) in [(1, 10), (2, 70_000), (3, 3 * MIB as usize)] {
+        let data = blob(seed, size);
+        let d = put(&engine, &data);
+        let wrong = [
+            Digest {
+                size: d.size + 1,
+                ..d
+            },
+            Digest {
+                size: d.size - 1,
+                ..d
+            },
+            Digest { size: 5 << 30, ..d },
+        ];
+        let missing = block_on(engine.find_missing(wrong.to_vec())).unwrap();
+        assert_eq!(missing, wrong.to_vec());
+        assert_eq!(block_on(engine.find_missing(vec![d])).unwrap(), vec![]);
+        for w in &wrong[..2] {
+            assert!(!block_on(engine.contains(*w)).unwrap());
+            let err = block_on(engine.get_bytes(*w)).err();
+            assert_eq!(err.map(|e| e.kind()), Some(ErrorKind::NotFound));
+            let mut claimed = data.to_vec();
+            claimed.resize(w.size as usize, 0);
+            let err = block_on(engine.put(*w, Bytes::from(claimed))).err();
+            assert_eq!(
+                err.map(|e| e.kind()),
+                Some(ErrorKind::InvalidArgument),
+                "an upload under a wrong size is not taken as already stored"
+            );
+        }
+    }
+    block_on(engine.shutdown()).unwrap();
+}
