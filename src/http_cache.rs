@@ -6,9 +6,15 @@
 //! served, blobs stream to and from the engine without being held whole, and a blob
 //! whose bytes do not hash to the name it was put under is refused with 400.
 //!
-//! The protocol names blobs by hash alone, while the engine keys them by hash and
-//! size. So a blob put over HTTP also records its size under its hash (see
-//! [`Store::remember_size`]), and a GET finds the size there first.
+//! The protocol names blobs by hash alone, while REAPI names them by hash and size.
+//! The engine's index finds a CAS blob by hash alone (its key prefix leaves the size
+//! out, storage-engine/src/key.rs) and the record header tells the size, so `GET` and
+//! `HEAD /cas/{sha256}` answer from the same record gRPC reads: a blob stored over
+//! either protocol is served by both, and disappears from both when it is evicted.
+//! Nothing else is written for HTTP. Size records that older builds wrote on every
+//! HTTP `PUT` (action-cache entries under a derived key) are never read again and are
+//! evicted like any other entry. A blob only in the S3 slow tier is found through the
+//! bucket index, which is keyed by hash too (src/slow_tier/index.rs).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -117,14 +123,10 @@ impl HttpFront {
             }
             (HttpPath::Cas { hash, .. }, &Method::GET | &Method::HEAD) => {
                 metrics.request("http", "cas_get");
-                let digest = self.store.lookup_size(DigestFunction::Sha256, hash).await?;
+                let (digest, blob) = self.store.get_by_hash(DigestFunction::Sha256, hash).await?;
                 if method == Method::HEAD {
-                    if !self.store.contains(digest).await? {
-                        return Err(Error::not_found(format!("blob {hash} not found")));
-                    }
                     return Ok(sized(method, digest.size, full(Bytes::new())));
                 }
-                let blob = self.store.get(digest, 0, None).await?;
                 let frames = blob.map(|chunk| chunk.map(Frame::data));
                 Ok(sized(
                     method,
@@ -193,7 +195,7 @@ impl HttpFront {
         if let Some(upload) = upload {
             upload.finish().await?;
         }
-        self.store.remember_size(digest).await
+        Ok(())
     }
 }
 

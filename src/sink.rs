@@ -106,6 +106,16 @@ impl Sink {
         Some(out)
     }
 
+    /// The full digest of the held blob whose function and hash are `named`'s. A
+    /// search of every entry: the sink measures the network stack, and its entries are
+    /// bounded by its budget.
+    pub fn find_by_hash(&self, named: &Digest) -> Option<Digest> {
+        self.lock().entries.keys().find_map(|key| match key {
+            Key::Blob(d) if d.function == named.function && d.hash == named.hash => Some(*d),
+            _ => None,
+        })
+    }
+
     /// The whole blob `digest` in one piece, if held.
     pub fn get_bytes(&self, digest: Digest) -> Option<Bytes> {
         self.get(digest, 0, None).map(concat)

@@ -236,31 +236,50 @@ impl Store {
 }
 
 impl Store {
-    /// Records the size of a blob under its hash, for protocols that name blobs by hash
-    /// alone. The record is an action-cache entry whose key has the impossible size
-    /// `u64::MAX`, so it can never collide with an action result (stored with size 0).
-    pub async fn remember_size(&self, blob: Digest) -> Result<()> {
-        if is_empty(&blob) {
-            return Ok(());
-        }
-        let value = Bytes::copy_from_slice(&blob.size.to_le_bytes());
-        self.ac_write("", size_key(blob), value).await
-    }
-
-    /// The full digest of the blob whose hash is `hash`, as recorded by
-    /// [`Store::remember_size`]; `NotFound` if it was never recorded.
-    pub async fn lookup_size(&self, function: DigestFunction, hash: &str) -> Result<Digest> {
+    /// The whole blob named by its hash alone (Bazel's HTTP protocol names blobs so),
+    /// with its full digest. The engine finds a CAS blob by hash without its size, and
+    /// the slow tier's bucket index is keyed by hash too, so this is the blob gRPC sees
+    /// under (hash, size), present or absent alike.
+    pub async fn get_by_hash(
+        &self,
+        function: DigestFunction,
+        hash: &str,
+    ) -> Result<(Digest, ByteStream)> {
         let named = Digest::from_hex(function, hash, 0)?;
         if is_empty(&named) {
-            return Ok(named);
+            return Ok((named, stream::empty().boxed()));
         }
-        let found = self.ac_read("", size_key(named)).await;
-        self.metrics.lookup("cas", found.is_ok());
-        let value = found?;
-        let size = <[u8; 8]>::try_from(value.as_ref())
-            .map(u64::from_le_bytes)
-            .map_err(|_| Error::internal(format!("corrupt size record for blob {hash}")))?;
-        Ok(Digest { size, ..named })
+        if let Some(sink) = &self.sink {
+            let held = sink.find_by_hash(&named);
+            let digest = held.ok_or_else(|| not_found(&named))?;
+            return Ok((digest, self.get(digest, 0, None).await?));
+        }
+        let digest = match self.engine.get_by_hash(function, named.hash).await {
+            Ok((digest, blob)) => {
+                self.metrics.lookup("cas", true);
+                let metrics = Arc::clone(&self.metrics);
+                let blob = engine_stream(blob)
+                    .map(move |chunk| {
+                        let chunk = chunk?;
+                        metrics.bytes_sent(chunk.len() as u64);
+                        Ok(chunk)
+                    })
+                    .boxed();
+                return Ok((digest, blob));
+            }
+            Err(e) if e.kind() == ErrorKind::NotFound => self
+                .slow_tier
+                .as_ref()
+                .and_then(|slow_tier| slow_tier.find_by_hash(function, &named.hash)),
+            Err(e) => return Err(e.into()),
+        };
+        match digest {
+            Some(digest) => Ok((digest, self.get(digest, 0, None).await?)),
+            None => {
+                self.metrics.lookup("cas", false);
+                Err(not_found(&named))
+            }
+        }
     }
 }
 
@@ -372,14 +391,6 @@ fn not_found(digest: &Digest) -> Error {
         digest.hash_hex(),
         digest.size
     ))
-}
-
-/// The key of a blob's size record.
-fn size_key(blob: Digest) -> Digest {
-    Digest {
-        size: u64::MAX,
-        ..blob
-    }
 }
 
 /// Whether `digest` is the empty blob of its function.

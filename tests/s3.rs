@@ -1030,3 +1030,27 @@ async fn an_object_s3_keeps_rejecting_does_not_hold_back_later_records() {
     assert_eq!(metric(&a, "cairn_s3_rejected_objects", "").await, 0);
     assert_clean_exit(a);
 }
+
+/// Bazel's HTTP protocol names a blob by hash alone; a blob held only in the bucket
+/// is found through the bucket index by hash and served, the same answer gRPC gives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_only_in_s3_is_served_over_http_by_hash() {
+    let Some(moto) = Moto::start().await else {
+        return;
+    };
+    let temp = tempfile::tempdir().expect("temporary directory");
+    let data = blob(9500, 200_000);
+    let digest = only_in_the_bucket(&moto, &temp.path().join("a"), &data).await;
+
+    let b = fleet_node(&moto, &temp.path().join("b"));
+    wait_metric(&b, "cairn_s3_bucket_index_listed", "", |n| n == 1).await;
+    let path = format!("/cas/{}", digest.hash_hex());
+    let (head, _) = common::http(b.http, "HEAD", &path, b"");
+    assert_eq!(head, 200, "HEAD {path} of a blob only in S3");
+    let (status, body) = common::http(b.http, "GET", &path, b"");
+    assert_eq!(status, 200, "GET {path} of a blob only in S3");
+    assert!(body == data, "GET {path} served other bytes");
+    let absent = format!("/cas/{}", sha256(b"in no bucket").hash_hex());
+    assert_eq!(common::http(b.http, "GET", &absent, b"").0, 404);
+    assert_clean_exit(b);
+}

@@ -42,7 +42,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use cairn_storage::{Digest, Engine, Stats};
+use cairn_storage::{Digest, DigestFunction, Engine, Stats};
 use tokio::runtime::Runtime;
 
 use crate::error::{Error, Result};
@@ -131,6 +131,17 @@ impl SlowTier {
     /// Whether the bucket is known to hold `digest` (no request is made).
     pub fn holds(&self, digest: &Digest) -> bool {
         self.tier.index.contains(digest)
+    }
+
+    /// The full digest of the blob named by `function` and `hash`, if the bucket is
+    /// known to hold it (no request is made).
+    pub fn find_by_hash(&self, function: DigestFunction, hash: &[u8; 32]) -> Option<Digest> {
+        let size = self.tier.index.size_of(function, hash)?;
+        Some(Digest {
+            function,
+            hash: *hash,
+            size,
+        })
     }
 
     /// Reads the action-cache value of `action` in `instance` from the bucket and

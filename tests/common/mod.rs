@@ -50,7 +50,8 @@ impl Node {
         node
     }
 
-    /// Starts a node on `dir` with extra arguments.
+    /// Starts a node on `dir` with extra arguments; the budget is 4 GiB unless they
+    /// give `--max-size`.
     pub fn start_in(dir: &Path, extra: &[&str]) -> Node {
         let grpc = free_port();
         let http = free_port();
@@ -62,9 +63,10 @@ impl Node {
             .arg(http.to_string())
             .arg("--data-dir")
             .arg(dir)
-            .arg("--max-size")
-            .arg("4GiB")
             .args(extra);
+        if !extra.contains(&"--max-size") {
+            command.args(["--max-size", "4GiB"]);
+        }
         Node::spawn(command, grpc, http, dir.to_path_buf())
     }
 
