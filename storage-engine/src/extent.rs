@@ -20,7 +20,7 @@ use crate::format::{
 use crate::index::Loc;
 use crate::io::{self, IoBuf, SegFile};
 use crate::key::prefix;
-use crate::partition::{ExtentHead, Partition, Pending, SegKind};
+use crate::partition::{reclaim_order_now, ExtentHead, Partition, Pending, SegKind};
 use futures::future::LocalBoxFuture;
 use futures::FutureExt;
 use std::rc::Rc;
@@ -304,8 +304,15 @@ impl ExtentWriter {
             record_len(self.payload_len),
             false,
         );
-        if let Some(s) = self.part.st.borrow_mut().segments.get_mut(&self.seg) {
-            s.dirty = true;
+        {
+            let mut st = self.part.st.borrow_mut();
+            let next_seg = st.next_seg;
+            if let Some(s) = st.segments.get_mut(&self.seg) {
+                s.dirty = true;
+                if s.kind == SegKind::Huge {
+                    s.order = reclaim_order_now(next_seg);
+                }
+            }
         }
         let generation = self.part.syncer.next_generation();
         let pending = Pending {

@@ -62,6 +62,23 @@ pub struct Segment {
     pub inflight: Vec<u32>,
     /// Written since the last fdatasync.
     pub dirty: bool,
+    /// Reclaim order, lowest first: twice the id at creation, and for a huge segment,
+    /// renewed when its upload finishes (see [`reclaim_order_now`]), because its one
+    /// record is written then, however long ago the segment was created: ordered by id
+    /// alone, a blob uploaded slowly would be the next evicted the moment it is
+    /// acknowledged. Recovery orders by id alone.
+    pub order: u64,
+}
+
+/// The reclaim order of a segment created with `id`.
+pub fn reclaim_order(id: u32) -> u64 {
+    u64::from(id) << 1
+}
+
+/// The reclaim order of a huge segment whose upload finishes now: after every segment
+/// created so far, before the next one (whose id is `next_seg`).
+pub fn reclaim_order_now(next_seg: u32) -> u64 {
+    reclaim_order(next_seg) - 1
 }
 
 /// The packed segment currently receiving small records.

@@ -15,7 +15,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::format::{verify_body, Header, Key, HEADER_LEN};
 use crate::index::Loc;
 use crate::io::SegFile;
-use crate::partition::{segment_path, Partition, SegKind, Segment};
+use crate::partition::{reclaim_order, segment_path, Partition, SegKind, Segment};
 use bytes::Bytes;
 use std::rc::Rc;
 
@@ -48,6 +48,7 @@ impl Partition {
                 size,
                 inflight: Vec::new(),
                 dirty: true,
+                order: reclaim_order(id),
             },
         );
         Ok((id, hot))
@@ -68,10 +69,19 @@ impl Partition {
                     st.extents.as_ref().map(|e| e.seg),
                 ];
                 // With replication on, a segment is freed only once it reached the slow tier.
-                st.segments.keys().copied().find(|id| {
-                    !active.contains(&Some(*id))
-                        && st.replicated.as_ref().is_none_or(|c| c.is_done(*id))
-                })
+                // A segment holding an upload in flight is never taken: the upload would
+                // fail for another's sake, and an upload that indexed its record but is
+                // still waiting for its sync would be acknowledged after its record was
+                // dropped. When nothing else is left the budget is truly full.
+                st.segments
+                    .iter()
+                    .filter(|(id, seg)| {
+                        !active.contains(&Some(**id))
+                            && seg.inflight.is_empty()
+                            && st.replicated.as_ref().is_none_or(|c| c.is_done(**id))
+                    })
+                    .min_by_key(|(id, seg)| (seg.order, **id))
+                    .map(|(id, _)| *id)
             };
             let Some(victim) = victim else {
                 return Err(Error::new(

@@ -80,6 +80,7 @@ pub async fn recover(
                 kind,
                 size,
                 inflight: Vec::new(),
+                order: crate::partition::reclaim_order(seg),
                 // What a previous run wrote may still sit in the device's cache: the
                 // first sync covers it (under `Durability::Sync`, before serving).
                 dirty: true,
@@ -245,7 +246,9 @@ async fn scan(
 }
 
 /// A huge segment holds one record at offset 0, written header-last: a valid header
-/// and chunk table mean the payload was completely written.
+/// and chunk table mean the payload was completely written. A payload of at most one
+/// CRC chunk has no table (the header holds the payload's own CRC, `format.rs`), so it
+/// is read and checked whole; it is at most 1 MiB.
 async fn scan_huge(
     file: &SegFile,
     nonce: u64,
@@ -256,10 +259,17 @@ async fn scan_huge(
         return Ok(Vec::new());
     };
     let table_len = 4 * h.chunk_count() as usize;
-    let table = file
-        .read(HEADER_LEN as u64 + h.payload_len, table_len)
-        .await?;
-    if table.len() != table_len || crate::format::crc(&table) != h.payload_crc {
+    let intact = if table_len == 0 {
+        let payload = file.read(HEADER_LEN as u64, h.payload_len as usize).await?;
+        report.scanned_bytes += payload.len() as u64;
+        payload.len() as u64 == h.payload_len && crate::format::crc(&payload) == h.payload_crc
+    } else {
+        let table = file
+            .read(HEADER_LEN as u64 + h.payload_len, table_len)
+            .await?;
+        table.len() == table_len && crate::format::crc(&table) == h.payload_crc
+    };
+    if !intact {
         report.skipped_damaged += 1;
         return Ok(Vec::new());
     }
