@@ -84,9 +84,9 @@ struct Operation {
 }
 
 impl Operation {
-    fn finish(&mut self, response: Arc<ExecuteResponse>) {
+    fn finish(&mut self, response: Arc<ExecuteResponse>, now: Instant) {
         self.updates.send_replace(Progress::Completed(response));
-        self.done_at = Some(Instant::now());
+        self.done_at = Some(now);
         self.job = None;
     }
 }
@@ -201,6 +201,19 @@ impl Scheduler {
             cache,
             state: Mutex::new(State::default()),
         })
+    }
+
+    /// The time keepalives, deadlines and retention are judged by.
+    #[cfg(not(test))]
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
+
+    /// The unit tests' clock: it stands still until a test moves it, so the rules that
+    /// depend on time run by calling [`Scheduler::tick`] instead of waiting.
+    #[cfg(test)]
+    fn now(&self) -> Instant {
+        tests::now()
     }
 
     /// The configuration.
@@ -375,7 +388,7 @@ impl Scheduler {
                 action_digest: action_digest.clone(),
                 job: None,
                 updates,
-                done_at: Some(Instant::now()),
+                done_at: Some(self.now()),
             },
         );
         Watch {
@@ -429,10 +442,13 @@ impl Scheduler {
             return Ok(());
         }
         let job_id = operation.job;
-        operation.finish(Arc::new(status_response(
-            Code::Cancelled,
-            "the operation was cancelled",
-        )));
+        operation.finish(
+            Arc::new(status_response(
+                Code::Cancelled,
+                "the operation was cancelled",
+            )),
+            self.now(),
+        );
         let Some(job_id) = job_id else {
             return Ok(());
         };
@@ -505,7 +521,7 @@ impl Scheduler {
                 max_inflight: register.max_inflight_tasks.max(1),
                 running: HashMap::new(),
                 draining: false,
-                last_seen: Instant::now(),
+                last_seen: self.now(),
                 last_assigned: 0,
                 sender,
             },
@@ -524,7 +540,7 @@ impl Scheduler {
         else {
             return;
         };
-        worker.last_seen = Instant::now();
+        worker.last_seen = self.now();
         match message {
             FromWorker::Register(_) | FromWorker::Keepalive(_) => {}
             FromWorker::Draining(_) => {
@@ -564,7 +580,7 @@ impl Scheduler {
             },
             None => status_response(Code::Internal, "the worker reported no outcome"),
         };
-        complete_job(state, job_id, response);
+        complete_job(state, job_id, response, self.now());
     }
 
     /// Ends a worker's session (its stream closed or failed).
@@ -607,7 +623,8 @@ impl Scheduler {
                     "{cause}; gave up after {} attempts at the action",
                     job.retries
                 );
-                complete_job(state, job_id, status_response(Code::Unavailable, message));
+                let response = status_response(Code::Unavailable, message);
+                complete_job(state, job_id, response, self.now());
                 return;
             }
         }
@@ -700,7 +717,7 @@ impl Scheduler {
                 id: task_id.clone(),
                 worker: worker_id.clone(),
                 session,
-                started: Instant::now(),
+                started: self.now(),
             });
             let start = StartTask {
                 task_id: task_id.clone(),
@@ -726,7 +743,7 @@ impl Scheduler {
     /// What time alone changes; called every [`TICK`].
     pub fn tick(&self) {
         let mut state = self.lock();
-        let now = Instant::now();
+        let now = self.now();
         let keepalive_timeout = self.config.keepalive_timeout;
 
         let silent: Vec<(String, u64)> = state
@@ -785,6 +802,7 @@ impl Scheduler {
                 &mut state,
                 job_id,
                 status_response(Code::FailedPrecondition, message),
+                now,
             );
         }
 
@@ -813,6 +831,7 @@ impl Scheduler {
                 &mut state,
                 job_id,
                 status_response(Code::DeadlineExceeded, message),
+                now,
             );
         }
 
@@ -860,7 +879,7 @@ fn set_progress(state: &State, names: &[String], progress: Progress) {
 }
 
 /// Finishes a job: every operation waiting for it completes with `response`.
-fn complete_job(state: &mut State, job_id: u64, response: ExecuteResponse) {
+fn complete_job(state: &mut State, job_id: u64, response: ExecuteResponse, now: Instant) {
     let Some(job) = state.jobs.remove(&job_id) else {
         return;
     };
@@ -873,7 +892,10 @@ fn complete_job(state: &mut State, job_id: u64, response: ExecuteResponse) {
     let response = Arc::new(response);
     for name in &job.operations {
         if let Some(operation) = state.operations.get_mut(name) {
-            operation.finish(response.clone());
+            operation.finish(response.clone(), now);
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
