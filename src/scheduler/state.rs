@@ -227,9 +227,11 @@ impl Scheduler {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Starts executing `request`: answers from the action cache when it can, joins an
-    /// identical action in flight, or queues a new job. The platform comes from the
-    /// Action, or for clients older than REAPI 2.2 (Bazel 4) from the Command.
+    /// Starts executing `request`: answers from the action cache when it can (never for
+    /// a `do_not_cache` Action), joins an identical action in flight, or queues a new
+    /// job. A missing Action is FAILED_PRECONDITION even when the cache holds a result.
+    /// The platform comes from the Action, or for clients older than REAPI 2.2 (Bazel 4)
+    /// from the Command.
     #[allow(deprecated)]
     pub async fn execute(&self, request: ExecuteRequest) -> Result<Watch> {
         let function = digests::function_of_request(request.digest_function)?;
@@ -246,7 +248,17 @@ impl Scheduler {
             wire_function,
             TransferLimits::default(),
         );
-        if !request.skip_cache_lookup {
+        let Some(action_bytes) = cas.read_blob(&action_digest).await? else {
+            let response = missing_response(&action_digest, "Action");
+            return Ok(self.finished(action_digest, response));
+        };
+        let action = Action::decode(action_bytes).map_err(|error| {
+            Error::invalid_argument(format!("the Action does not parse: {error}"))
+        })?;
+        // REAPI: a `do_not_cache` action is never answered from the action cache, even
+        // when an entry exists for its digest. Only the Action says so, hence it is read
+        // before the lookup, at the price of one small CAS read before a cache hit.
+        if !request.skip_cache_lookup && !action.do_not_cache {
             match cas.get_action_result(&action_digest).await {
                 Ok(Some(result)) => {
                     let response = ExecuteResponse {
@@ -261,13 +273,6 @@ impl Scheduler {
                 Err(error) => tracing::warn!("action cache lookup failed, executing: {error}"),
             }
         }
-        let Some(action_bytes) = cas.read_blob(&action_digest).await? else {
-            let response = missing_response(&action_digest, "Action");
-            return Ok(self.finished(action_digest, response));
-        };
-        let action = Action::decode(action_bytes).map_err(|error| {
-            Error::invalid_argument(format!("the Action does not parse: {error}"))
-        })?;
         let command_digest = action
             .command_digest
             .clone()

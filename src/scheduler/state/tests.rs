@@ -42,12 +42,14 @@ use crate::scheduler::service::{ExecutionService, OperationsService};
 
 type Rpc<T> = std::result::Result<Response<T>, Status>;
 
-/// What the fake cache node holds, and how often the action cache was asked.
+/// What the fake cache node holds, and how often the action cache was asked and
+/// written.
 #[derive(Default)]
 struct CacheContents {
     blobs: Mutex<HashMap<String, Bytes>>,
     results: Mutex<HashMap<String, ActionResult>>,
     lookups: AtomicUsize,
+    updates: AtomicUsize,
 }
 
 #[derive(Clone, Default)]
@@ -137,6 +139,7 @@ impl ActionCache for FakeCache {
         &self,
         request: Request<UpdateActionResultRequest>,
     ) -> Rpc<ActionResult> {
+        self.0.updates.fetch_add(1, Ordering::SeqCst);
         let request = request.into_inner();
         let hash = request.action_digest.unwrap_or_default().hash;
         let result = request.action_result.unwrap_or_default();
@@ -264,6 +267,10 @@ impl Harness {
         self.cache.0.lookups.load(Ordering::SeqCst)
     }
 
+    fn updates(&self) -> usize {
+        self.cache.0.updates.load(Ordering::SeqCst)
+    }
+
     /// Puts a result for `action` in the action cache.
     fn cache_result(&self, action: &Digest, exit_code: i32) {
         self.cache
@@ -272,6 +279,11 @@ impl Harness {
             .lock()
             .unwrap()
             .insert(action.hash.clone(), success(exit_code).result.unwrap());
+    }
+
+    fn cached_exit_code(&self, action: &Digest) -> Option<i32> {
+        let results = self.cache.0.results.lock().unwrap();
+        results.get(&action.hash).map(|result| result.exit_code)
     }
 
     fn connect(&self, id: &str, max_inflight: u32) -> FakeWorker {
@@ -725,9 +737,35 @@ async fn identical_actions_in_flight_share_one_job() {
 }
 
 #[tokio::test]
-async fn a_missing_action_is_failed_precondition_naming_it() {
+async fn do_not_cache_actions_are_neither_shared_nor_answered_from_the_cache() {
+    let harness = Harness::start(config()).await;
+    let scheduler = &harness.scheduler;
+    let mut worker = harness.connect("w", 2);
+    let action = harness.action_with("uncacheable", |action, _| action.do_not_cache = true);
+    harness.cache_result(&action, 9);
+    let first = harness.execute(&action).await;
+    let second = harness.execute(&action).await;
+    assert_eq!(harness.lookups(), 0, "the action cache is not consulted");
+    let one = worker.start();
+    let two = worker.start();
+    assert_ne!(one.task_id, two.task_id, "each Execute runs the action");
+    worker.finish(scheduler, &one, success(1));
+    assert_eq!(stage(&second), "executing");
+    worker.finish(scheduler, &two, success(2));
+    for (watch, exit_code) in [(&first, 1), (&second, 2)] {
+        let response = response(watch);
+        assert_eq!(response.result.as_ref().unwrap().exit_code, exit_code);
+        assert!(!response.cached_result);
+    }
+    assert_eq!(harness.updates(), 0, "no result is written");
+    assert_eq!(harness.cached_exit_code(&action), Some(9));
+}
+
+#[tokio::test]
+async fn a_missing_action_is_failed_precondition_naming_it_even_with_a_cached_result() {
     let harness = Harness::start(config()).await;
     let missing = digest_of(b"never uploaded");
+    harness.cache_result(&missing, 0);
     let watch = harness.execute(&missing).await;
     let response = response(&watch);
     assert_eq!(code(&response), Code::FailedPrecondition);
