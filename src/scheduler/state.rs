@@ -84,9 +84,9 @@ struct Operation {
 }
 
 impl Operation {
-    fn finish(&mut self, response: Arc<ExecuteResponse>) {
+    fn finish(&mut self, response: Arc<ExecuteResponse>, now: Instant) {
         self.updates.send_replace(Progress::Completed(response));
-        self.done_at = Some(Instant::now());
+        self.done_at = Some(now);
         self.job = None;
     }
 }
@@ -203,6 +203,19 @@ impl Scheduler {
         })
     }
 
+    /// The time keepalives, deadlines and retention are judged by.
+    #[cfg(not(test))]
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
+
+    /// The unit tests' clock: it stands still until a test moves it, so the rules that
+    /// depend on time run by calling [`Scheduler::tick`] instead of waiting.
+    #[cfg(test)]
+    fn now(&self) -> Instant {
+        tests::now()
+    }
+
     /// The configuration.
     pub fn config(&self) -> &SchedulerConfig {
         &self.config
@@ -214,9 +227,11 @@ impl Scheduler {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Starts executing `request`: answers from the action cache when it can, joins an
-    /// identical action in flight, or queues a new job. The platform comes from the
-    /// Action, or for clients older than REAPI 2.2 (Bazel 4) from the Command.
+    /// Starts executing `request`: answers from the action cache when it can (never for
+    /// a `do_not_cache` Action), joins an identical action in flight, or queues a new
+    /// job. A missing Action is FAILED_PRECONDITION even when the cache holds a result.
+    /// The platform comes from the Action, or for clients older than REAPI 2.2 (Bazel 4)
+    /// from the Command.
     #[allow(deprecated)]
     pub async fn execute(&self, request: ExecuteRequest) -> Result<Watch> {
         let function = digests::function_of_request(request.digest_function)?;
@@ -233,7 +248,17 @@ impl Scheduler {
             wire_function,
             TransferLimits::default(),
         );
-        if !request.skip_cache_lookup {
+        let Some(action_bytes) = cas.read_blob(&action_digest).await? else {
+            let response = missing_response(&action_digest, "Action");
+            return Ok(self.finished(action_digest, response));
+        };
+        let action = Action::decode(action_bytes).map_err(|error| {
+            Error::invalid_argument(format!("the Action does not parse: {error}"))
+        })?;
+        // REAPI: a `do_not_cache` action is never answered from the action cache, even
+        // when an entry exists for its digest. Only the Action says so, hence it is read
+        // before the lookup, at the price of one small CAS read before a cache hit.
+        if !request.skip_cache_lookup && !action.do_not_cache {
             match cas.get_action_result(&action_digest).await {
                 Ok(Some(result)) => {
                     let response = ExecuteResponse {
@@ -248,13 +273,6 @@ impl Scheduler {
                 Err(error) => tracing::warn!("action cache lookup failed, executing: {error}"),
             }
         }
-        let Some(action_bytes) = cas.read_blob(&action_digest).await? else {
-            let response = missing_response(&action_digest, "Action");
-            return Ok(self.finished(action_digest, response));
-        };
-        let action = Action::decode(action_bytes).map_err(|error| {
-            Error::invalid_argument(format!("the Action does not parse: {error}"))
-        })?;
         let command_digest = action
             .command_digest
             .clone()
@@ -375,7 +393,7 @@ impl Scheduler {
                 action_digest: action_digest.clone(),
                 job: None,
                 updates,
-                done_at: Some(Instant::now()),
+                done_at: Some(self.now()),
             },
         );
         Watch {
@@ -429,10 +447,13 @@ impl Scheduler {
             return Ok(());
         }
         let job_id = operation.job;
-        operation.finish(Arc::new(status_response(
-            Code::Cancelled,
-            "the operation was cancelled",
-        )));
+        operation.finish(
+            Arc::new(status_response(
+                Code::Cancelled,
+                "the operation was cancelled",
+            )),
+            self.now(),
+        );
         let Some(job_id) = job_id else {
             return Ok(());
         };
@@ -505,7 +526,7 @@ impl Scheduler {
                 max_inflight: register.max_inflight_tasks.max(1),
                 running: HashMap::new(),
                 draining: false,
-                last_seen: Instant::now(),
+                last_seen: self.now(),
                 last_assigned: 0,
                 sender,
             },
@@ -524,7 +545,7 @@ impl Scheduler {
         else {
             return;
         };
-        worker.last_seen = Instant::now();
+        worker.last_seen = self.now();
         match message {
             FromWorker::Register(_) | FromWorker::Keepalive(_) => {}
             FromWorker::Draining(_) => {
@@ -564,7 +585,7 @@ impl Scheduler {
             },
             None => status_response(Code::Internal, "the worker reported no outcome"),
         };
-        complete_job(state, job_id, response);
+        complete_job(state, job_id, response, self.now());
     }
 
     /// Ends a worker's session (its stream closed or failed).
@@ -607,7 +628,8 @@ impl Scheduler {
                     "{cause}; gave up after {} attempts at the action",
                     job.retries
                 );
-                complete_job(state, job_id, status_response(Code::Unavailable, message));
+                let response = status_response(Code::Unavailable, message);
+                complete_job(state, job_id, response, self.now());
                 return;
             }
         }
@@ -700,7 +722,7 @@ impl Scheduler {
                 id: task_id.clone(),
                 worker: worker_id.clone(),
                 session,
-                started: Instant::now(),
+                started: self.now(),
             });
             let start = StartTask {
                 task_id: task_id.clone(),
@@ -726,7 +748,7 @@ impl Scheduler {
     /// What time alone changes; called every [`TICK`].
     pub fn tick(&self) {
         let mut state = self.lock();
-        let now = Instant::now();
+        let now = self.now();
         let keepalive_timeout = self.config.keepalive_timeout;
 
         let silent: Vec<(String, u64)> = state
@@ -785,6 +807,7 @@ impl Scheduler {
                 &mut state,
                 job_id,
                 status_response(Code::FailedPrecondition, message),
+                now,
             );
         }
 
@@ -813,6 +836,7 @@ impl Scheduler {
                 &mut state,
                 job_id,
                 status_response(Code::DeadlineExceeded, message),
+                now,
             );
         }
 
@@ -860,7 +884,7 @@ fn set_progress(state: &State, names: &[String], progress: Progress) {
 }
 
 /// Finishes a job: every operation waiting for it completes with `response`.
-fn complete_job(state: &mut State, job_id: u64, response: ExecuteResponse) {
+fn complete_job(state: &mut State, job_id: u64, response: ExecuteResponse, now: Instant) {
     let Some(job) = state.jobs.remove(&job_id) else {
         return;
     };
@@ -873,7 +897,10 @@ fn complete_job(state: &mut State, job_id: u64, response: ExecuteResponse) {
     let response = Arc::new(response);
     for name in &job.operations {
         if let Some(operation) = state.operations.get_mut(name) {
-            operation.finish(response.clone());
+            operation.finish(response.clone(), now);
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
