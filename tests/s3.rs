@@ -163,6 +163,16 @@ impl Moto {
         }
     }
 
+    /// GET requests moto has served so far for the object `key`.
+    fn gets(&self, key: &str) -> usize {
+        let request = format!("\"GET /{BUCKET}/{key}");
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|line| line.contains(&request))
+            .count()
+    }
+
     /// Requests moto has served so far (one log line each).
     fn requests(&self) -> usize {
         std::fs::read_to_string(&self.log)
@@ -1029,4 +1039,109 @@ async fn an_object_s3_keeps_rejecting_does_not_hold_back_later_records() {
     wait_metric(&a, "cairn_replication_backlog_bytes", "", |n| n == 0).await;
     assert_eq!(metric(&a, "cairn_s3_rejected_objects", "").await, 0);
     assert_clean_exit(a);
+}
+
+/// Clients reading one blob at the same time, each over a connection of its own: half
+/// through ByteStream Read, half through BatchReadBlobs.
+const READERS: usize = 16;
+
+/// Reads each of them makes in a row, so that some start while the first fetch ends.
+const ROUNDS: usize = 4;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_misses_for_one_blob_make_one_s3_request() {
+    let Some(moto) = Moto::start().await else {
+        return;
+    };
+    let temp = tempfile::tempdir().expect("temporary directory");
+    // Several pieces, so the fetch is still streaming while the other reads arrive, and
+    // small enough for BatchReadBlobs.
+    let data = blob(16_000, 3 << 20);
+    let digest = only_in_the_bucket(&moto, &temp.path().join("a"), &data).await;
+    let key = blob_key(&digest);
+    assert_eq!(moto.gets(&key), 0);
+
+    let b = fleet_node(&moto, &temp.path().join("b"));
+    let name = read_name("", &digest);
+    let mut streams = Vec::new();
+    let mut batches = Vec::new();
+    for _ in 0..READERS / 2 {
+        streams.push(b.bytestream().await);
+        batches.push(b.cas().await);
+    }
+    let streamed = streams.iter_mut().map(|bytestream| {
+        let name = &name;
+        async move {
+            let mut reads = Vec::new();
+            for _ in 0..ROUNDS {
+                reads.push(
+                    read_blob(bytestream, name, 0, 0)
+                        .await
+                        .map_err(|status| status.code() as i32),
+                );
+            }
+            reads
+        }
+    });
+    let batched = batches.iter_mut().map(|cas| async move {
+        let mut reads = Vec::new();
+        for _ in 0..ROUNDS {
+            let response = cas
+                .batch_read_blobs(BatchReadBlobsRequest {
+                    digests: vec![wire(&digest)],
+                    ..Default::default()
+                })
+                .await;
+            reads.push(match response {
+                Ok(response) => {
+                    let answer = response.into_inner().responses.remove(0);
+                    match answer.status.map_or(0, |s| s.code) {
+                        0 => Ok(answer.data.to_vec()),
+                        code => Err(code),
+                    }
+                }
+                Err(status) => Err(status.code() as i32),
+            });
+        }
+        reads
+    });
+    let (streamed, batched) = tokio::join!(
+        futures::future::join_all(streamed),
+        futures::future::join_all(batched)
+    );
+    let reads: Vec<Result<Vec<u8>, i32>> = streamed.into_iter().chain(batched).flatten().collect();
+    assert_eq!(reads.len(), READERS * ROUNDS);
+    for read in &reads {
+        match read {
+            Ok(read) => assert!(*read == data, "a read returned other bytes"),
+            Err(code) => panic!("a read failed with code {code}"),
+        }
+    }
+    // One GET for all of them, which stored the blob; every other read was local.
+    assert_eq!(moto.gets(&key), 1, "GET requests for {key}");
+    let fetches = "cairn_s3_fetches_total";
+    assert_eq!(metric(&b, fetches, "result=\"hit\"").await, 1);
+    assert_eq!(metric(&b, fetches, "").await, 1);
+
+    // A blob the bucket lacks: one GET, and its answer reaches every reader.
+    let absent = sha256(b"never stored anywhere");
+    let absent_key = blob_key(&absent);
+    let name = read_name("", &absent);
+    let misses = streams.iter_mut().map(|bytestream| {
+        let name = &name;
+        async move {
+            read_blob(bytestream, name, 0, 0)
+                .await
+                .map(|_| ())
+                .map_err(|status| status.code())
+        }
+    });
+    let misses = futures::future::join_all(misses).await;
+    assert!(
+        misses.iter().all(|read| *read == Err(Code::NotFound)),
+        "{misses:?}"
+    );
+    assert_eq!(moto.gets(&absent_key), 1, "GET requests for {absent_key}");
+    assert_eq!(metric(&b, fetches, "result=\"miss\"").await, 1);
+    assert_clean_exit(b);
 }
