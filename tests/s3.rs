@@ -163,6 +163,16 @@ impl Moto {
         }
     }
 
+    /// GET requests moto has served so far for the object `key`.
+    fn gets(&self, key: &str) -> usize {
+        let request = format!("\"GET /{BUCKET}/{key}");
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|line| line.contains(&request))
+            .count()
+    }
+
     /// Requests moto has served so far (one log line each).
     fn requests(&self) -> usize {
         std::fs::read_to_string(&self.log)
@@ -328,6 +338,19 @@ fn assert_clean_exit(node: Node) {
 
 /// Stores small blobs through BatchUpdateBlobs.
 async fn put_blobs(node: &Node, blobs: &[Vec<u8>]) -> Vec<Digest> {
+    for answer in try_put_blobs(node, blobs).await {
+        assert_eq!(
+            answer.map_err(|(code, _)| code),
+            Ok(()),
+            "a blob was refused"
+        );
+    }
+    blobs.iter().map(|data| sha256(data)).collect()
+}
+
+/// Stores small blobs through BatchUpdateBlobs: for each, the code and message it was
+/// refused with, if it was.
+async fn try_put_blobs(node: &Node, blobs: &[Vec<u8>]) -> Vec<Result<(), (Code, String)>> {
     let mut cas = node.cas().await;
     let response = cas
         .batch_update_blobs(BatchUpdateBlobsRequest {
@@ -344,10 +367,15 @@ async fn put_blobs(node: &Node, blobs: &[Vec<u8>]) -> Vec<Digest> {
         .await
         .expect("BatchUpdateBlobs")
         .into_inner();
-    for answer in response.responses {
-        assert_eq!(answer.status.map_or(0, |s| s.code), 0, "a blob was refused");
-    }
-    blobs.iter().map(|data| sha256(data)).collect()
+    assert_eq!(response.responses.len(), blobs.len());
+    response
+        .responses
+        .into_iter()
+        .map(|answer| match answer.status {
+            Some(status) if status.code != 0 => Err((Code::from(status.code), status.message)),
+            _ => Ok(()),
+        })
+        .collect()
 }
 
 /// Reads blobs through BatchReadBlobs: the data of each, or the error code.
@@ -1027,6 +1055,187 @@ async fn an_object_s3_keeps_rejecting_does_not_hold_back_later_records() {
     let a = fleet_node(&moto, &dir);
     wait_in_bucket(&s3, &[large_digest]).await;
     wait_metric(&a, "cairn_replication_backlog_bytes", "", |n| n == 0).await;
+    assert_eq!(metric(&a, "cairn_s3_rejected_objects", "").await, 0);
+    assert_clean_exit(a);
+}
+
+/// Clients reading one blob at the same time, each over a connection of its own: half
+/// through ByteStream Read, half through BatchReadBlobs.
+const READERS: usize = 16;
+
+/// Reads each of them makes in a row, so that some start while the first fetch ends.
+const ROUNDS: usize = 4;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_misses_for_one_blob_make_one_s3_request() {
+    let Some(moto) = Moto::start().await else {
+        return;
+    };
+    let temp = tempfile::tempdir().expect("temporary directory");
+    // Several pieces, so the fetch is still streaming while the other reads arrive, and
+    // small enough for BatchReadBlobs.
+    let data = blob(16_000, 3 << 20);
+    let digest = only_in_the_bucket(&moto, &temp.path().join("a"), &data).await;
+    let key = blob_key(&digest);
+    assert_eq!(moto.gets(&key), 0);
+
+    let b = fleet_node(&moto, &temp.path().join("b"));
+    let name = read_name("", &digest);
+    let mut streams = Vec::new();
+    let mut batches = Vec::new();
+    for _ in 0..READERS / 2 {
+        streams.push(b.bytestream().await);
+        batches.push(b.cas().await);
+    }
+    let streamed = streams.iter_mut().map(|bytestream| {
+        let name = &name;
+        async move {
+            let mut reads = Vec::new();
+            for _ in 0..ROUNDS {
+                reads.push(
+                    read_blob(bytestream, name, 0, 0)
+                        .await
+                        .map_err(|status| status.code() as i32),
+                );
+            }
+            reads
+        }
+    });
+    let batched = batches.iter_mut().map(|cas| async move {
+        let mut reads = Vec::new();
+        for _ in 0..ROUNDS {
+            let response = cas
+                .batch_read_blobs(BatchReadBlobsRequest {
+                    digests: vec![wire(&digest)],
+                    ..Default::default()
+                })
+                .await;
+            reads.push(match response {
+                Ok(response) => {
+                    let answer = response.into_inner().responses.remove(0);
+                    match answer.status.map_or(0, |s| s.code) {
+                        0 => Ok(answer.data.to_vec()),
+                        code => Err(code),
+                    }
+                }
+                Err(status) => Err(status.code() as i32),
+            });
+        }
+        reads
+    });
+    let (streamed, batched) = tokio::join!(
+        futures::future::join_all(streamed),
+        futures::future::join_all(batched)
+    );
+    let reads: Vec<Result<Vec<u8>, i32>> = streamed.into_iter().chain(batched).flatten().collect();
+    assert_eq!(reads.len(), READERS * ROUNDS);
+    for read in &reads {
+        match read {
+            Ok(read) => assert!(*read == data, "a read returned other bytes"),
+            Err(code) => panic!("a read failed with code {code}"),
+        }
+    }
+    // One GET for all of them, which stored the blob; every other read was local.
+    assert_eq!(moto.gets(&key), 1, "GET requests for {key}");
+    let fetches = "cairn_s3_fetches_total";
+    assert_eq!(metric(&b, fetches, "result=\"hit\"").await, 1);
+    assert_eq!(metric(&b, fetches, "").await, 1);
+
+    // A blob the bucket lacks: one GET, and its answer reaches every reader.
+    let absent = sha256(b"never stored anywhere");
+    let absent_key = blob_key(&absent);
+    let name = read_name("", &absent);
+    let misses = streams.iter_mut().map(|bytestream| {
+        let name = &name;
+        async move {
+            read_blob(bytestream, name, 0, 0)
+                .await
+                .map(|_| ())
+                .map_err(|status| status.code())
+        }
+    });
+    let misses = futures::future::join_all(misses).await;
+    assert!(
+        misses.iter().all(|read| *read == Err(Code::NotFound)),
+        "{misses:?}"
+    );
+    assert_eq!(moto.gets(&absent_key), 1, "GET requests for {absent_key}");
+    assert_eq!(metric(&b, fetches, "result=\"miss\"").await, 1);
+    assert_clean_exit(b);
+}
+
+/// Whether `message` says why a write was refused while the backlog fills the budget.
+fn names_the_backlog(message: &str) -> bool {
+    message.contains("not yet replicated to the slow tier") && message.contains("backlog")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_that_fills_the_budget_refuses_writes_until_s3_drains_it() {
+    let Some(moto) = Moto::start().await else {
+        return;
+    };
+    let s3 = client(&moto.endpoint());
+    let temp = tempfile::tempdir().expect("temporary directory");
+    // 64 MiB over 16 partitions of 4 MiB: a backlog fills one in a few MiB.
+    let a = fleet_node_of_size(&moto, &temp.path().join("a"), "64MiB");
+    let before = put_blobs(&a, &small_blobs(17_000, 10)).await;
+    wait_in_bucket(&s3, &before).await;
+
+    // S3 hangs; write 1 MiB batches until a partition's budget holds nothing but
+    // backlog. Four times the whole budget is far more than that takes.
+    let paused = moto.pause();
+    let mut acknowledged: Vec<Vec<u8>> = Vec::new();
+    let mut refused: Vec<Vec<u8>> = Vec::new();
+    for round in 0..256u64 {
+        let blobs: Vec<Vec<u8>> = (0..16)
+            .map(|i| blob(18_000 + round * 16 + i, 64 << 10))
+            .collect();
+        let answers = try_put_blobs(&a, &blobs).await;
+        for (data, answer) in blobs.into_iter().zip(answers) {
+            match answer {
+                Ok(()) => acknowledged.push(data),
+                Err((code, message)) => {
+                    assert_eq!(code, Code::ResourceExhausted, "{message}");
+                    assert!(names_the_backlog(&message), "{message}");
+                    refused.push(data);
+                }
+            }
+        }
+        if !refused.is_empty() {
+            break;
+        }
+    }
+    assert!(!refused.is_empty(), "no write was ever refused");
+    assert!(metric(&a, "cairn_replication_backlog_bytes", "").await > 0);
+    // ByteStream refuses it alike.
+    let mut bytestream = a.bytestream().await;
+    let digest = sha256(&refused[0]);
+    let error = write_blob(&mut bytestream, &upload_name("", &digest), &refused[0])
+        .await
+        .expect_err("a write into a full budget is refused");
+    assert_eq!(error.code(), Code::ResourceExhausted, "{error}");
+    assert!(names_the_backlog(error.message()), "{error}");
+    // Everything acknowledged is still served.
+    let digests: Vec<Digest> = acknowledged.iter().map(|data| sha256(data)).collect();
+    for (digests, blobs) in digests.chunks(32).zip(acknowledged.chunks(32)) {
+        let read = get_blobs(&a, digests).await;
+        assert!(
+            read.iter()
+                .zip(blobs)
+                .all(|(r, b)| r.as_ref().ok() == Some(b)),
+            "an acknowledged blob is not served while S3 hangs"
+        );
+    }
+
+    // Once S3 answers the backlog drains, the refused writes are taken, and every
+    // acknowledged blob reaches the bucket.
+    drop(paused);
+    wait_metric(&a, "cairn_replication_backlog_bytes", "", |n| n == 0).await;
+    let mut retried = put_blobs(&a, &refused).await;
+    retried.push(put_stream(&a, &blob(19_000, 256 << 10)).await);
+    wait_in_bucket(&s3, &before).await;
+    wait_in_bucket(&s3, &digests).await;
+    wait_in_bucket(&s3, &retried).await;
     assert_eq!(metric(&a, "cairn_s3_rejected_objects", "").await, 0);
     assert_clean_exit(a);
 }

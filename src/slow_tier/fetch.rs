@@ -17,6 +17,14 @@
 //! what is forwarded, but the fetch still reads the whole object, to verify and cache
 //! it. A client that goes away does not stop the fetch: the local copy is still made.
 //!
+//! Concurrent misses for one blob share one fetch through the fetch table: the first
+//! reader starts it and streams it, the others wait for its outcome and then read the
+//! local copy, or get its error. A reader can miss locally just before a fetch stores
+//! the blob and reach the table just after that fetch left it; so a fetch first looks
+//! for a local copy, and serves that one when it finds it, rather than asking S3
+//! again. An entry leaves the table when its fetch ends, however it ends, so the table
+//! holds one entry per blob being fetched and nothing more.
+//!
 //! A miss waits on S3 for a bounded time: when S3 has not started answering within
 //! `read_miss_timeout_ms` the client gets `NOT_FOUND`, as when the bucket lacks the
 //! object, and the node counts S3 as unreachable. A hung S3 thus costs each miss that
@@ -28,7 +36,7 @@ use std::time::Duration;
 
 use aws_sdk_s3::primitives::{ByteStream as S3Body, ByteStreamError};
 use bytes::{Bytes, BytesMut};
-use cairn_storage::Digest;
+use cairn_storage::{Digest, Engine};
 use futures::future::{BoxFuture, FutureExt, Shared};
 use futures::stream::{self, StreamExt};
 use tokio::sync::{mpsc, oneshot};
@@ -106,8 +114,9 @@ impl SlowTier {
         }
     }
 
-    /// Starts fetching `digest` for a reader of `range`. A `shared` fetch removes
-    /// itself from the fetch table when it ends.
+    /// Starts fetching `digest` for a reader of `range`. A `shared` fetch is the one
+    /// in the fetch table: it first looks for a copy stored since the reader missed,
+    /// and removes itself from the table when it ends.
     fn spawn_fetch(
         &self,
         digest: Digest,
@@ -125,24 +134,61 @@ impl SlowTier {
         let tier = Arc::clone(&self.tier);
         let task = self.runtime.spawn(async move {
             let mut forward = forward;
-            let outcome = fetch(&tier, digest, &mut forward).await;
+            let entry = shared.then(|| TableEntry {
+                tier: Arc::clone(&tier),
+                digest,
+            });
+            let outcome = if entry.is_some() && stored_locally(&tier, digest).await {
+                forward.local();
+                Ok(Kept::Locally)
+            } else {
+                fetch(&tier, digest, &mut forward).await
+            };
             // Leave the table before the client hears the outcome: a read that starts
             // after an earlier one ended must fetch anew, not be handed that result.
-            if shared {
-                if let Ok(mut fetches) = tier.fetches.lock() {
-                    fetches.remove(&digest);
-                }
-            }
+            drop(entry);
             forward.end(&outcome).await;
             outcome
         });
         let reader = Reader {
             started,
             chunks,
-            expected: range.len(),
+            engine: self.tier.engine.clone(),
+            digest,
+            range,
         };
         (task, reader)
     }
+}
+
+/// A fetch's place in the fetch table, given up when the fetch ends, also when its
+/// task panics or is cancelled: an entry left behind would answer every later read of
+/// the blob with that fetch's end.
+struct TableEntry {
+    tier: Arc<Tier>,
+    digest: Digest,
+}
+
+impl Drop for TableEntry {
+    fn drop(&mut self) {
+        if let Ok(mut fetches) = self.tier.fetches.lock() {
+            fetches.remove(&self.digest);
+        }
+    }
+}
+
+/// Whether the local engine holds `digest` now: stored by a fetch that ended after the
+/// reader missed. An engine that cannot answer counts as not holding it.
+async fn stored_locally(tier: &Tier, digest: Digest) -> bool {
+    tier.engine.contains(digest).await.unwrap_or(false)
+}
+
+/// Where the bytes of a fetch that started come from.
+enum Source {
+    /// The object in S3, through the reader's channel.
+    S3,
+    /// The local engine, which stored the blob since the reader missed.
+    Local,
 }
 
 /// What a reader does on a local miss.
@@ -184,20 +230,31 @@ impl Range {
 
 /// The reading client's end of a fetch.
 struct Reader {
-    started: oneshot::Receiver<Result<()>>,
+    started: oneshot::Receiver<Result<Source>>,
     chunks: mpsc::Receiver<Result<Bytes>>,
-    expected: u64,
+    engine: Engine,
+    digest: Digest,
+    range: Range,
 }
 
 impl Reader {
-    /// Waits until S3 answered with the object, then streams the range. The stream
-    /// reports an error in place of whatever part of the range did not arrive, so a
-    /// fetch that stops early never looks like a shorter blob.
+    /// Waits until S3 answered with the object, then streams the range (or reads it
+    /// locally, when the fetch found the blob stored). The stream reports an error in
+    /// place of whatever part of the range did not arrive, so a fetch that stops early
+    /// never looks like a shorter blob.
     async fn stream(self) -> Result<ByteStream> {
-        self.started
+        let source = self
+            .started
             .await
             .unwrap_or_else(|_| Err(Error::internal("the S3 fetch stopped before it started")))?;
-        let expected = self.expected;
+        if let Source::Local = source {
+            let local = self
+                .engine
+                .get(self.digest, self.range.start, Some(self.range.len()))
+                .await?;
+            return Ok(engine_stream(local));
+        }
+        let expected = self.range.len();
         let pieces = stream::unfold(Some((self.chunks, 0u64)), move |state| async move {
             let (mut chunks, received) = state?;
             match chunks.recv().await {
@@ -222,7 +279,7 @@ impl Reader {
 
 /// The fetch's end of the client's stream.
 struct Forward {
-    started: Option<oneshot::Sender<Result<()>>>,
+    started: Option<oneshot::Sender<Result<Source>>>,
     chunks: Option<mpsc::Sender<Result<Bytes>>>,
     range: Range,
     /// The last piece trimmed to the range, held back until the blob is verified.
@@ -234,7 +291,14 @@ impl Forward {
     fn start(&mut self) {
         if let Some(started) = self.started.take() {
             // A reader that stopped waiting is not a reason to stop the fetch.
-            let _ = started.send(Ok(()));
+            let _ = started.send(Ok(Source::S3));
+        }
+    }
+
+    /// Tells the client to read the copy the local engine holds.
+    fn local(&mut self) {
+        if let Some(started) = self.started.take() {
+            let _ = started.send(Ok(Source::Local));
         }
     }
 

@@ -91,7 +91,8 @@ impl Partition {
                         self.id,
                         self.limits.budget,
                         if st_replicating(self) {
-                            " (data not yet replicated to the slow tier is never evicted)"
+                            ": it holds data not yet replicated to the slow tier, which is never \
+                             evicted; writes are taken again as that backlog drains"
                         } else {
                             ""
                         }
