@@ -33,6 +33,8 @@ pub struct Metrics {
     accept_errors: IntCounter,
     max_connections: IntGauge,
     open_files_limit: IntGauge,
+    recovery_records: IntGaugeVec,
+    recovery_scanned_bytes: IntGauge,
 }
 
 impl Metrics {
@@ -84,6 +86,18 @@ impl Metrics {
                 &["store", "result"],
             )?,
             received: counter("received_bytes_total", "Blob bytes received from clients")?,
+            recovery_records: gauge(
+                "recovery_records",
+                "What the start-up recovery found, over every partition: index entries \
+                 loaded from checkpoints (checkpoint), records found by scanning past them \
+                 (scan), checkpoint entries of reclaimed segments (stale), damaged records \
+                 skipped (damaged)",
+                "source",
+            )?,
+            recovery_scanned_bytes: single_gauge(
+                "recovery_scanned_bytes",
+                "Bytes of segment files the start-up recovery scanned",
+            )?,
             sent: counter("sent_bytes_total", "Blob bytes sent to clients")?,
             used_bytes: gauge(
                 "partition_used_bytes",
@@ -227,6 +241,17 @@ impl Metrics {
             set(&self.sync_failures, label(), partition.sync_failures);
             set(&self.sync_micros, label(), partition.sync_micros);
         }
+        let recovery = stats.recovery();
+        for (source, count) in [
+            ("checkpoint", recovery.from_checkpoint),
+            ("scan", recovery.scanned_records),
+            ("stale", recovery.checkpoint_stale),
+            ("damaged", recovery.skipped_damaged),
+        ] {
+            set(&self.recovery_records, source.to_string(), count);
+        }
+        self.recovery_scanned_bytes
+            .set(i64::try_from(recovery.scanned_bytes).unwrap_or(i64::MAX));
         for (shard, depth) in stats.queue_depths.iter().enumerate() {
             set(&self.queue_depth, shard.to_string(), *depth);
         }

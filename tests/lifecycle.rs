@@ -270,6 +270,11 @@ async fn wait_committed(node: &Node, name: &str, committed: i64) {
     panic!("the upload {name} never reached {committed} bytes");
 }
 
+/// Index entries the start-up recovery loaded from checkpoints.
+const FROM_CHECKPOINT: &str = "cairn_recovery_records{source=\"checkpoint\"}";
+/// Records the start-up recovery found by scanning segments past the checkpoints.
+const SCANNED: &str = "cairn_recovery_records{source=\"scan\"}";
+
 /// A stop signal in the middle of a Write and a Read: the node stops accepting
 /// connections at once, lets both streams finish, exits 0, and keeps what they stored.
 async fn a_stop_signal_lets_a_write_and_a_read_finish(signal: i32) {
@@ -348,6 +353,10 @@ async fn a_stop_signal_lets_a_write_and_a_read_finish(signal: i32) {
     assert!(status.success(), "cairn exited with {status}");
 
     let node = Node::start_in(&dir, &["--no-execution"]);
+    // The stop wrote checkpoints covering everything: the restart loaded both blobs
+    // from them and scanned nothing.
+    assert!(node.metric_sum(FROM_CHECKPOINT) >= 2.0);
+    assert_eq!(node.metric_sum(SCANNED), 0.0);
     let mut client = node.bytestream().await;
     for (digest, data) in [(uploading_digest, &uploading), (stored_digest, &stored)] {
         let again = read_blob(&mut client, &read_name("", &digest), 0, 0)
@@ -424,6 +433,8 @@ async fn sigkill_mid_upload_loses_nothing_acknowledged() {
     let _ = call.await;
 
     let node = Node::start_in(&dir, &[]);
+    // No checkpoint was written after these blobs: the restart found them by scanning.
+    assert!(node.metric_sum(SCANNED) >= acknowledged.len() as f64);
     let mut client = node.bytestream().await;
     for (digest, data) in &acknowledged {
         let read = read_blob(&mut client, &read_name("", digest), 0, 0)

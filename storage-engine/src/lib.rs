@@ -92,6 +92,19 @@ impl Stats {
         self.partitions.iter().map(|p| p.crc_failures).sum()
     }
 
+    /// What the recoveries of every partition did, added up.
+    pub fn recovery(&self) -> RecoveryReport {
+        let mut total = RecoveryReport::default();
+        for p in &self.partitions {
+            total.from_checkpoint += p.recovery.from_checkpoint;
+            total.checkpoint_stale += p.recovery.checkpoint_stale;
+            total.scanned_records += p.recovery.scanned_records;
+            total.skipped_damaged += p.recovery.skipped_damaged;
+            total.scanned_bytes += p.recovery.scanned_bytes;
+        }
+        total
+    }
+
     pub fn evictions(&self) -> u64 {
         self.partitions.iter().map(|p| p.evictions).sum()
     }

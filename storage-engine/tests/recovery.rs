@@ -169,17 +169,6 @@ fn data_directory_of_another_format_version_is_refused() {
     assert!(err.message().contains("format 2"), "{err}");
 }
 
-fn recovery_totals(s: &cairn_storage::Stats) -> cairn_storage::RecoveryReport {
-    let mut total = cairn_storage::RecoveryReport::default();
-    for p in &s.partitions {
-        total.from_checkpoint += p.recovery.from_checkpoint;
-        total.checkpoint_stale += p.recovery.checkpoint_stale;
-        total.scanned_records += p.recovery.scanned_records;
-        total.skipped_damaged += p.recovery.skipped_damaged;
-    }
-    total
-}
-
 #[test]
 fn restarts_report_what_the_checkpoint_gave_and_what_was_scanned() {
     let live = tempfile::tempdir().unwrap();
@@ -189,13 +178,13 @@ fn restarts_report_what_the_checkpoint_gave_and_what_was_scanned() {
 
     // Clean restart: everything from the checkpoint written at shutdown, nothing scanned.
     let engine = start(config(live.path()));
-    let r = recovery_totals(&block_on(engine.stats()).unwrap());
+    let r = block_on(engine.stats()).unwrap().recovery();
     assert_eq!((r.from_checkpoint, r.scanned_records), (200, 0), "{r:?}");
     block_on(engine.shutdown()).unwrap();
 
     // Crash restart: the checkpoint's 101, the other 99 replayed from the log.
     let engine = start(config(image.path()));
-    let r = recovery_totals(&block_on(engine.stats()).unwrap());
+    let r = block_on(engine.stats()).unwrap().recovery();
     assert_eq!((r.from_checkpoint, r.scanned_records), (101, 99), "{r:?}");
     for (d, data) in &blobs {
         assert!(block_on(engine.get_bytes(*d)).unwrap() == *data);
@@ -209,7 +198,7 @@ fn restarts_report_what_the_checkpoint_gave_and_what_was_scanned() {
         let _ = std::fs::remove_file(p.path().join("checkpoint"));
     }
     let engine = start(config(scanned.path()));
-    let r = recovery_totals(&block_on(engine.stats()).unwrap());
+    let r = block_on(engine.stats()).unwrap().recovery();
     assert_eq!((r.from_checkpoint, r.scanned_records), (0, 200), "{r:?}");
     assert_eq!(r.skipped_damaged, 0);
     block_on(engine.shutdown()).unwrap();
@@ -275,7 +264,7 @@ fn restart_after_eviction_and_mid_reclaim() {
     for (what, path) in [("crash", image.path()), ("clean", dir.path())] {
         let engine = start(tiny(path));
         let stats = block_on(engine.stats()).unwrap();
-        let r = recovery_totals(&stats);
+        let r = stats.recovery();
         if what == "crash" {
             assert!(r.checkpoint_stale > 0, "{what}: {r:?}");
         } else {
@@ -317,7 +306,7 @@ fn a_huge_record_without_a_chunk_table_is_found_by_the_scan() {
         let _ = std::fs::remove_file(p.path().join("checkpoint"));
     }
     let engine = start(tiny(dir.path()));
-    let report = recovery_totals(&block_on(engine.stats()).unwrap());
+    let report = block_on(engine.stats()).unwrap().recovery();
     assert_eq!(report.skipped_damaged, 0, "{report:?}");
     let present = present_and_intact(&engine, &blobs);
     assert_eq!(present.len(), blobs.len(), "lost by the scan: {report:?}");
