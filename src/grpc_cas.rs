@@ -5,10 +5,10 @@
 //! small blobs inline; each blob gets its own status, so one bad blob (a digest that
 //! does not match its data) fails alone while its neighbours are stored. A batch whose
 //! total exceeds `max_batch_total_size_bytes` is refused whole, as REAPI requires.
-//! GetTree walks a directory tree breadth-first, returning it in pages whose token is
-//! the position in that walk, so a client can continue where a page ended.
+//! GetTree walks a directory tree breadth-first, in pages; a page's token resumes the
+//! walk where it ended (`tree_walk.rs`).
 
-use std::collections::{HashSet, VecDeque};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use cairn_proto::reapi::batch_read_blobs_response::Response as ReadResponse;
@@ -17,36 +17,33 @@ use cairn_proto::reapi::compressor::Value as Compressor;
 use cairn_proto::reapi::content_addressable_storage_server::ContentAddressableStorage;
 use cairn_proto::reapi::{
     BatchReadBlobsRequest, BatchReadBlobsResponse, BatchUpdateBlobsRequest,
-    BatchUpdateBlobsResponse, Directory, FindMissingBlobsRequest, FindMissingBlobsResponse,
-    GetTreeRequest, GetTreeResponse, SpliceBlobRequest, SpliceBlobResponse, SplitBlobRequest,
-    SplitBlobResponse,
+    BatchUpdateBlobsResponse, FindMissingBlobsRequest, FindMissingBlobsResponse, GetTreeRequest,
+    GetTreeResponse, SpliceBlobRequest, SpliceBlobResponse, SplitBlobRequest, SplitBlobResponse,
 };
 use cairn_proto::rpc;
-use cairn_storage::{Digest, DigestFunction};
+use cairn_storage::DigestFunction;
 use futures::future::join_all;
 use futures::stream::{self, BoxStream};
-use prost::Message;
 use tonic::{Request, Response, Status};
 
 use crate::digests::{self, function_of_request};
 use crate::error::{Error, Result};
 use crate::store::Store;
+use crate::tree_walk::TreeWalks;
 
 /// Most directories returned in one GetTree page, whatever the client asks for.
 const MAX_TREE_PAGE: usize = 4096;
 
-/// Most directory fetches in flight during a GetTree walk.
-const TREE_FETCH_WIDTH: usize = 64;
-
 /// The ContentAddressableStorage service.
 pub struct CasService {
     store: Store,
+    trees: Arc<TreeWalks>,
 }
 
 impl CasService {
-    /// A CAS service over `store`.
-    pub fn new(store: Store) -> Self {
-        Self { store }
+    /// A CAS service over `store`, parking GetTree walks between pages in `trees`.
+    pub fn new(store: Store, trees: Arc<TreeWalks>) -> Self {
+        Self { store, trees }
     }
 }
 
@@ -151,15 +148,17 @@ impl ContentAddressableStorage for CasService {
         let request = request.into_inner();
         let function = function_of_request(request.digest_function)?;
         let root = digests::required(function, request.root_digest.as_ref(), "root_digest")?;
-        let skip = parse_page_token(&request.page_token)?;
         let page_size = match usize::try_from(request.page_size) {
             Ok(0) => MAX_TREE_PAGE,
             Ok(size) => size.min(MAX_TREE_PAGE),
             Err(_) => return Err(Error::invalid_argument("page_size is negative").into()),
         };
-        let page = walk_tree(&self.store, root, skip, page_size).await?;
+        let page = self
+            .trees
+            .page(&self.store, root, &request.page_token, page_size)
+            .await?;
         let response = GetTreeResponse {
-            next_page_token: page.next.map(|next| next.to_string()).unwrap_or_default(),
+            next_page_token: page.next_page_token,
             directories: page.directories,
         };
         Ok(Response::new(Box::pin(stream::iter([Ok(response)]))))
@@ -224,82 +223,4 @@ fn decompress_bounded(data: &[u8], size: u64) -> Result<Bytes> {
     zstd::bulk::decompress(data, capacity)
         .map(Bytes::from)
         .map_err(|error| Error::invalid_argument(format!("invalid zstd data: {error}")))
-}
-
-fn parse_page_token(token: &str) -> Result<usize> {
-    if token.is_empty() {
-        return Ok(0);
-    }
-    token
-        .parse()
-        .map_err(|_| Error::invalid_argument(format!("invalid page_token `{token}`")))
-}
-
-/// One page of a tree walk.
-struct TreePage {
-    directories: Vec<Directory>,
-    /// Position of the first directory of the next page, if there is one.
-    next: Option<usize>,
-}
-
-/// Walks the tree under `root` breadth-first, each directory once, and returns the
-/// `take` directories after the first `skip`. Missing subdirectories are left out, as
-/// REAPI allows; a missing root is `NotFound`.
-async fn walk_tree(store: &Store, root: Digest, skip: usize, take: usize) -> Result<TreePage> {
-    let directory_limit = store.limits().max_batch_total_size;
-    let mut seen = HashSet::from([root]);
-    let mut queue = VecDeque::from([root]);
-    let mut position = 0usize;
-    let mut directories = Vec::new();
-    let mut first = true;
-    while !queue.is_empty() {
-        let width = queue.len().min(TREE_FETCH_WIDTH);
-        let level: Vec<Digest> = queue.drain(..width).collect();
-        let fetched = join_all(level.iter().map(|digest| async move {
-            if digest.size > directory_limit {
-                return Err(Error::invalid_argument(format!(
-                    "directory {}/{} is too large to be a Directory message",
-                    digest.hash_hex(),
-                    digest.size
-                )));
-            }
-            store.get_bytes(*digest).await
-        }))
-        .await;
-        for (digest, data) in level.into_iter().zip(fetched) {
-            let data = match data {
-                Ok(data) => data,
-                Err(error) if first => return Err(error),
-                Err(_) => continue,
-            };
-            first = false;
-            let directory = Directory::decode(data).map_err(|error| {
-                Error::invalid_argument(format!(
-                    "blob {}/{} is not a Directory: {error}",
-                    digest.hash_hex(),
-                    digest.size
-                ))
-            })?;
-            for child in &directory.directories {
-                let child = digests::required(digest.function, child.digest.as_ref(), "child")?;
-                if seen.insert(child) {
-                    queue.push_back(child);
-                }
-            }
-            if position >= skip {
-                if directories.len() == take {
-                    return Ok(TreePage {
-                        directories,
-                        next: Some(position),
-                    });
-                }
-                directories.push(directory);
-            }
-            position += 1;
-        }
-    }
-    Ok(TreePage {
-        directories,
-        next: None,
-    })
 }

@@ -35,6 +35,7 @@ mod signals;
 pub mod sink;
 pub mod slow_tier;
 pub mod store;
+pub mod tree_walk;
 pub mod uploads;
 pub mod worker;
 pub mod zstd_stream;

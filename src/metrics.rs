@@ -35,6 +35,7 @@ pub struct Metrics {
     open_files_limit: IntGauge,
     recovery_records: IntGaugeVec,
     recovery_scanned_bytes: IntGauge,
+    tree_reads: IntCounter,
 }
 
 impl Metrics {
@@ -86,6 +87,10 @@ impl Metrics {
                 &["store", "result"],
             )?,
             received: counter("received_bytes_total", "Blob bytes received from clients")?,
+            tree_reads: counter(
+                "get_tree_directories_read_total",
+                "Directories read by GetTree walks (a resumed page reads only its own)",
+            )?,
             recovery_records: gauge(
                 "recovery_records",
                 "What the start-up recovery found, over every partition: index entries \
@@ -216,6 +221,11 @@ impl Metrics {
     /// Counts blob bytes received.
     pub fn bytes_received(&self, bytes: u64) {
         self.received.inc_by(bytes);
+    }
+
+    /// Counts directories read by a GetTree walk.
+    pub fn tree_directories_read(&self, count: u64) {
+        self.tree_reads.inc_by(count);
     }
 
     /// Counts blob bytes sent.

@@ -37,6 +37,7 @@ use crate::metrics::Metrics;
 use crate::sink::Sink;
 use crate::slow_tier::SlowTier;
 use crate::store::{Limits, Store};
+use crate::tree_walk::TreeWalks;
 use crate::uploads::PendingUploads;
 use crate::{runtime, signals};
 
@@ -200,6 +201,7 @@ fn grpc_routes(
     limits: Limits,
     execution: bool,
 ) -> tonic::service::Routes {
+    let trees = Arc::new(TreeWalks::default());
     // A batch at the limit plus its framing must decode, so an over-limit batch reaches
     // the handler and gets a clear INVALID_ARGUMENT rather than a transport error.
     let message_limit = usize::try_from(limits.max_batch_total_size)
@@ -211,7 +213,7 @@ fn grpc_routes(
             .max_decoding_message_size(message_limit),
     )
     .add_service(
-        ContentAddressableStorageServer::new(CasService::new(store.clone()))
+        ContentAddressableStorageServer::new(CasService::new(store.clone(), trees))
             .max_decoding_message_size(message_limit),
     )
     .add_service(
