@@ -22,6 +22,7 @@ use serde_json::Value;
 
 use crate::byte_size::ByteSize;
 use crate::error::{Error, Result};
+use crate::runtime::Timeouts;
 use crate::slow_tier::config::S3Config;
 
 /// The cache node's settings.
@@ -56,6 +57,18 @@ pub struct Config {
     /// How long a shutdown waits for in-flight requests before closing connections,
     /// in seconds. Default `10`.
     pub shutdown_grace_seconds: u64,
+    /// How long a new connection may take to send its HTTP/2 preface (gRPC) or its
+    /// first request's headers (HTTP/1.1; and every later request's) before it is
+    /// closed, in seconds. Default `10`.
+    pub handshake_timeout_seconds: u64,
+    /// How long a connection with no request in flight and nothing received stays
+    /// open before it is closed (GOAWAY on HTTP/2), in seconds. Default `600`.
+    pub idle_timeout_seconds: u64,
+    /// How often an HTTP/2 peer is pinged to find one that vanished without closing
+    /// its connection (unanswered for the interval, at most 20 s, the connection is
+    /// closed), in seconds.
+    /// Default `60`.
+    pub keepalive_interval_seconds: u64,
     /// Most client connections served at once, gRPC and HTTP together; a connection
     /// past it is closed as soon as it is accepted. Default: the open-file limit
     /// (raised at start to its hard maximum) less a reserve of 256 descriptors plus 4
@@ -129,6 +142,9 @@ impl Default for Config {
             max_cas_blob_size: ByteSize(16 << 30),
             upload_resume_seconds: 60,
             shutdown_grace_seconds: 10,
+            handshake_timeout_seconds: 10,
+            idle_timeout_seconds: 600,
+            keepalive_interval_seconds: 60,
             max_connections: None,
             durability: Durability::Sync,
             s3: None,
@@ -164,6 +180,27 @@ impl Config {
     /// The shutdown grace period.
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_secs(self.shutdown_grace_seconds)
+    }
+
+    /// The connection timeouts; each must be at least a second.
+    pub fn connection_timeouts(&self) -> Result<Timeouts> {
+        let seconds = |key: &str, value: u64| {
+            if value == 0 {
+                Err(Error::invalid_argument(format!(
+                    "{key} must be at least 1 (seconds)"
+                )))
+            } else {
+                Ok(Duration::from_secs(value))
+            }
+        };
+        Ok(Timeouts {
+            handshake: seconds("handshake_timeout_seconds", self.handshake_timeout_seconds)?,
+            idle: seconds("idle_timeout_seconds", self.idle_timeout_seconds)?,
+            keepalive: seconds(
+                "keepalive_interval_seconds",
+                self.keepalive_interval_seconds,
+            )?,
+        })
     }
 }
 

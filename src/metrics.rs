@@ -33,6 +33,7 @@ pub struct Metrics {
     accept_errors: IntCounter,
     max_connections: IntGauge,
     open_files_limit: IntGauge,
+    connections_timed_out: IntCounterVec,
     recovery_records: IntGaugeVec,
     recovery_scanned_bytes: IntGauge,
     tree_reads: IntCounter,
@@ -87,6 +88,12 @@ impl Metrics {
                 &["store", "result"],
             )?,
             received: counter("received_bytes_total", "Blob bytes received from clients")?,
+            connections_timed_out: counter_vec(
+                "connections_timed_out_total",
+                "Connections closed for not completing their handshake in time (handshake) \
+                 or for idleness (idle)",
+                &["reason"],
+            )?,
             tree_reads: counter(
                 "get_tree_directories_read_total",
                 "Directories read by GetTree walks (a resumed page reads only its own)",
@@ -182,6 +189,11 @@ impl Metrics {
     /// The counter of connections refused for `max_connections`.
     pub fn connections_refused(&self) -> IntCounter {
         self.connections_refused.clone()
+    }
+
+    /// The counter of connections closed by a timeout, by reason.
+    pub fn connections_timed_out(&self) -> IntCounterVec {
+        self.connections_timed_out.clone()
     }
 
     /// The counter of failed `accept` calls.

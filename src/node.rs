@@ -160,6 +160,8 @@ pub fn run(config: Config) -> Result<()> {
         max_connections,
         connections_refused: metrics.connections_refused(),
         accept_errors: metrics.accept_errors(),
+        timeouts: config.connection_timeouts()?,
+        timed_out: metrics.connections_timed_out(),
     };
     let served = runtime::run(serve, runners, stop);
     if let Some((embedded, _forwarding)) = execution {

@@ -8,7 +8,8 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use futures::future::{select, Either};
 use glommio::net::TcpStream;
@@ -17,9 +18,12 @@ use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
 use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt};
 
+use super::timeouts::{
+    Activity, Counted, Expired, PingTimer, Timeouts, Watched, HTTP2_HANDSHAKE_BYTES, PING_ANSWER,
+};
 use crate::http_cache::HttpFront;
 
-type Io = TokioIo<Compat<TcpStream>>;
+type Io = TokioIo<Watched<Compat<TcpStream>>>;
 
 /// hyper's executor: spawns a connection's tasks on the current glommio executor.
 #[derive(Clone, Copy)]
@@ -36,29 +40,80 @@ where
 
 /// An HTTP/2 connection serving the gRPC routes.
 pub(super) type GrpcConnection =
-    http2::Connection<Io, TowerToHyperService<tonic::service::Routes>, LocalSpawner>;
+    http2::Connection<Io, Counted<TowerToHyperService<tonic::service::Routes>>, LocalSpawner>;
 
 /// An HTTP/1.1 connection serving the HTTP cache protocol.
-pub(super) type HttpConnection = http1::Connection<Io, HttpFront>;
+pub(super) type HttpConnection = http1::Connection<Io, Counted<HttpFront>>;
+
+/// What a connection's driver watches to close it when it expires.
+pub(super) struct Watch {
+    activity: Arc<Activity>,
+    timeouts: Timeouts,
+    /// Bytes a client must send to be past its handshake (0: hyper checks it).
+    handshake_bytes: u64,
+    /// Counts connections closed, by reason (`handshake`, `idle`).
+    expired: prometheus::IntCounterVec,
+}
 
 /// The HTTP/2 window sizes: large enough that a stream of 1 MiB writes never waits
 /// for a window update on a low-latency link.
 const STREAM_WINDOW: u32 = 4 << 20;
 const CONNECTION_WINDOW: u32 = 16 << 20;
 
-pub(super) fn serve_http2(stream: TcpStream, routes: tonic::service::Routes) -> GrpcConnection {
-    http2::Builder::new(LocalSpawner)
+/// What every connection is served with besides its socket.
+#[derive(Clone)]
+pub(super) struct ConnectionSettings {
+    pub timeouts: Timeouts,
+    pub timer: PingTimer,
+    pub expired: prometheus::IntCounterVec,
+}
+
+pub(super) fn serve_http2(
+    stream: TcpStream,
+    routes: tonic::service::Routes,
+    settings: &ConnectionSettings,
+) -> (GrpcConnection, Watch) {
+    let activity = Activity::new();
+    let connection = http2::Builder::new(LocalSpawner)
+        .timer(settings.timer.clone())
+        .keep_alive_interval(settings.timeouts.keepalive)
+        .keep_alive_timeout(settings.timeouts.keepalive.min(PING_ANSWER))
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(1 << 20)
         .serve_connection(
-            TokioIo::new(stream.compat()),
-            TowerToHyperService::new(routes),
-        )
+            TokioIo::new(Watched::new(stream.compat(), Arc::clone(&activity))),
+            Counted::new(TowerToHyperService::new(routes), Arc::clone(&activity)),
+        );
+    let watch = Watch {
+        activity,
+        timeouts: settings.timeouts,
+        handshake_bytes: HTTP2_HANDSHAKE_BYTES,
+        expired: settings.expired.clone(),
+    };
+    (connection, watch)
 }
 
-pub(super) fn serve_http1(stream: TcpStream, front: HttpFront) -> HttpConnection {
-    http1::Builder::new().serve_connection(TokioIo::new(stream.compat()), front)
+pub(super) fn serve_http1(
+    stream: TcpStream,
+    front: HttpFront,
+    settings: &ConnectionSettings,
+) -> (HttpConnection, Watch) {
+    let activity = Activity::new();
+    let connection = http1::Builder::new()
+        .timer(settings.timer.clone())
+        .header_read_timeout(settings.timeouts.handshake)
+        .serve_connection(
+            TokioIo::new(Watched::new(stream.compat(), Arc::clone(&activity))),
+            Counted::new(front, Arc::clone(&activity)),
+        );
+    let watch = Watch {
+        activity,
+        timeouts: settings.timeouts,
+        handshake_bytes: 0,
+        expired: settings.expired.clone(),
+    };
+    (connection, watch)
 }
 
 /// A hyper connection that can be asked to finish its in-flight requests and close.
@@ -78,28 +133,54 @@ impl Graceful for HttpConnection {
     }
 }
 
-/// Serves `connection` until it ends; once `stop` completes, lets its in-flight
-/// requests finish for at most `grace`, then drops it.
+/// Serves `connection` until it ends, it expires (see `timeouts.rs`) or `stop`
+/// completes; an idle connection and a stopping node let in-flight requests finish
+/// for at most `grace`, then drop the connection.
 pub(super) async fn drive<C: Graceful>(
     connection: C,
+    watch: Watch,
     stop: impl Future<Output = ()>,
     grace: Duration,
 ) {
     let mut connection = Box::pin(connection);
-    let outcome = match select(connection.as_mut(), Box::pin(stop)).await {
-        Either::Left((outcome, _)) => outcome,
-        Either::Right(((), _)) => {
-            connection.as_mut().graceful_shutdown();
-            match select(connection, Box::pin(glommio::timer::sleep(grace))).await {
-                Either::Left((outcome, _)) => outcome,
-                Either::Right(_) => {
-                    tracing::debug!("closing a connection still busy after the grace period");
-                    Ok(())
+    let mut stop = Box::pin(stop);
+    let outcome = loop {
+        let deadline = match watch.activity.check(&watch.timeouts, watch.handshake_bytes) {
+            Ok(deadline) => deadline,
+            Err(expired) => {
+                watch.expired.with_label_values(&[expired.label()]).inc();
+                tracing::debug!("closing a connection: {} timeout", expired.label());
+                if expired == Expired::Handshake {
+                    return;
                 }
+                break finish(connection, grace).await;
             }
+        };
+        let wait = glommio::timer::sleep(deadline.saturating_duration_since(Instant::now()));
+        let stopping =
+            match select(connection.as_mut(), select(stop.as_mut(), Box::pin(wait))).await {
+                Either::Left((outcome, _)) => break outcome,
+                Either::Right((Either::Left(_), _)) => true,
+                Either::Right((Either::Right(_), _)) => false,
+            };
+        if stopping {
+            break finish(connection, grace).await;
         }
     };
     if let Err(error) = outcome {
         tracing::debug!("connection ended: {error}");
+    }
+}
+
+/// Asks `connection` to finish its in-flight requests and close, waiting at most
+/// `grace`.
+async fn finish<C: Graceful>(mut connection: Pin<Box<C>>, grace: Duration) -> hyper::Result<()> {
+    connection.as_mut().graceful_shutdown();
+    match select(connection, Box::pin(glommio::timer::sleep(grace))).await {
+        Either::Left((outcome, _)) => outcome,
+        Either::Right(_) => {
+            tracing::debug!("closing a connection still busy after the grace period");
+            Ok(())
+        }
     }
 }

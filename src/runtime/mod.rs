@@ -20,6 +20,9 @@ pub mod fd_limit;
 mod hyper_glue;
 mod listener;
 mod shard;
+mod timeouts;
+
+pub use timeouts::Timeouts;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -54,12 +57,24 @@ pub struct Serve {
     pub connections_refused: prometheus::IntCounter,
     /// Counts failed `accept` calls.
     pub accept_errors: prometheus::IntCounter,
+    /// When connections are closed for never starting or for idleness, and how often
+    /// HTTP/2 peers are pinged.
+    pub timeouts: Timeouts,
+    /// Counts connections closed by a timeout (label `reason`).
+    pub timed_out: prometheus::IntCounterVec,
 }
 
 /// Runs one shard per runner until `stop` turns true, then drains and shuts the
 /// engine down. Returns the first error any shard met.
 pub fn run(serve: Serve, runners: Vec<ShardRunner>, stop: watch::Sender<bool>) -> Result<()> {
     let cpus = allowed_cpus();
+    // The runtime behind `PingTimer` (see timeouts.rs): one thread, timers only.
+    let timer_runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("cairn-timer")
+        .enable_time()
+        .build()
+        .map_err(|error| Error::internal(format!("cannot start the timer thread: {error}")))?;
     let (balancer, inboxes) =
         balance::Balancer::new(runners.len(), serve.connections, serve.max_connections);
     let shared = Arc::new(shard::Shared {
@@ -77,6 +92,11 @@ pub fn run(serve: Serve, runners: Vec<ShardRunner>, stop: watch::Sender<bool>) -
         connections_refused: serve.connections_refused,
         accept_errors: serve.accept_errors,
         listeners: Mutex::new(None),
+        connection_settings: hyper_glue::ConnectionSettings {
+            timeouts: serve.timeouts,
+            timer: timeouts::PingTimer::new(timer_runtime.handle().clone()),
+            expired: serve.timed_out,
+        },
     });
     let mut handles = Vec::with_capacity(runners.len());
     for (index, (runner, inbox)) in runners.into_iter().zip(inboxes).enumerate() {

@@ -38,6 +38,8 @@ pub(super) struct Shared {
     pub connections_refused: prometheus::IntCounter,
     /// Failed `accept` calls.
     pub accept_errors: prometheus::IntCounter,
+    /// Timeouts, keepalive and their counter, for every connection.
+    pub connection_settings: hyper_glue::ConnectionSettings,
     /// Bound once the engine has recovered, before `ready` says so, with the number
     /// of shards yet to take their copies.
     pub listeners: Mutex<Option<(Listeners, usize)>>,
@@ -241,16 +243,24 @@ fn serve(stream: TcpStream, here: Here<'_>, protocol: Protocol, slot: Slot) {
     let grace = here.shared.grace;
     let task = match protocol {
         Protocol::Grpc => {
-            let connection = hyper_glue::serve_http2(stream, here.shared.grpc.clone());
+            let (connection, watch) = hyper_glue::serve_http2(
+                stream,
+                here.shared.grpc.clone(),
+                &here.shared.connection_settings,
+            );
             glommio::spawn_local(async move {
-                hyper_glue::drive(connection, stop, grace).await;
+                hyper_glue::drive(connection, watch, stop, grace).await;
                 drop((guard, slot));
             })
         }
         Protocol::Http => {
-            let connection = hyper_glue::serve_http1(stream, here.shared.http.clone());
+            let (connection, watch) = hyper_glue::serve_http1(
+                stream,
+                here.shared.http.clone(),
+                &here.shared.connection_settings,
+            );
             glommio::spawn_local(async move {
-                hyper_glue::drive(connection, stop, grace).await;
+                hyper_glue::drive(connection, watch, stop, grace).await;
                 drop((guard, slot));
             })
         }
