@@ -34,6 +34,7 @@ use super::file_cache::FileCache;
 use super::inputs::{self, Fetched};
 use super::outputs::{self, Blobs};
 use super::paths::{check_relative_path, under};
+use super::plan;
 use crate::cas_client::{CasClient, TransferLimits};
 use crate::digests;
 use crate::error::{Error, Result};
@@ -147,7 +148,7 @@ impl Runner {
             Fetched::Ready(tree) => tree,
             Fetched::Missing(digests) => return Ok(Some(missing(digests))),
         };
-        let plan = inputs::plan(&root_digest, &tree)?;
+        let plan = plan::plan(&root_digest, &tree)?;
         let root = directory.join("root");
         std::fs::create_dir_all(&root)?;
         if let Fetched::Missing(digests) = inputs::materialize(
