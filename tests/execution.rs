@@ -358,7 +358,7 @@ impl Cluster {
                 seconds: timeout.as_secs() as i64,
                 nanos: 0,
             }),
-            do_not_cache: false,
+            do_not_cache: spec.do_not_cache,
             platform: Some(Platform {
                 properties: spec
                     .platform
@@ -459,6 +459,7 @@ struct Spec {
     platform: Vec<(&'static str, &'static str)>,
     input_root: Directory,
     blobs: Vec<Vec<u8>>,
+    do_not_cache: bool,
 }
 
 impl Spec {
@@ -471,6 +472,7 @@ impl Spec {
             platform: Vec::new(),
             input_root: Directory::default(),
             blobs: Vec::new(),
+            do_not_cache: false,
         }
     }
 
@@ -1071,6 +1073,46 @@ async fn hostile_paths_are_rejected() {
         !Path::new("/tmp/escape").exists(),
         "/tmp/escape was written"
     );
+}
+
+#[tokio::test]
+async fn do_not_cache_results_are_returned_but_not_stored() {
+    let mut cluster = Cluster::start(SchedulerConfig::Default, false);
+    cluster.worker("w1", &[]);
+    let script = "echo made > out";
+    let uncached = cluster
+        .action(Spec {
+            do_not_cache: true,
+            ..Spec::script(script).outputs(&["out"])
+        })
+        .await;
+    let cached = cluster.action(Spec::script(script).outputs(&["out"])).await;
+    for (action, stored) in [(uncached, false), (cached, true)] {
+        let (_, response) = cluster.execute(&action, false).await;
+        assert_eq!(code_of(&response), Code::Ok, "{response:?}");
+        assert!(!response.cached_result);
+        let result = response.result.clone().expect("result");
+        assert_eq!(result.exit_code, 0);
+        assert_eq!(output_file(&cluster, &response, "out").await, b"made\n");
+        let lookup = cluster
+            .node
+            .ac()
+            .await
+            .get_action_result(GetActionResultRequest {
+                action_digest: Some(action),
+                ..Default::default()
+            })
+            .await;
+        if stored {
+            let found = lookup.expect("the cacheable result is stored").into_inner();
+            assert_eq!(found.output_files, result.output_files);
+        } else {
+            assert_eq!(
+                lookup.expect_err("a do_not_cache result was stored").code(),
+                Code::NotFound
+            );
+        }
+    }
 }
 
 #[tokio::test]
