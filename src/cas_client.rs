@@ -26,16 +26,9 @@ use futures::{StreamExt, TryStreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::transport::Channel;
 
+use crate::digests::{key, BlobKey};
 use crate::error::{Error, Result};
 use crate::exec_common::error_from_status;
-
-/// A blob's identity as a map key.
-pub type BlobKey = (String, i64);
-
-/// The map key of `digest`.
-pub fn key(digest: &Digest) -> BlobKey {
-    (digest.hash.clone(), digest.size_bytes)
-}
 
 /// How blobs move between this process and the cache node.
 #[derive(Debug, Clone, Copy)]

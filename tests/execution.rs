@@ -10,6 +10,7 @@
 
 mod common;
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
@@ -357,7 +358,7 @@ impl Cluster {
                 seconds: timeout.as_secs() as i64,
                 nanos: 0,
             }),
-            do_not_cache: false,
+            do_not_cache: spec.do_not_cache,
             platform: Some(Platform {
                 properties: spec
                     .platform
@@ -458,6 +459,7 @@ struct Spec {
     platform: Vec<(&'static str, &'static str)>,
     input_root: Directory,
     blobs: Vec<Vec<u8>>,
+    do_not_cache: bool,
 }
 
 impl Spec {
@@ -470,6 +472,7 @@ impl Spec {
             platform: Vec::new(),
             input_root: Directory::default(),
             blobs: Vec::new(),
+            do_not_cache: false,
         }
     }
 
@@ -892,10 +895,28 @@ async fn inputs_and_outputs_are_materialized() {
     assert_eq!(tree.root.unwrap().directories[0].name, "d");
 }
 
+/// Everything beneath `dir`, relative to it, without following symlinks.
+fn listing(dir: &Path) -> BTreeSet<PathBuf> {
+    let mut found = BTreeSet::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(current) = pending.pop() {
+        for entry in std::fs::read_dir(&current).expect("read_dir") {
+            let path = entry.expect("directory entry").path();
+            if std::fs::symlink_metadata(&path).expect("lstat").is_dir() {
+                pending.push(path.clone());
+            }
+            found.insert(path.strip_prefix(dir).expect("beneath").to_path_buf());
+        }
+    }
+    found
+}
+
 #[tokio::test]
 async fn hostile_paths_are_rejected() {
     let mut cluster = Cluster::start(SchedulerConfig::Default, false);
-    cluster.worker("w1", &[]);
+    // The worker keeps the directory of each rejected task as it was at the end, so the
+    // test sees what the task wrote before it would have been cleaned up.
+    cluster.worker("w1", &["--keep-failed-tasks"]);
     let data = b"payload".to_vec();
     let file = |name: &str| FileNode {
         name: name.into(),
@@ -907,38 +928,76 @@ async fn hostile_paths_are_rejected() {
         target: target.into(),
         ..Default::default()
     };
-    // An action doing nothing over an input root holding one hostile entry.
+    // An action doing nothing over an input root holding one hostile entry, beside a
+    // harmless file: the tree is checked whole before anything is written, so not even
+    // the harmless file may appear.
     let with_file = |name: &str| Spec {
         input_root: Directory {
-            files: vec![file(name)],
+            files: vec![file("harmless"), file(name)],
             ..Default::default()
         },
         ..Spec::script("true")
     };
     let with_symlink = |target: &str| Spec {
         input_root: Directory {
+            files: vec![file("harmless")],
             symlinks: vec![symlink(target)],
             ..Default::default()
         },
         ..Spec::script("true")
     };
-    let cases: Vec<(&str, Spec)> = vec![
-        ("file named ..", with_file("..")),
-        ("file named ../escape", with_file("../escape")),
-        ("file with a slash", with_file("a/b")),
-        ("absolute file name", with_file("/tmp/escape")),
+    let below = |sub: Directory| {
+        let sub_bytes = sub.encode_to_vec();
+        Spec {
+            input_root: Directory {
+                files: vec![file("harmless")],
+                directories: vec![cairn_proto::reapi::DirectoryNode {
+                    name: "sub".into(),
+                    digest: Some(wire(&sha256(&sub_bytes))),
+                }],
+                ..Default::default()
+            },
+            blobs: vec![sub_bytes],
+            ..Spec::script("true")
+        }
+    };
+    // (what, the case, whether the command runs before the rejection)
+    let cases: Vec<(&str, Spec, bool)> = vec![
+        ("file named ..", with_file(".."), false),
+        ("file named ../escape", with_file("../escape"), false),
+        ("file with a slash", with_file("a/b"), false),
+        ("absolute file name", with_file("/tmp/escape"), false),
+        (
+            "file named ../escape in a subdirectory",
+            below(Directory {
+                files: vec![file("../escape")],
+                ..Default::default()
+            }),
+            false,
+        ),
         (
             "symlink climbing out",
             with_symlink("../../../../etc/passwd"),
+            false,
         ),
-        ("absolute symlink", with_symlink("/etc/passwd")),
+        ("absolute symlink", with_symlink("/etc/passwd"), false),
+        (
+            "symlink in a subdirectory climbing out",
+            below(Directory {
+                symlinks: vec![symlink("../../escape")],
+                ..Default::default()
+            }),
+            false,
+        ),
         (
             "output path with ..",
             Spec::script("true").outputs(&["../../outside"]),
+            false,
         ),
         (
             "absolute output path",
             Spec::script("true").outputs(&["/tmp/outside"]),
+            false,
         ),
         (
             "working directory with ..",
@@ -946,33 +1005,113 @@ async fn hostile_paths_are_rejected() {
                 working_directory: "..".into(),
                 ..Spec::script("true")
             },
+            false,
         ),
         (
             "output through a symlink",
             Spec::script("rm -r out && ln -s / out").outputs(&["out/etc/passwd"]),
+            true,
         ),
         (
             "output symlink escaping",
             Spec::script("ln -s /etc/passwd out").outputs(&["out"]),
+            true,
         ),
     ];
-    for (what, mut spec) in cases {
+    let work_dir = cluster.dir.path().join("w1");
+    for (what, mut spec, runs) in cases {
         spec.blobs.push(data.clone());
         let action = cluster.action(spec).await;
+        let before = listing(&work_dir);
         let (_, response) = cluster.execute(&action, false).await;
+        let created: Vec<PathBuf> = listing(&work_dir).difference(&before).cloned().collect();
+        let kept: Vec<&PathBuf> = created
+            .iter()
+            .filter(|path| path.parent() == Some(Path::new("tasks")))
+            .collect();
+        assert_eq!(
+            kept.len(),
+            1,
+            "{what}: one kept task directory: {created:?}"
+        );
+        let kept = kept[0].clone();
+        let mut inside = Vec::new();
+        for path in &created {
+            let relative = path.strip_prefix(&kept).unwrap_or_else(|_| {
+                panic!(
+                    "{what}: {} created outside the task directory",
+                    path.display()
+                )
+            });
+            if !relative.as_os_str().is_empty() {
+                inside.push(relative.to_path_buf());
+            }
+        }
+        if runs {
+            for path in &inside {
+                assert!(
+                    ["root", "stdout", "stderr"]
+                        .iter()
+                        .any(|allowed| path.starts_with(allowed)),
+                    "{what}: {} created beside the action root",
+                    path.display()
+                );
+            }
+        } else {
+            assert!(
+                inside.is_empty(),
+                "{what}: written before the rejection: {inside:?}"
+            );
+        }
         assert_eq!(
             code_of(&response),
             Code::InvalidArgument,
             "{what}: {response:?}"
         );
     }
-    let work_dir = cluster.dir.path().join("w1");
-    for escaped in [
-        work_dir.join("escape"),
-        work_dir.join("tasks/escape"),
-        PathBuf::from("/tmp/escape"),
-    ] {
-        assert!(!escaped.exists(), "{} was written", escaped.display());
+    assert!(
+        !Path::new("/tmp/escape").exists(),
+        "/tmp/escape was written"
+    );
+}
+
+#[tokio::test]
+async fn do_not_cache_results_are_returned_but_not_stored() {
+    let mut cluster = Cluster::start(SchedulerConfig::Default, false);
+    cluster.worker("w1", &[]);
+    let script = "echo made > out";
+    let uncached = cluster
+        .action(Spec {
+            do_not_cache: true,
+            ..Spec::script(script).outputs(&["out"])
+        })
+        .await;
+    let cached = cluster.action(Spec::script(script).outputs(&["out"])).await;
+    for (action, stored) in [(uncached, false), (cached, true)] {
+        let (_, response) = cluster.execute(&action, false).await;
+        assert_eq!(code_of(&response), Code::Ok, "{response:?}");
+        assert!(!response.cached_result);
+        let result = response.result.clone().expect("result");
+        assert_eq!(result.exit_code, 0);
+        assert_eq!(output_file(&cluster, &response, "out").await, b"made\n");
+        let lookup = cluster
+            .node
+            .ac()
+            .await
+            .get_action_result(GetActionResultRequest {
+                action_digest: Some(action),
+                ..Default::default()
+            })
+            .await;
+        if stored {
+            let found = lookup.expect("the cacheable result is stored").into_inner();
+            assert_eq!(found.output_files, result.output_files);
+        } else {
+            assert_eq!(
+                lookup.expect_err("a do_not_cache result was stored").code(),
+                Code::NotFound
+            );
+        }
     }
 }
 

@@ -94,6 +94,25 @@ def main():
     write("digest_parse", "non-hex", bytes([0]) + struct.pack("<Q", 1) + b"g" * 64)
     write("digest_parse", "multibyte", bytes([1]) + struct.pack("<Q", 1) + ("\u00e9" * 32).encode())
 
+    # input_plan: directory count, then operations (fuzz_targets/input_plan.rs). Name
+    # bytes below 0x80 pick from its NAMES: 0 "a", 1 "b", 2 "c", 3 "d", 4 "..", 10 "../x".
+    nxt, f, d, s, raw = 0, 1, 2, 3, 4
+    write("input_plan", "valid-tree",
+          bytes([1, f, 0, 1, d, 3, 1, s, 1, 0, nxt, f, 1, 0, s, 2, 10]))
+    write("input_plan", "file-named-dotdot", bytes([0, f, 0, 0, f, 4, 0]))
+    write("input_plan", "contains-itself", bytes([0, f, 1, 0, d, 0, 0]))
+    write("input_plan", "missing-subdirectory", bytes([0, d, 0, 1]))
+    fanout = [3]
+    for i in range(3):
+        fanout += [d, 0, i + 1, d, 1, i + 1, nxt]
+    write("input_plan", "shared-subdirectories", bytes(fanout + [f, 2, 1]))
+    digest = b"\x0a\x40" + b"f" * 64 + b"\x10\x03"
+    file_node = b"\x0a\x01p\x12" + bytes([len(digest)]) + digest
+    directory = b"\x0a" + bytes([len(file_node)]) + file_node
+    write("input_plan", "decoded-directory", bytes([0, raw, len(directory)]) + directory)
+    write("input_plan", "symlink-escaping-from-below",
+          bytes([1, d, 3, 1, nxt, s, 0, 0x85, 2, 2, 3, 2, 2]))  # "../.." in d
+
 
 if __name__ == "__main__":
     main()

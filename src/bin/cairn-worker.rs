@@ -48,6 +48,11 @@ struct Args {
     #[arg(long = "property", value_name = "NAME=VALUE")]
     properties: Vec<String>,
 
+    /// Keep the directories of failed tasks in WORK_DIR/tasks for inspection (until the
+    /// worker starts again) [default: removed].
+    #[arg(long)]
+    keep_failed_tasks: bool,
+
     /// Once registered with the scheduler, write the worker id to this file.
     #[arg(long, value_name = "FILE")]
     ready_file: Option<PathBuf>,
@@ -68,6 +73,9 @@ fn apply(args: Args, mut config: WorkerConfig) -> cairn::Result<(WorkerConfig, O
     }
     if let Some(max) = args.max_inflight_tasks {
         config.max_inflight_tasks = Some(max);
+    }
+    if args.keep_failed_tasks {
+        config.keep_failed_tasks = true;
     }
     for property in args.properties {
         let (name, value) = property.split_once('=').ok_or_else(|| {

@@ -65,6 +65,13 @@ pub struct WorkerConfig {
     /// Default `"1s"`.
     #[serde(deserialize_with = "deserialize_duration")]
     pub retry_delay: Duration,
+    /// Keep the directory of each failed task as it was when the task ended, for
+    /// inspection: a task is failed when it ends in any status but OK (a hostile input
+    /// tree, missing inputs, a timeout) or its command exits non-zero. The directory
+    /// stays in `work_dir/tasks/` and its path is logged with the action digest;
+    /// nothing removes it until the worker starts again, so enable this for debugging
+    /// only. Default `false`: every task directory is removed when its task ends.
+    pub keep_failed_tasks: bool,
 }
 
 impl Default for WorkerConfig {
@@ -81,6 +88,7 @@ impl Default for WorkerConfig {
             batch_threshold: ByteSize(1 << 20),
             transfer_concurrency: 16,
             retry_delay: Duration::from_secs(1),
+            keep_failed_tasks: false,
         }
     }
 }
@@ -143,6 +151,7 @@ mod tests {
         assert_eq!(config.file_cache_size, ByteSize(10 << 30));
         assert!(config.platform().is_empty());
         assert!(config.max_inflight() >= 1);
+        assert!(!config.keep_failed_tasks);
 
         let config: WorkerConfig = parse_json5(
             "{ properties: { cpu_arch: 'x86_64', cpu_count: 4, pool: ['a', 'b'] },

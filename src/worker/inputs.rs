@@ -4,9 +4,9 @@
 //!
 //! 1. [`fetch_tree`] reads the Directory messages level by level, each level in a few
 //!    concurrent batches (a tree is mostly small Directory blobs).
-//! 2. [`plan`] walks the tree from the root and checks every name and symlink with the
-//!    rules of [`super::paths`]; a hostile tree fails here, before the action directory
-//!    is touched.
+//! 2. [`super::plan`] walks the tree from the root and checks every name and symlink
+//!    with the rules of [`super::paths`]; a hostile tree fails there, before the action
+//!    directory is touched.
 //! 3. [`materialize`] creates the directories, makes sure every file is in the local
 //!    [`FileCache`] (small files fetched in batches, large ones streamed, concurrently),
 //!    puts a private copy of each in place (a reflink where the filesystem has them;
@@ -23,8 +23,9 @@ use futures::{StreamExt, TryStreamExt};
 use prost::Message;
 
 use super::file_cache::{entry_name, FileCache};
-use super::paths::{check_name, check_symlink_target};
-use crate::cas_client::{key, BlobKey, CasClient};
+use super::plan::InputPlan;
+use crate::cas_client::CasClient;
+use crate::digests::{key, BlobKey};
 use crate::error::{Error, Result};
 
 /// Something that needs blobs, and either got them all or names those it lacks.
@@ -33,21 +34,6 @@ pub enum Fetched<T> {
     Ready(T),
     /// These blobs are missing from the CAS.
     Missing(Vec<Digest>),
-}
-
-/// At most this many entries in one input tree; the same subdirectory may appear
-/// under many names, so a small tree of Directory blobs can describe a huge one.
-const MAX_ENTRIES: usize = 4_000_000;
-
-/// What [`materialize`] creates, relative to the action root, parents first.
-#[derive(Debug, Default)]
-pub struct InputPlan {
-    /// Directories to create.
-    pub directories: Vec<PathBuf>,
-    /// Files: path, digest, executable.
-    pub files: Vec<(PathBuf, Digest, bool)>,
-    /// Symlinks: path, target.
-    pub symlinks: Vec<(PathBuf, String)>,
 }
 
 /// Reads every Directory of the tree rooted at `root`.
@@ -93,70 +79,6 @@ pub async fn fetch_tree(
     } else {
         Ok(Fetched::Missing(missing))
     }
-}
-
-/// Checks the tree and lists what to create.
-pub fn plan(root: &Digest, directories: &HashMap<BlobKey, Directory>) -> Result<InputPlan> {
-    let mut plan = InputPlan::default();
-    let mut pending = vec![(PathBuf::new(), key(root))];
-    let mut entries = 0usize;
-    while let Some((path, digest_key)) = pending.pop() {
-        let directory = directories.get(&digest_key).ok_or_else(|| {
-            Error::internal(format!(
-                "directory {}/{} was not fetched",
-                digest_key.0, digest_key.1
-            ))
-        })?;
-        entries += directory.files.len() + directory.directories.len() + directory.symlinks.len();
-        if entries > MAX_ENTRIES {
-            return Err(Error::invalid_argument(format!(
-                "the input tree has more than {MAX_ENTRIES} entries"
-            )));
-        }
-        let mut names = HashSet::new();
-        let mut unique = |name: &str| -> Result<()> {
-            check_name(name)?;
-            if !names.insert(name.to_string()) {
-                return Err(Error::invalid_argument(format!(
-                    "input directory `{}` has two entries named `{name}`",
-                    path.display()
-                )));
-            }
-            Ok(())
-        };
-        for file in &directory.files {
-            unique(&file.name)?;
-            let digest = file.digest.clone().ok_or_else(|| {
-                Error::invalid_argument(format!("input file `{}` has no digest", file.name))
-            })?;
-            if digest.size_bytes < 0 {
-                return Err(Error::invalid_argument(format!(
-                    "input file `{}` has a negative size",
-                    file.name
-                )));
-            }
-            plan.files
-                .push((path.join(&file.name), digest, file.is_executable));
-        }
-        for symlink in &directory.symlinks {
-            unique(&symlink.name)?;
-            check_symlink_target(&path, &symlink.target)?;
-            plan.symlinks
-                .push((path.join(&symlink.name), symlink.target.clone()));
-        }
-        for child in &directory.directories {
-            unique(&child.name)?;
-            let digest = child.digest.as_ref().ok_or_else(|| {
-                Error::invalid_argument(format!("input directory `{}` has no digest", child.name))
-            })?;
-            let child_path = path.join(&child.name);
-            plan.directories.push(child_path.clone());
-            pending.push((child_path, key(digest)));
-        }
-    }
-    plan.directories
-        .sort_by_key(|path| path.components().count());
-    Ok(plan)
 }
 
 /// Creates the planned inputs beneath `root`, which must exist and be empty.
@@ -294,133 +216,4 @@ async fn fill_cache(
         .await?;
     missing.extend(streamed.into_iter().flatten());
     Ok(missing)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use cairn_proto::reapi::{DirectoryNode, FileNode, SymlinkNode};
-
-    fn digest(n: u8) -> Digest {
-        Digest {
-            hash: format!("{n:064x}"),
-            size_bytes: 1,
-        }
-    }
-
-    fn file(name: &str) -> FileNode {
-        FileNode {
-            name: name.to_string(),
-            digest: Some(digest(9)),
-            ..Default::default()
-        }
-    }
-
-    fn tree(root: Directory, sub: Directory) -> HashMap<BlobKey, Directory> {
-        HashMap::from([(key(&digest(1)), root), (key(&digest(2)), sub)])
-    }
-
-    fn subdir(name: &str) -> DirectoryNode {
-        DirectoryNode {
-            name: name.to_string(),
-            digest: Some(digest(2)),
-        }
-    }
-
-    fn rejected(root: Directory, sub: Directory) {
-        let error = plan(&digest(1), &tree(root, sub)).unwrap_err();
-        assert_eq!(error.kind(), crate::ErrorKind::InvalidArgument, "{error}");
-    }
-
-    #[test]
-    fn plans_a_valid_tree() {
-        let root = Directory {
-            files: vec![file("a")],
-            directories: vec![subdir("d")],
-            symlinks: vec![SymlinkNode {
-                name: "l".into(),
-                target: "d/b".into(),
-                ..Default::default()
-            }],
-            ..Default::default()
-        };
-        let sub = Directory {
-            files: vec![file("b")],
-            symlinks: vec![SymlinkNode {
-                name: "up".into(),
-                target: "../a".into(),
-                ..Default::default()
-            }],
-            ..Default::default()
-        };
-        let plan = plan(&digest(1), &tree(root, sub)).unwrap();
-        assert_eq!(plan.directories, vec![PathBuf::from("d")]);
-        let files: Vec<_> = plan.files.iter().map(|(path, _, _)| path.clone()).collect();
-        assert!(files.contains(&PathBuf::from("a")));
-        assert!(files.contains(&PathBuf::from("d/b")));
-        assert_eq!(plan.symlinks.len(), 2);
-    }
-
-    #[test]
-    fn rejects_hostile_trees() {
-        let empty = Directory::default();
-        for name in ["..", ".", "", "../etc", "a/b", "/abs"] {
-            rejected(
-                Directory {
-                    files: vec![file(name)],
-                    ..Default::default()
-                },
-                empty.clone(),
-            );
-            rejected(
-                Directory {
-                    directories: vec![subdir(name)],
-                    ..Default::default()
-                },
-                empty.clone(),
-            );
-        }
-        rejected(
-            Directory {
-                files: vec![file("x"), file("x")],
-                ..Default::default()
-            },
-            empty.clone(),
-        );
-        rejected(
-            Directory {
-                files: vec![file("x")],
-                directories: vec![subdir("x")],
-                ..Default::default()
-            },
-            empty.clone(),
-        );
-        for target in ["../x", "/etc/passwd", "d/../../x"] {
-            rejected(
-                Directory {
-                    symlinks: vec![SymlinkNode {
-                        name: "l".into(),
-                        target: target.into(),
-                        ..Default::default()
-                    }],
-                    ..Default::default()
-                },
-                empty.clone(),
-            );
-        }
-        rejected(
-            Directory {
-                directories: vec![subdir("d")],
-                ..Default::default()
-            },
-            Directory {
-                symlinks: vec![SymlinkNode {
-                    name: "l".into(),
-                    target: "../../x".into(),
-                    ..Default::default()
-                }],
-                ..Default::default()
-            },
-        );
-    }
 }

@@ -14,7 +14,8 @@
 //!
 //! Like the scheduler it is a tokio program that never starts glommio or the storage
 //! engine. The modules: [`config`], [`paths`] (keeping actions inside their
-//! directory), [`file_cache`], [`inputs`], [`outputs`], [`runner`] (one task) and
+//! directory), [`file_cache`], [`inputs`] (fetching and materializing input trees),
+//! [`plan`] (checking them in between), [`outputs`], [`runner`] (one task) and
 //! [`session`] (the connection to the scheduler).
 
 pub mod config;
@@ -22,5 +23,6 @@ pub mod file_cache;
 pub mod inputs;
 pub mod outputs;
 pub mod paths;
+pub mod plan;
 pub mod runner;
 pub mod session;

@@ -29,7 +29,7 @@ use cairn_storage::DigestFunction;
 use prost::Message;
 
 use super::paths::{check_relative_path, check_symlink_target, lookup_beneath, Found};
-use crate::cas_client::{key, BlobKey};
+use crate::digests::{key, BlobKey};
 use crate::error::{Error, Result};
 
 /// An output the Command asks for, with the kind the older fields promise.

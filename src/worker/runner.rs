@@ -2,7 +2,9 @@
 //!
 //! Each task gets a fresh directory under the work directory: `root/` is the action's
 //! input root (the command runs in `root/<working_directory>`), and `stdout` / `stderr`
-//! sit beside it, outside the tree the action can name. The command runs in its own
+//! sit beside it, outside the tree the action can name. The directory is removed when
+//! the task ends, unless the task failed and `keep_failed_tasks` asks to keep it as it
+//! was, for inspection. The command runs in its own
 //! process group, so a timeout or a cancellation kills everything it started, not
 //! just the first process; the group is killed after a normal exit too, so nothing an
 //! action leaves behind outlives it. Children also get a parent-death signal, so
@@ -34,6 +36,7 @@ use super::file_cache::FileCache;
 use super::inputs::{self, Fetched};
 use super::outputs::{self, Blobs};
 use super::paths::{check_relative_path, under};
+use super::plan;
 use crate::cas_client::{CasClient, TransferLimits};
 use crate::digests;
 use crate::error::{Error, Result};
@@ -68,8 +71,25 @@ impl Runner {
         cancel: CancellationToken,
     ) -> Option<ExecuteResponse> {
         let directory = self.tasks_dir.join(random_name());
-        let outcome = self.run_in(&task, &directory, &cancel).await;
-        remove_tree(&directory);
+        let outcome = match std::fs::create_dir(&directory) {
+            Ok(()) => self.run_in(&task, &directory, &cancel).await,
+            Err(error) => Err(error.into()),
+        };
+        if self.config.keep_failed_tasks && failed(&outcome) {
+            let action = task
+                .action_digest
+                .as_ref()
+                .map_or_else(String::new, |digest| {
+                    format!("{}/{}", digest.hash, digest.size_bytes)
+                });
+            tracing::warn!(
+                task = %task.task_id,
+                "kept the directory {} of the failed action {action}",
+                directory.display()
+            );
+        } else {
+            remove_tree(&directory);
+        }
         match outcome {
             Ok(Some(response)) => Some(response),
             Ok(None) => None,
@@ -147,7 +167,7 @@ impl Runner {
             Fetched::Ready(tree) => tree,
             Fetched::Missing(digests) => return Ok(Some(missing(digests))),
         };
-        let plan = inputs::plan(&root_digest, &tree)?;
+        let plan = plan::plan(&root_digest, &tree)?;
         let root = directory.join("root");
         std::fs::create_dir_all(&root)?;
         if let Fetched::Missing(digests) = inputs::materialize(
@@ -244,6 +264,25 @@ impl Runner {
             status: Some(status),
             ..Default::default()
         }))
+    }
+}
+
+/// Whether a task's outcome is a failure worth keeping its directory for: an error, a
+/// status other than OK, or a non-zero exit code (a cancelled task is not).
+fn failed(outcome: &Result<Option<ExecuteResponse>>) -> bool {
+    match outcome {
+        Err(_) => true,
+        Ok(None) => false,
+        Ok(Some(response)) => {
+            response
+                .status
+                .as_ref()
+                .is_some_and(|status| status.code != 0)
+                || response
+                    .result
+                    .as_ref()
+                    .is_some_and(|result| result.exit_code != 0)
+        }
     }
 }
 

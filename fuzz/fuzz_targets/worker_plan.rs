@@ -1,0 +1,16 @@
+// The worker's input-tree planner, compiled straight from the worker's sources so that
+// the fuzz target needs neither the worker's runtime nor its gRPC client. Each file
+// only refers to the modules declared here. Included at a target's crate root.
+
+#[path = "../../src/digests.rs"]
+#[allow(dead_code)]
+mod digests;
+#[path = "../../src/error.rs"]
+#[allow(dead_code)]
+mod error;
+#[path = "../../src/worker/paths.rs"]
+#[allow(dead_code)]
+mod paths;
+#[path = "../../src/worker/plan.rs"]
+#[allow(dead_code)]
+mod plan;
