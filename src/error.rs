@@ -30,6 +30,28 @@ pub enum ErrorKind {
     Internal,
 }
 
+/// Longest message an error carries, in bytes. Messages often quote client input (a
+/// resource name, a token); quoted whole, a 1 MiB name went into `grpc-message` and
+/// the client then failed on its own metadata limit (8 KiB in grpc-go, 16 KiB in
+/// Bazel's netty), never seeing the error.
+pub const MAX_MESSAGE: usize = 1024;
+
+/// `message` cut to at most [`MAX_MESSAGE`] bytes on a character boundary, saying how
+/// much was left out.
+fn bounded(mut message: String) -> String {
+    if message.len() <= MAX_MESSAGE {
+        return message;
+    }
+    let total = message.len();
+    let mut cut = MAX_MESSAGE - 40;
+    while !message.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    message.truncate(cut);
+    message.push_str(&format!("… ({} more bytes)", total - cut));
+    message
+}
+
 /// An error with the kind that decides its wire status and a human-readable message.
 #[derive(Debug, Clone)]
 pub struct Error {
@@ -38,11 +60,11 @@ pub struct Error {
 }
 
 impl Error {
-    /// An error of `kind` described by `message`.
+    /// An error of `kind` described by `message`, cut to [`MAX_MESSAGE`] bytes.
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
         Self {
             kind,
-            message: message.into(),
+            message: bounded(message.into()),
         }
     }
 
@@ -144,3 +166,22 @@ impl From<cairn_storage::Error> for Error {
 
 /// The crate's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_quoting_huge_client_input_are_cut() {
+        let name = "é".repeat(1 << 19);
+        let error = Error::invalid_argument(format!("invalid resource name `{name}`"));
+        assert!(error.message().len() <= MAX_MESSAGE);
+        assert!(
+            error.message().ends_with("more bytes)"),
+            "{}",
+            error.message()
+        );
+        let short = Error::not_found("blob x not found");
+        assert_eq!(short.message(), "blob x not found");
+    }
+}

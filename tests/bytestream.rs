@@ -818,3 +818,58 @@ async fn corrupted_later_chunk_fails_the_read_at_that_chunk() {
         .unwrap();
     assert!(read == data, "the blob uploaded again reads back whole");
 }
+
+/// A 1 MiB resource name used to come back whole in `grpc-message`, past every
+/// client's metadata limit, so the client failed on its own limit and never saw the
+/// error. The message now quotes a bounded part of it.
+#[tokio::test]
+async fn a_huge_resource_name_gets_a_readable_error() {
+    let node = Node::start();
+    let name = format!("{}/blobs/{}/huge", "x".repeat(1 << 20), "0".repeat(64));
+    let mut client = node.bytestream().await;
+    let status = client
+        .query_write_status(QueryWriteStatusRequest {
+            resource_name: name.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        status.code(),
+        Code::InvalidArgument,
+        "{:.200}",
+        status.message()
+    );
+    assert!(
+        status.message().len() <= 1024,
+        "{} bytes",
+        status.message().len()
+    );
+    assert!(
+        status.message().contains("resource name"),
+        "{}",
+        status.message()
+    );
+    let mut reading = client
+        .read(cairn_proto::bytestream::ReadRequest {
+            resource_name: name,
+            read_offset: 0,
+            read_limit: 0,
+        })
+        .await;
+    let status = match reading.as_mut() {
+        Ok(stream) => stream.get_mut().message().await.unwrap_err(),
+        Err(status) => status.clone(),
+    };
+    assert_eq!(
+        status.code(),
+        Code::InvalidArgument,
+        "{:.200}",
+        status.message()
+    );
+    assert!(
+        status.message().len() <= 1024,
+        "{} bytes",
+        status.message().len()
+    );
+    assert!(node.terminate().success());
+}
