@@ -22,14 +22,19 @@ use cairn_proto::reapi::{
 };
 use cairn_proto::rpc;
 use cairn_storage::DigestFunction;
-use futures::future::join_all;
-use futures::stream::{self, BoxStream};
+use futures::stream::{self, BoxStream, StreamExt};
 use tonic::{Request, Response, Status};
 
 use crate::digests::{self, function_of_request};
 use crate::error::{Error, Result};
 use crate::store::Store;
 use crate::tree_walk::TreeWalks;
+
+/// Entries of one batch call stored or read at once. All at once, a batch of 100,000
+/// tiny blobs (8.6 MB on the wire) made 100,000 futures and engine requests together
+/// and took the node from 37 MB to 394 MB; 64 keep the shards' queues and the group
+/// commit busy while the batch costs a small multiple of its wire size.
+const BATCH_IN_FLIGHT: usize = 64;
 
 /// Most directories returned in one GetTree page, whatever the client asks for.
 const MAX_TREE_PAGE: usize = 4096;
@@ -101,7 +106,10 @@ impl ContentAddressableStorage for CasService {
             }
         });
         Ok(Response::new(BatchUpdateBlobsResponse {
-            responses: join_all(updates).await,
+            responses: stream::iter(updates)
+                .buffered(BATCH_IN_FLIGHT)
+                .collect()
+                .await,
         }))
     }
 
@@ -134,7 +142,10 @@ impl ContentAddressableStorage for CasService {
                 }
             });
         Ok(Response::new(BatchReadBlobsResponse {
-            responses: join_all(reads).await,
+            responses: stream::iter(reads)
+                .buffered(BATCH_IN_FLIGHT)
+                .collect()
+                .await,
         }))
     }
 
