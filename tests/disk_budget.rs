@@ -2,8 +2,9 @@
 //! loop-mounted ext4 of 320 MiB with `--max-size 2GiB`. The node lowers the budget to
 //! what the disk can hold and says so, writes of three times the disk's size all
 //! succeed (old blobs are evicted, the newest read back), no error names a server
-//! path, and a restart with the same flags takes writes again. Needs root (as CI has)
-//! for `mount`.
+//! path, and a restart with the same flags takes writes again. When another process
+//! fills the disk instead, writes get RESOURCE_EXHAUSTED naming no server path and
+//! `/healthz` answers 503 until the space is freed. Needs root (as CI has) for `mount`.
 
 mod common;
 
@@ -222,5 +223,53 @@ async fn a_budget_over_the_disk_is_clamped_and_a_full_disk_evicts() {
     );
     let read = read_blob(&mut bytestream, &read_name("", &digest), 0, 0).await;
     assert!(read.unwrap() == data);
+    assert!(node.terminate().success());
+}
+
+/// Bytes free on the filesystem holding `path`.
+fn free_bytes(path: &Path) -> u64 {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: statvfs writes into the zeroed struct; the path is NUL-terminated.
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut s) }, 0);
+    s.f_bavail * s.f_frsize
+}
+
+#[tokio::test]
+async fn a_disk_another_process_filled_refuses_writes_and_says_so() {
+    let fs = Ext4::mount(FS_MIB);
+    let dir = fs.mount.join("data");
+    let node = start(&dir);
+    let filler = fs.mount.join("filler");
+    let free = free_bytes(&fs.mount);
+    std::fs::write(&filler, vec![1u8; (free - (1 << 20)) as usize]).unwrap();
+
+    let data = big(7);
+    let name = upload_name("", &sha256(&data));
+    let mut bytestream = node.bytestream().await;
+    let status = write_blob(&mut bytestream, &name, &data)
+        .await
+        .expect_err("an 8 MiB write into a disk with 1 MiB left succeeded");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    let mount = fs.mount.to_string_lossy().to_string();
+    assert!(
+        !status.message().contains(&mount),
+        "the error names a server path: {}",
+        status.message()
+    );
+    let (code, body) = http(node.http, "GET", "/healthz", b"");
+    let body = String::from_utf8_lossy(&body).to_string();
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("writes refused"), "{body}");
+
+    std::fs::remove_file(&filler).unwrap();
+    let written = write_blob(&mut bytestream, &name, &data).await;
+    assert_eq!(
+        written.unwrap(),
+        BIG as i64,
+        "the write once space was freed"
+    );
+    let (code, body) = http(node.http, "GET", "/healthz", b"");
+    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
     assert!(node.terminate().success());
 }
