@@ -39,7 +39,12 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Byte budget of the store, e.g. `"20GiB"`. Default: 90% of the space available
     /// to the data directory when the node starts (free space on its filesystem plus
-    /// what the directory already holds).
+    /// what the directory already holds). A larger value is lowered at start to that
+    /// same 90%, with a warning naming both (`cairn_budget_clamped_bytes`), rather than
+    /// refused: a budget the disk cannot hold is a budget never reached, and the node
+    /// is better off evicting within what the disk has than not starting after a move
+    /// to a smaller disk or while another process holds part of it. Startup rejects
+    /// only what cannot work at all.
     pub max_size: Option<ByteSize>,
     /// Number of shards, each a thread pinned to a core with its own executor.
     /// Default: the number of CPUs this process may run on.

@@ -76,16 +76,22 @@ impl HttpFront {
     ) -> Result<Response<Body>> {
         let metrics = self.store.metrics();
         match (target, method) {
-            (HttpPath::Health, &Method::GET) => match self.store.slow_tier() {
-                Some(slow_tier) => {
-                    let stats = self.store.engine().stats().await.map_err(Error::from)?;
-                    Ok(respond(
-                        StatusCode::OK,
-                        Bytes::from(slow_tier.health(&stats)),
-                    ))
-                }
-                None => Ok(respond(StatusCode::OK, Bytes::from("ok\n"))),
-            },
+            (HttpPath::Health, &Method::GET) => {
+                let stats = self.store.engine().stats().await.map_err(Error::from)?;
+                let (status, disk) = disk_health(&stats, metrics.budget_clamped());
+                let rest = match self.store.slow_tier() {
+                    Some(slow_tier) => slow_tier.health(&stats),
+                    None => "ok\n".to_string(),
+                };
+                let body = if disk.is_empty() {
+                    rest
+                } else {
+                    // The first line is the verdict; "ok" under a disk verdict would
+                    // contradict it.
+                    disk + rest.strip_prefix("ok\n").unwrap_or(&rest)
+                };
+                Ok(respond(status, Bytes::from(body)))
+            }
             (HttpPath::Metrics, &Method::GET) => {
                 let stats = self.store.engine().stats().await.map_err(Error::from)?;
                 let mut text = metrics.render(&stats)?;
@@ -234,4 +240,34 @@ fn sized(method: &Method, length: u64, body: Body) -> Response<Body> {
         .headers_mut()
         .insert(header::CONTENT_LENGTH, header::HeaderValue::from(length));
     response
+}
+
+/// `/healthz` on the disk: 503 while a partition cannot create a segment even after
+/// evicting (another process holds the space, so no write needing room can succeed:
+/// a balancer should send writes elsewhere), otherwise 200, with a `degraded:` line
+/// when the disk is what bounds the store (it keeps serving everything, evicting
+/// earlier than the budget says, which is no reason to take it out of service).
+fn disk_health(stats: &cairn_storage::Stats, clamped: u64) -> (StatusCode, String) {
+    let mut status = StatusCode::OK;
+    let mut lines = String::new();
+    let refusing = stats.disk_full_refusing();
+    if refusing > 0 {
+        status = StatusCode::SERVICE_UNAVAILABLE;
+        lines += &format!(
+            "degraded: disk full, writes refused: {refusing} partitions find no space even \
+             after evicting (something else holds the disk)\n"
+        );
+    } else if stats.disk_full_reclaims() > 0 {
+        lines += &format!(
+            "degraded: disk full, evicting ({} segments reclaimed below the budget)\n",
+            stats.disk_full_reclaims()
+        );
+    }
+    if clamped > 0 {
+        lines += &format!(
+            "degraded: budget clamped: max_size lowered by {clamped} bytes to what the disk \
+             can hold\n"
+        );
+    }
+    (status, lines)
 }

@@ -37,6 +37,9 @@ pub struct Metrics {
     recovery_records: IntGaugeVec,
     recovery_scanned_bytes: IntGauge,
     tree_reads: IntCounter,
+    budget_clamped_bytes: IntGauge,
+    disk_full_reclaims: IntGauge,
+    disk_full_refusing: IntGauge,
 }
 
 impl Metrics {
@@ -177,6 +180,18 @@ impl Metrics {
                 "open_files_limit",
                 "The process's open-file limit (soft RLIMIT_NOFILE)",
             )?,
+            budget_clamped_bytes: single_gauge(
+                "budget_clamped_bytes",
+                "How far max_size was lowered at start to what the data directory can hold (0: not lowered)",
+            )?,
+            disk_full_reclaims: single_gauge(
+                "disk_full_reclaims_total",
+                "Segments reclaimed below the budget because the disk was full",
+            )?,
+            disk_full_refusing: single_gauge(
+                "disk_full_refusing_partitions",
+                "Partitions whose last segment creation failed for lack of disk space even after reclaiming",
+            )?,
             registry,
         })
     }
@@ -207,6 +222,17 @@ impl Metrics {
             .set(i64::try_from(max_connections).unwrap_or(i64::MAX));
         self.open_files_limit
             .set(i64::try_from(open_files).unwrap_or(i64::MAX));
+    }
+
+    /// Records by how much the configured budget was lowered at start.
+    pub fn set_budget_clamped(&self, bytes: u64) {
+        self.budget_clamped_bytes
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
+
+    /// By how much the configured budget was lowered at start.
+    pub fn budget_clamped(&self) -> u64 {
+        u64::try_from(self.budget_clamped_bytes.get()).unwrap_or(0)
     }
 
     /// Counts one request.
@@ -274,6 +300,10 @@ impl Metrics {
         }
         self.recovery_scanned_bytes
             .set(i64::try_from(recovery.scanned_bytes).unwrap_or(i64::MAX));
+        self.disk_full_reclaims
+            .set(i64::try_from(stats.disk_full_reclaims()).unwrap_or(i64::MAX));
+        self.disk_full_refusing
+            .set(i64::try_from(stats.disk_full_refusing()).unwrap_or(i64::MAX));
         for (shard, depth) in stats.queue_depths.iter().enumerate() {
             set(&self.queue_depth, shard.to_string(), *depth);
         }

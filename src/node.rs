@@ -66,8 +66,14 @@ pub fn run(config: Config) -> Result<()> {
             fd_limit.now
         );
     }
+    let mut clamped_by = 0;
     let max_size = match config.max_size {
-        Some(size) => size.0,
+        Some(size) if config.sink => size.0,
+        Some(size) => {
+            let (budget, by) = clamp_budget(size.0, &config.data_dir)?;
+            clamped_by = by;
+            budget
+        }
         None if config.sink => DEFAULT_SINK_BUDGET,
         None => default_budget(&config.data_dir)?,
     };
@@ -104,6 +110,7 @@ pub fn run(config: Config) -> Result<()> {
         max_cas_blob_size,
     };
     let metrics = Arc::new(Metrics::new()?);
+    metrics.set_budget_clamped(clamped_by);
     let mut store = Store::new(engine.clone(), limits, Arc::clone(&metrics));
     if config.sink {
         tracing::warn!("sink mode: blobs are kept in memory only, up to the budget");
@@ -231,9 +238,36 @@ fn grpc_routes(
 /// 90% of the space available to `dir`: the free space of its filesystem plus what the
 /// directory already holds (so the budget does not shrink as the store fills).
 fn default_budget(dir: &Path) -> Result<u64> {
-    let held = directory_size(dir);
-    let free = free_space(dir)?;
+    let (free, held) = space(dir)?;
     Ok(((free + held) as f64 * DEFAULT_BUDGET_SHARE) as u64)
+}
+
+/// The free space of `dir`'s filesystem and the bytes `dir` already holds.
+fn space(dir: &Path) -> Result<(u64, u64)> {
+    Ok((free_space(dir)?, directory_size(dir)))
+}
+
+/// `asked`, or, when the data directory can never hold that much, 90% of what it can
+/// (the default budget), with a warning; also returns by how much it was lowered. A
+/// budget the disk cannot hold is never reached: the disk fills first, and with
+/// segments preallocated to a share of the budget it fills long before the store holds
+/// as much as the disk does. The 10% kept back covers index checkpoints (two exist
+/// while one is replaced), the manifest and filesystem metadata.
+fn clamp_budget(asked: u64, dir: &Path) -> Result<(u64, u64)> {
+    let (free, held) = space(dir)?;
+    let fits = ((free + held) as f64 * DEFAULT_BUDGET_SHARE) as u64;
+    if asked <= fits {
+        return Ok((asked, 0));
+    }
+    tracing::warn!(
+        "max_size {} is more than the data directory can ever hold ({} free on its \
+         filesystem plus {} it holds): using a budget of {} instead (90% of that)",
+        crate::byte_size::ByteSize(asked),
+        crate::byte_size::ByteSize(free),
+        crate::byte_size::ByteSize(held),
+        crate::byte_size::ByteSize(fits)
+    );
+    Ok((fits, asked - fits))
 }
 
 /// Bytes available to unprivileged users on the filesystem that holds (or will hold)

@@ -114,6 +114,9 @@ pub(crate) struct PartitionLimits {
     pub reinsert_budget: u64,
     pub replicate: bool,
     pub durability: Durability,
+    /// Partitions in the store, all of the same budget: with keys spread evenly, one
+    /// partition's usage times this estimates the whole store's.
+    pub partitions: u32,
 }
 
 impl PartitionLimits {
@@ -172,6 +175,7 @@ impl EngineConfig {
             reinsert_budget: (segment_size as f64 * self.reinsert_fraction.clamp(0.0, 0.9)) as u64,
             replicate: self.replicate,
             durability: self.durability,
+            partitions,
         })
     }
 }

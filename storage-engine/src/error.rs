@@ -93,7 +93,7 @@ impl std::error::Error for Error {}
 
 impl From<glommio::GlommioError<()>> for Error {
     fn from(err: glommio::GlommioError<()>) -> Error {
-        Error::io("storage I/O", std::io::Error::from(err))
+        Error::io("storage I/O", crate::io::os_error(err))
     }
 }
 

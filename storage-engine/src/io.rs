@@ -7,6 +7,7 @@
 use crate::error::{Error, Result};
 use bytes::Bytes;
 use glommio::io::{DmaBuffer, DmaFile, OpenOptions};
+use glommio::GlommioError;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
@@ -39,14 +40,11 @@ impl SegFile {
             .create_new(true)
             .dma_open(path)
             .await
-            .map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
+            .map_err(|e| failed("creating", path, e))?;
         if let Err(e) = file.pre_allocate(size, false).await {
             let _ = file.remove().await;
             let _ = file.close().await;
-            return Err(Error::io(
-                format!("allocating {} bytes for {}", size, path.display()),
-                e,
-            ));
+            return Err(failed(&format!("allocating {size} bytes for"), path, e));
         }
         Ok(SegFile {
             file,
@@ -60,7 +58,7 @@ impl SegFile {
             .write(true)
             .dma_open(path)
             .await
-            .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+            .map_err(|e| failed("opening", path, e))?;
         Ok(SegFile {
             file,
             path: path.to_path_buf(),
@@ -86,10 +84,11 @@ impl SegFile {
             .file
             .write_rc_at(shared.clone(), pos)
             .await
-            .map_err(|e| Error::io(format!("writing {}", self.path.display()), e))?;
+            .map_err(|e| failed("writing", &self.path, e))?;
         if n != len {
+            tracing::warn!("short write to {} at {pos}", self.path.display());
             return Err(Error::io(
-                format!("short write to {} at {pos}", self.path.display()),
+                format!("short write to {} at {pos}", describe(&self.path)),
                 std::io::Error::from_raw_os_error(libc::EIO),
             ));
         }
@@ -115,10 +114,11 @@ impl SegFile {
 
     /// Reads `len` bytes at any position; fewer bytes come back only at end of file.
     pub async fn read(&self, pos: u64, len: usize) -> Result<Bytes> {
-        let rr = self.file.read_at(pos, len).await.map_err(|e| {
-            let what = format!("reading {len} bytes at {pos} of {}", self.path.display());
-            Error::io(what, e)
-        })?;
+        let rr = self
+            .file
+            .read_at(pos, len)
+            .await
+            .map_err(|e| failed(&format!("reading {len} bytes at {pos} of"), &self.path, e))?;
         Ok(Bytes::copy_from_slice(&rr))
     }
 
@@ -126,18 +126,18 @@ impl SegFile {
         #[cfg(feature = "fault-injection")]
         crate::faults::before_sync(&self.path)
             .await
-            .map_err(|e| Error::io(format!("syncing {}", self.path.display()), e))?;
+            .map_err(|e| Error::io(format!("syncing {}", describe(&self.path)), e))?;
         self.file
             .fdatasync()
             .await
-            .map_err(|e| Error::io(format!("syncing {}", self.path.display()), e))
+            .map_err(|e| failed("syncing", &self.path, e))
     }
 
     pub async fn size(&self) -> Result<u64> {
         self.file
             .file_size()
             .await
-            .map_err(|e| Error::io(format!("stat {}", self.path.display()), e))
+            .map_err(|e| failed("stat", &self.path, e))
     }
 
     /// Closes the descriptor. Files must be closed while their executor still runs:
@@ -147,7 +147,7 @@ impl SegFile {
         self.file
             .close()
             .await
-            .map_err(|e| Error::io(format!("closing {}", self.path.display()), e))
+            .map_err(|e| failed("closing", &self.path, e))
     }
 
     /// Unlinks the file. Readers and writers holding it keep a valid descriptor.
@@ -155,7 +155,39 @@ impl SegFile {
         self.file
             .remove()
             .await
-            .map_err(|e| Error::io(format!("removing {}", self.path.display()), e))
+            .map_err(|e| failed("removing", &self.path, e))
+    }
+}
+
+/// A file of the store named by its place in it ("segment 0000002a.packed of partition
+/// 3"), never by its absolute path: messages reach clients, and the server's layout is
+/// none of their business.
+pub(crate) fn describe(path: &Path) -> String {
+    let name = path.file_name().map(|n| n.to_string_lossy());
+    let partition = path
+        .parent()
+        .and_then(Path::file_name)
+        .and_then(|p| p.to_str()?.strip_prefix('p')?.parse::<u32>().ok());
+    match (name, partition) {
+        (Some(name), Some(p)) => format!("segment {name} of partition {p}"),
+        (Some(name), None) => format!("file {name}"),
+        (None, _) => "a file".to_string(),
+    }
+}
+
+/// An engine error for a failed glommio call on `path`. glommio's own message carries
+/// the absolute path and the descriptor number: it goes to the log, and the error,
+/// which clients see, keeps only the OS error and [`describe`]'s name for the file.
+fn failed(what: &str, path: &Path, err: GlommioError<()>) -> Error {
+    tracing::warn!("{what} {}: {err}", path.display());
+    Error::io(format!("{what} {}", describe(path)), os_error(err))
+}
+
+/// The OS error inside a glommio error, without glommio's path and descriptor.
+pub(crate) fn os_error(err: GlommioError<()>) -> std::io::Error {
+    match err {
+        GlommioError::EnhancedIoError { source, .. } => source,
+        other => std::io::Error::from(other),
     }
 }
 

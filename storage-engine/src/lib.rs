@@ -105,6 +105,16 @@ impl Stats {
         total
     }
 
+    /// Segments reclaimed below the budget because the disk was full.
+    pub fn disk_full_reclaims(&self) -> u64 {
+        self.partitions.iter().map(|p| p.disk_full_reclaims).sum()
+    }
+
+    /// Partitions refusing writes because the disk is full even after reclaiming.
+    pub fn disk_full_refusing(&self) -> u64 {
+        self.partitions.iter().filter(|p| p.disk_full).count() as u64
+    }
+
     pub fn evictions(&self) -> u64 {
         self.partitions.iter().map(|p| p.evictions).sum()
     }
@@ -137,6 +147,11 @@ pub struct PartitionStats {
     pub evicted_bytes: u64,
     pub reinserted: u64,
     pub crc_failures: u64,
+    /// Segments reclaimed below the budget because creating one hit a full disk.
+    pub disk_full_reclaims: u64,
+    /// The last segment creation failed for lack of disk space even after reclaiming
+    /// (another process holds the space): writes needing a new segment are refused.
+    pub disk_full: bool,
     /// Bytes written locally but not yet confirmed in the slow tier.
     pub replication_backlog_bytes: u64,
     /// Sync generations run (each one `fdatasync` per segment written since the

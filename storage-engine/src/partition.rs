@@ -152,6 +152,8 @@ pub struct Counters {
     pub evicted_bytes: Cell<u64>,
     pub reinserted: Cell<u64>,
     pub crc_failures: Cell<u64>,
+    pub disk_full_reclaims: Cell<u64>,
+    pub disk_full: Cell<bool>,
     pub recovery: Cell<crate::recover::RecoveryReport>,
 }
 
@@ -277,6 +279,8 @@ impl Partition {
             evicted_bytes: self.counters.evicted_bytes.get(),
             reinserted: self.counters.reinserted.get(),
             crc_failures: self.counters.crc_failures.get(),
+            disk_full_reclaims: self.counters.disk_full_reclaims.get(),
+            disk_full: self.counters.disk_full.get(),
             replication_backlog_bytes: backlog,
             syncs: self.syncer.syncs.get(),
             sync_failures: self.syncer.failures.get(),

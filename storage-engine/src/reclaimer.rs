@@ -6,6 +6,13 @@
 //! process filled shows up as a clear RESOURCE_EXHAUSTED at creation, never as a
 //! failed write of data already acknowledged.
 //!
+//! A disk can also be smaller than the budget (the node lowers a budget the disk can
+//! never hold, but checkpoints, metadata and other files still take their share). When
+//! creating a segment hits ENOSPC or EDQUOT while the store's own files are most of
+//! the filesystem, the oldest segments are reclaimed below the budget and the creation
+//! is retried once: a disk full of cache degrades into a cache that evicts earlier,
+//! never into one that refuses every write.
+//!
 //! Reclaiming is FIFO by segment id (purely sequential writes), with one refinement
 //! that approximates LRU: records read since they were written are copied to the head
 //! of the log, up to `reinsert_fraction` of a segment per reclaim, and lose their
@@ -36,7 +43,19 @@ impl Partition {
             st.next_seg += 1;
             id
         };
-        let file = SegFile::create(&segment_path(&self.dir, id, kind), size).await?;
+        let path = segment_path(&self.dir, id, kind);
+        let file = match SegFile::create(&path, size).await {
+            Err(e) if e.kind() == ErrorKind::ResourceExhausted && self.disk_mostly_ours() => {
+                self.reclaim_for_disk(size).await?;
+                SegFile::create(&path, size).await
+            }
+            created => created,
+        };
+        self.counters.disk_full.set(matches!(
+            &file,
+            Err(e) if e.kind() == ErrorKind::ResourceExhausted
+        ));
+        let file = file?;
         self.syncer.created_file();
         let mut st = self.st.borrow_mut();
         st.used += size;
@@ -54,36 +73,76 @@ impl Partition {
         Ok((id, hot))
     }
 
+    /// The oldest segment that may be reclaimed, if any.
+    fn victim(&self) -> Option<u32> {
+        let st = self.st.borrow();
+        let active = [
+            st.packed.as_ref().map(|p| p.seg),
+            st.extents.as_ref().map(|e| e.seg),
+        ];
+        // With replication on, a segment is freed only once it reached the slow tier.
+        // A segment holding an upload in flight is never taken: the upload would fail
+        // for another's sake, and an upload that indexed its record but is still
+        // waiting for its sync would be acknowledged after its record was dropped.
+        st.segments
+            .iter()
+            .filter(|(id, seg)| {
+                !active.contains(&Some(**id))
+                    && seg.inflight.is_empty()
+                    && st.replicated.as_ref().is_none_or(|c| c.is_done(**id))
+            })
+            .min_by_key(|(id, seg)| (seg.order, **id))
+            .map(|(id, _)| *id)
+    }
+
+    /// Whether the store's own files are most of what fills this partition's
+    /// filesystem. Only then does a full disk make the store evict below its budget:
+    /// the disk is full of cache, and evicting is what a cache does. When another
+    /// process took the space, evicting would hand that process the cache one segment
+    /// at a time and fix nothing, so writers get RESOURCE_EXHAUSTED and the operator
+    /// sees it (tests/disk_full.rs). The store's usage is estimated from this
+    /// partition's, keys being spread evenly over partitions.
+    fn disk_mostly_ours(&self) -> bool {
+        let Some(fs_used) = filesystem_used(&self.dir) else {
+            return false;
+        };
+        let ours = self.st.borrow().used * u64::from(self.limits.partitions);
+        ours >= fs_used / 2
+    }
+
+    /// Reclaims the oldest segments of this partition until `extra` bytes were freed,
+    /// after creating a segment hit a full disk below the budget. Nothing is
+    /// reinserted: the copies would take the space just freed.
+    async fn reclaim_for_disk(&self, extra: u64) -> Result<()> {
+        let mut freed = 0;
+        while freed < extra {
+            let Some(victim) = self.victim() else {
+                break;
+            };
+            freed += self.st.borrow().segments.get(&victim).map_or(0, |s| s.size);
+            self.reclaim(victim, &mut 0).await?;
+            self.counters
+                .disk_full_reclaims
+                .set(self.counters.disk_full_reclaims.get() + 1);
+        }
+        tracing::warn!(
+            partition = self.id,
+            freed,
+            "the disk is full below the budget: reclaimed the oldest segments to make room"
+        );
+        Ok(())
+    }
+
     /// Reclaims the oldest segments until `extra` more bytes fit in the budget.
     pub async fn make_room(&self, extra: u64) -> Result<Vec<Hot>> {
         let mut hot = Vec::new();
         let mut reinsert_left = self.limits.reinsert_budget;
         loop {
-            let victim = {
-                let st = self.st.borrow();
-                if st.used + extra <= self.limits.budget {
-                    return Ok(hot);
-                }
-                let active = [
-                    st.packed.as_ref().map(|p| p.seg),
-                    st.extents.as_ref().map(|e| e.seg),
-                ];
-                // With replication on, a segment is freed only once it reached the slow tier.
-                // A segment holding an upload in flight is never taken: the upload would
-                // fail for another's sake, and an upload that indexed its record but is
-                // still waiting for its sync would be acknowledged after its record was
-                // dropped. When nothing else is left the budget is truly full.
-                st.segments
-                    .iter()
-                    .filter(|(id, seg)| {
-                        !active.contains(&Some(**id))
-                            && seg.inflight.is_empty()
-                            && st.replicated.as_ref().is_none_or(|c| c.is_done(**id))
-                    })
-                    .min_by_key(|(id, seg)| (seg.order, **id))
-                    .map(|(id, _)| *id)
-            };
-            let Some(victim) = victim else {
+            if self.st.borrow().used + extra <= self.limits.budget {
+                return Ok(hot);
+            }
+            // When nothing can be taken the budget is truly full.
+            let Some(victim) = self.victim() else {
                 return Err(Error::new(
                     ErrorKind::ResourceExhausted,
                     format!(
@@ -176,6 +235,18 @@ impl Partition {
             }
         }
     }
+}
+
+/// Bytes in use on the filesystem holding `dir` (by every process), if it can tell.
+fn filesystem_used(dir: &std::path::Path) -> Option<u64> {
+    let path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).ok()?;
+    // SAFETY: statvfs only writes into the zeroed struct; the path is NUL-terminated.
+    let mut stats: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: both pointers are valid for the duration of the call.
+    if unsafe { libc::statvfs(path.as_ptr(), &mut stats) } != 0 {
+        return None;
+    }
+    Some((stats.f_blocks - stats.f_bfree) as u64 * stats.f_frsize as u64)
 }
 
 fn st_replicating(p: &Partition) -> bool {

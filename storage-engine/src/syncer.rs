@@ -162,7 +162,10 @@ impl Partition {
         if dir {
             result = std::fs::File::open(&self.dir)
                 .and_then(|d| d.sync_all())
-                .map_err(|e| Error::io(format!("syncing {}", self.dir.display()), e));
+                .map_err(|e| {
+                    tracing::warn!("syncing {}: {e}", self.dir.display());
+                    Error::io(format!("syncing the directory of partition {}", self.id), e)
+                });
         }
         for file in &files {
             if result.is_err() {

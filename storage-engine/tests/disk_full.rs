@@ -1,6 +1,8 @@
 //! Another process fills the disk below the engine's budget: writers get a clear
 //! RESOURCE_EXHAUSTED, nothing already stored is lost, and writing resumes once space
-//! is freed. Runs on a small tmpfs mounted for the test (needs root, as CI has).
+//! is freed. The store itself fills a disk smaller than its budget: it evicts its
+//! oldest segments and every write succeeds. Runs on a small tmpfs mounted for the
+//! test (needs root, as CI has).
 
 mod common;
 
@@ -85,6 +87,16 @@ fn full_disk_is_a_clear_error_and_loses_nothing() {
     }
     let err = refused.expect("writes into a full disk kept succeeding");
     assert_eq!(err.kind(), ErrorKind::ResourceExhausted, "{err}");
+    assert!(
+        !err.to_string().contains(base.path().to_str().unwrap()),
+        "the error names a server path: {err}"
+    );
+    let stats = block_on(engine.stats()).unwrap();
+    assert!(
+        stats.disk_full_refusing() > 0,
+        "no partition reports the full disk"
+    );
+    assert_eq!(stats.disk_full_reclaims(), 0, "evicted for another's files");
     for (d, data) in &stored {
         assert!(
             block_on(engine.get_bytes(*d)).unwrap() == *data,
@@ -113,5 +125,42 @@ fn full_disk_is_a_clear_error_and_loses_nothing() {
             "{d} lost after restart"
         );
     }
+    block_on(engine.shutdown()).unwrap();
+}
+
+#[test]
+fn a_disk_full_of_the_store_evicts_instead_of_refusing() {
+    let base = tempfile::tempdir().unwrap();
+    let Some(_mount) = Mount::tmpfs(base.path(), 48) else {
+        panic!("this test mounts a 48 MiB tmpfs and needs root: run the suite as root (CI does)");
+    };
+    let dir = base.path().join("data");
+    let engine = start(EngineConfig {
+        max_size: 256 * MIB,
+        partitions: 2,
+        segment_size: Some(MIB),
+        small_blob_max: 64 << 10,
+        max_ac_value: 64 << 10,
+        ..config(&dir)
+    });
+    // 100 MB through a 48 MiB disk, in blobs that take extents and in small ones.
+    let mut stored = Vec::new();
+    for i in 0..1000u64 {
+        let data = blob(i, if i % 2 == 0 { 150_000 } else { 50_000 });
+        let d = digest(&data);
+        if let Err(e) = block_on(engine.put(d, data.clone())) {
+            panic!("write {i} into a disk full of the store failed: {e}");
+        }
+        stored.push((d, data));
+    }
+    for (d, data) in &stored[stored.len() - 20..] {
+        assert!(block_on(engine.get_bytes(*d)).unwrap() == *data, "{d} lost");
+    }
+    let (first, _) = &stored[0];
+    let err = block_on(engine.get_bytes(*first)).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
+    let stats = block_on(engine.stats()).unwrap();
+    assert!(stats.disk_full_reclaims() > 0, "no reclaim for a full disk");
+    assert_eq!(stats.disk_full_refusing(), 0);
     block_on(engine.shutdown()).unwrap();
 }
