@@ -168,7 +168,7 @@ pub(super) async fn drive<C: Graceful>(
         }
     };
     if let Err(error) = outcome {
-        tracing::debug!("connection ended: {error}");
+        tracing::debug!("connection ended: {error:?}");
     }
 }
 

@@ -34,10 +34,27 @@ pub struct Node {
     _temp: Option<tempfile::TempDir>,
 }
 
-/// A port nobody listens on right now.
+/// A port nobody listens on right now, for a server the test starts.
+///
+/// Taken below the kernel's ephemeral range (32768 and up by default) and never twice
+/// by one test process: a port the kernel handed out for a moment (`bind(:0)`) was
+/// soon handed again, to a client connection or another test's server, and the
+/// node then failed to start with "Address already in use" (seen in full runs).
 pub fn free_port() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    listener.local_addr().expect("ephemeral port address")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 12_000;
+    const SPAN: u32 = 20_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    // Test binaries run one after another; the process id spreads them apart anyway.
+    let start = std::process::id().wrapping_mul(7919) % SPAN;
+    for _ in 0..SPAN {
+        let offset = (start + NEXT.fetch_add(1, Ordering::Relaxed)) % SPAN;
+        let addr = SocketAddr::from(([127, 0, 0, 1], (FIRST + offset) as u16));
+        if TcpListener::bind(addr).is_ok() {
+            return addr;
+        }
+    }
+    panic!("no free port between {FIRST} and {}", FIRST + SPAN);
 }
 
 impl Node {
