@@ -26,6 +26,8 @@ PACKAGES=(
   python3
   curl
   procps
+  e2fsprogs
+  mount
   protobuf-compiler
   ca-certificates
   python3-pip
