@@ -76,6 +76,9 @@ def main():
     text = b"The quick brown fox jumps over the lazy dog while the build cache answers. "
     write("zstd_stream", "text-repeated", bytes([0x3b, 255, 255]) + text)
     write("zstd_stream", "text-checksum-bytewise", bytes([0x15, 1, 2]) + text * 3)
+    # A zstd v0.5 frame (magic 0xFD2FB525), which the reference decoder reads and the
+    # stream decoder refuses by design: found by the fuzzer.
+    write("zstd_stream", "legacy-v05-frame", bytes([40, 0, 255, 37, 181, 47, 253, 0, 245, 82, 63]))
 
     # checkpoint_decode: nonce, mode, file image (fuzz_targets/checkpoint_decode.rs).
     write("checkpoint_decode", "preamble-fixed",
