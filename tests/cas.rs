@@ -248,43 +248,9 @@ async fn get_tree_pages_through_a_tree() {
     });
     let (root_digest, root_bytes) = put_directory(&root);
     uploads.push((root_digest, root_bytes));
-    cas.batch_update_blobs(BatchUpdateBlobsRequest {
-        requests: uploads
-            .iter()
-            .map(|(digest, bytes)| UpdateRequest {
-                digest: Some(wire(digest)),
-                data: bytes.clone(),
-                compressor: 0,
-            })
-            .collect(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    put_directories(&node, &uploads).await;
 
-    let mut token = String::new();
-    let mut seen = Vec::new();
-    let mut pages = 0;
-    loop {
-        let mut stream = cas
-            .get_tree(GetTreeRequest {
-                root_digest: Some(wire(&root_digest)),
-                page_size: 2,
-                page_token: token.clone(),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        let response = stream.message().await.unwrap().unwrap();
-        assert!(response.directories.len() <= 2);
-        seen.extend(response.directories);
-        pages += 1;
-        if response.next_page_token.is_empty() {
-            break;
-        }
-        token = response.next_page_token;
-    }
+    let (seen, pages) = page_through(&node, &root_digest, 2, false).await;
     assert_eq!(pages, 3);
     assert_eq!(
         seen.len(),
@@ -312,12 +278,39 @@ async fn get_tree_pages_through_a_tree() {
     assert_eq!(status.code(), Code::InvalidArgument);
 }
 
+/// Stores `uploads` (digest, encoded Directory) through BatchUpdateBlobs.
+async fn put_directories(node: &Node, uploads: &[(Digest, Bytes)]) {
+    let mut cas = node.cas().await;
+    for batch in uploads.chunks(500) {
+        cas.batch_update_blobs(BatchUpdateBlobsRequest {
+            requests: batch
+                .iter()
+                .map(|(digest, bytes)| UpdateRequest {
+                    digest: Some(wire(digest)),
+                    data: bytes.clone(),
+                    compressor: 0,
+                })
+                .collect(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+}
+
 /// Pages through the tree under `root`, `page_size` directories a page; with `strip`,
-/// each token loses its walk id, so every page walks again from the root.
-async fn page_through(node: &Node, root: &Digest, page_size: i32, strip: bool) -> Vec<Directory> {
+/// each token loses its walk id, so every page walks again from the root. Returns the
+/// directories and the number of pages.
+async fn page_through(
+    node: &Node,
+    root: &Digest,
+    page_size: i32,
+    strip: bool,
+) -> (Vec<Directory>, usize) {
     let mut cas = node.cas().await;
     let mut token = String::new();
     let mut all = Vec::new();
+    let mut pages = 0;
     loop {
         let response = cas
             .get_tree(GetTreeRequest {
@@ -335,8 +328,9 @@ async fn page_through(node: &Node, root: &Digest, page_size: i32, strip: bool) -
             .unwrap();
         assert!(response.directories.len() <= page_size as usize);
         all.extend(response.directories);
+        pages += 1;
         if response.next_page_token.is_empty() {
-            return all;
+            return (all, pages);
         }
         token = response.next_page_token;
         if strip {
@@ -385,26 +379,11 @@ async fn get_tree_pages_resume_where_the_previous_ended() {
     }
     let (root_digest, bytes) = put_directory(&root);
     uploads.push((root_digest, bytes));
-    let mut cas = node.cas().await;
-    for batch in uploads.chunks(500) {
-        cas.batch_update_blobs(BatchUpdateBlobsRequest {
-            requests: batch
-                .iter()
-                .map(|(digest, bytes)| UpdateRequest {
-                    digest: Some(wire(digest)),
-                    data: bytes.clone(),
-                    compressor: 0,
-                })
-                .collect(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    }
+    put_directories(&node, &uploads).await;
     let total = uploads.len();
 
     let read_before = node.metric_sum("cairn_get_tree_directories_read_total");
-    let one_a_page = page_through(&node, &root_digest, 1, false).await;
+    let (one_a_page, _) = page_through(&node, &root_digest, 1, false).await;
     let reads = node.metric_sum("cairn_get_tree_directories_read_total") - read_before;
     assert_eq!(
         one_a_page.len(),
@@ -422,7 +401,7 @@ async fn get_tree_pages_resume_where_the_previous_ended() {
     );
 
     // Tokens whose walk is gone (another node, a restart) still page correctly.
-    let walked_again = page_through(&node, &root_digest, 100, true).await;
+    let (walked_again, _) = page_through(&node, &root_digest, 100, true).await;
     assert!(walked_again == one_a_page, "a re-walked page differs");
     assert_eq!(node.terminate().code(), Some(0));
 }
