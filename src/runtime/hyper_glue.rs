@@ -18,12 +18,14 @@ use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
 use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt};
 
+use super::linger::{self, Home, Lent};
 use super::timeouts::{
     Activity, Counted, Expired, PingTimer, Timeouts, Watched, HTTP2_HANDSHAKE_BYTES, PING_ANSWER,
 };
 use crate::http_cache::HttpFront;
 
-type Io = TokioIo<Watched<Compat<TcpStream>>>;
+type Socket = Compat<TcpStream>;
+type Io = TokioIo<Watched<Lent<Socket>>>;
 
 /// hyper's executor: spawns a connection's tasks on the current glommio executor.
 #[derive(Clone, Copy)]
@@ -53,6 +55,9 @@ pub(super) struct Watch {
     handshake_bytes: u64,
     /// Counts connections closed, by reason (`handshake`, `idle`).
     expired: prometheus::IntCounterVec,
+    /// Where the socket returns when hyper drops the connection, to be closed
+    /// without losing the tail of a response (`linger.rs`).
+    home: Home<Socket>,
 }
 
 /// The HTTP/2 window sizes: large enough that a stream of 1 MiB writes never waits
@@ -74,6 +79,7 @@ pub(super) fn serve_http2(
     settings: &ConnectionSettings,
 ) -> (GrpcConnection, Watch) {
     let activity = Activity::new();
+    let (socket, home) = Lent::new(stream.compat());
     let connection = http2::Builder::new(LocalSpawner)
         .timer(settings.timer.clone())
         .keep_alive_interval(settings.timeouts.keepalive)
@@ -82,7 +88,7 @@ pub(super) fn serve_http2(
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(1 << 20)
         .serve_connection(
-            TokioIo::new(Watched::new(stream.compat(), Arc::clone(&activity))),
+            TokioIo::new(Watched::new(socket, Arc::clone(&activity))),
             Counted::new(TowerToHyperService::new(routes), Arc::clone(&activity)),
         );
     let watch = Watch {
@@ -90,6 +96,7 @@ pub(super) fn serve_http2(
         timeouts: settings.timeouts,
         handshake_bytes: HTTP2_HANDSHAKE_BYTES,
         expired: settings.expired.clone(),
+        home,
     };
     (connection, watch)
 }
@@ -100,11 +107,12 @@ pub(super) fn serve_http1(
     settings: &ConnectionSettings,
 ) -> (HttpConnection, Watch) {
     let activity = Activity::new();
+    let (socket, home) = Lent::new(stream.compat());
     let connection = http1::Builder::new()
         .timer(settings.timer.clone())
         .header_read_timeout(settings.timeouts.handshake)
         .serve_connection(
-            TokioIo::new(Watched::new(stream.compat(), Arc::clone(&activity))),
+            TokioIo::new(Watched::new(socket, Arc::clone(&activity))),
             Counted::new(front, Arc::clone(&activity)),
         );
     let watch = Watch {
@@ -112,6 +120,7 @@ pub(super) fn serve_http1(
         timeouts: settings.timeouts,
         handshake_bytes: 0,
         expired: settings.expired.clone(),
+        home,
     };
     (connection, watch)
 }
@@ -135,7 +144,9 @@ impl Graceful for HttpConnection {
 
 /// Serves `connection` until it ends, it expires (see `timeouts.rs`) or `stop`
 /// completes; an idle connection and a stopping node let in-flight requests finish
-/// for at most `grace`, then drop the connection.
+/// for at most `grace`, then drop the connection. The socket is then closed so that
+/// the client still receives everything written to it (`linger.rs`), except after a
+/// handshake timeout: a client that never spoke has nothing to receive.
 pub(super) async fn drive<C: Graceful>(
     connection: C,
     watch: Watch,
@@ -153,7 +164,7 @@ pub(super) async fn drive<C: Graceful>(
                 if expired == Expired::Handshake {
                     return;
                 }
-                break finish(connection, grace).await;
+                break finish(connection.as_mut(), grace).await;
             }
         };
         let wait = glommio::timer::sleep(deadline.saturating_duration_since(Instant::now()));
@@ -164,17 +175,21 @@ pub(super) async fn drive<C: Graceful>(
                 Either::Right((Either::Right(_), _)) => false,
             };
         if stopping {
-            break finish(connection, grace).await;
+            break finish(connection.as_mut(), grace).await;
         }
     };
     if let Err(error) = outcome {
         tracing::debug!("connection ended: {error:?}");
     }
+    drop(connection);
+    if let Some(socket) = watch.home.take() {
+        linger::close(socket.into_inner()).await;
+    }
 }
 
 /// Asks `connection` to finish its in-flight requests and close, waiting at most
 /// `grace`.
-async fn finish<C: Graceful>(mut connection: Pin<Box<C>>, grace: Duration) -> hyper::Result<()> {
+async fn finish<C: Graceful>(mut connection: Pin<&mut C>, grace: Duration) -> hyper::Result<()> {
     connection.as_mut().graceful_shutdown();
     match select(connection, Box::pin(glommio::timer::sleep(grace))).await {
         Either::Left((outcome, _)) => outcome,

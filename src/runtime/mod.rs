@@ -18,6 +18,7 @@ mod balance;
 mod connections;
 pub mod fd_limit;
 mod hyper_glue;
+mod linger;
 mod listener;
 mod shard;
 mod timeouts;
