@@ -79,6 +79,16 @@ pub struct Config {
     /// (raised at start to its hard maximum) less a reserve of 256 descriptors plus 4
     /// per storage partition for the node's own files, and at least 16.
     pub max_connections: Option<usize>,
+    /// Most bytes of gRPC messages the node holds received in part, over every
+    /// connection: a call whose incomplete message would go past it ends with
+    /// RESOURCE_EXHAUSTED (`src/runtime/inbound.rs`). Default `256MiB`: room for 28
+    /// batches at the 9 MiB message limit arriving at once, or 256 ByteStream chunks
+    /// of 1 MiB.
+    pub max_receiving_bytes: ByteSize,
+    /// Most concurrent streams (calls) a client may open on one HTTP/2 connection,
+    /// announced in the connection's settings; clients queue calls past it. Default
+    /// `256`.
+    pub max_streams_per_connection: u32,
     /// When a write is acknowledged: `"sync"` once an `fdatasync` covering it has
     /// completed (group commit: concurrent writes share one), so a power loss loses
     /// nothing acknowledged; `"interval"` as soon as it is written, with an
@@ -151,6 +161,8 @@ impl Default for Config {
             idle_timeout_seconds: 600,
             keepalive_interval_seconds: 60,
             max_connections: None,
+            max_receiving_bytes: ByteSize(256 << 20),
+            max_streams_per_connection: 256,
             durability: Durability::Sync,
             s3: None,
             sink: false,

@@ -34,6 +34,9 @@ pub struct Metrics {
     max_connections: IntGauge,
     open_files_limit: IntGauge,
     connections_timed_out: IntCounterVec,
+    receiving_bytes: IntGauge,
+    parked_uploads: IntGauge,
+    receiving_refused: IntCounter,
     recovery_records: IntGaugeVec,
     recovery_scanned_bytes: IntGauge,
     tree_reads: IntCounter,
@@ -96,6 +99,21 @@ impl Metrics {
                 "Connections closed for not completing their handshake in time (handshake) \
                  or for idleness (idle)",
                 &["reason"],
+            )?,
+            receiving_bytes: single_gauge(
+                "receiving_bytes",
+                "Bytes of gRPC messages received in part and not yet complete, over every \
+                 connection (at most max_receiving_bytes)",
+            )?,
+            parked_uploads: single_gauge(
+                "parked_uploads",
+                "Interrupted ByteStream uploads kept for the client to resume \
+                 (upload_resume_seconds; at most 1024)",
+            )?,
+            receiving_refused: counter(
+                "receiving_refused_total",
+                "gRPC calls ended with RESOURCE_EXHAUSTED because their incomplete message \
+                 would have overrun max_receiving_bytes",
             )?,
             tree_reads: counter(
                 "get_tree_directories_read_total",
@@ -209,6 +227,17 @@ impl Metrics {
     /// The counter of connections closed by a timeout, by reason.
     pub fn connections_timed_out(&self) -> IntCounterVec {
         self.connections_timed_out.clone()
+    }
+
+    /// The gauge of bytes of incomplete gRPC messages, and the counter of calls
+    /// refused for them.
+    pub fn receiving(&self) -> (IntGauge, IntCounter) {
+        (self.receiving_bytes.clone(), self.receiving_refused.clone())
+    }
+
+    /// The gauge of parked uploads.
+    pub fn parked_uploads(&self) -> IntGauge {
+        self.parked_uploads.clone()
     }
 
     /// The counter of failed `accept` calls.

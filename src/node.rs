@@ -34,6 +34,7 @@ use crate::grpc_cas::CasService;
 use crate::grpc_execution::{ExecutionService, Forwarder, OperationsService};
 use crate::http_cache::HttpFront;
 use crate::metrics::Metrics;
+use crate::runtime::ReceiveBudget;
 use crate::sink::Sink;
 use crate::slow_tier::SlowTier;
 use crate::store::{Limits, Store};
@@ -122,7 +123,14 @@ pub fn run(config: Config) -> Result<()> {
         store = store.with_slow_tier(slow_tier);
         slow_tier_runtime = Some(runtime);
     }
-    let pending = Arc::new(PendingUploads::new(config.upload_resume()));
+    let pending = Arc::new(PendingUploads::new(
+        config.upload_resume(),
+        metrics.parked_uploads(),
+    ));
+    let (sweeping, sweep_until) = std::sync::mpsc::channel();
+    let sweeper = pending
+        .sweep_until(sweep_until)
+        .map_err(|error| Error::internal(format!("cannot start the upload sweeper: {error}")))?;
     let (stop, _) = watch::channel(false);
     let mut routes = grpc_routes(&store, pending, limits, config.execution.is_some());
     let mut execution = None;
@@ -169,6 +177,15 @@ pub fn run(config: Config) -> Result<()> {
         accept_errors: metrics.accept_errors(),
         timeouts: config.connection_timeouts()?,
         timed_out: metrics.connections_timed_out(),
+        receiving: {
+            let (held, refused) = metrics.receiving();
+            Arc::new(ReceiveBudget::new(
+                config.max_receiving_bytes.0,
+                held,
+                refused,
+            ))
+        },
+        max_streams_per_connection: config.max_streams_per_connection,
     };
     let served = runtime::run(serve, runners, stop);
     if let Some((embedded, _forwarding)) = execution {
@@ -176,6 +193,10 @@ pub fn run(config: Config) -> Result<()> {
         if let Ok(mut embedded) = embedded.lock() {
             embedded.stop();
         }
+    }
+    drop(sweeping);
+    if sweeper.join().is_err() {
+        tracing::error!("the upload sweeper panicked");
     }
     drop(slow_tier_runtime);
     served?;

@@ -10,13 +10,22 @@
 //!
 //! Uploads still streaming are tracked too, by their committed size only, so that
 //! QueryWriteStatus reports progress while a write is in flight.
+//!
+//! A parked upload holds disk space (its extent) and, for a huge blob, an open segment
+//! file, so parking is bounded twice: a sweeper thread drops expired uploads on time
+//! even when no other upload touches the registry, and at most [`MAX_PARKED`] are
+//! kept, the oldest dropped first.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::store::Upload;
+
+/// Most uploads parked at once; parking one more drops the oldest.
+pub const MAX_PARKED: usize = 1024;
 
 struct Parked {
     upload: Upload,
@@ -28,6 +37,8 @@ pub struct PendingUploads {
     keep_for: Duration,
     parked: Mutex<HashMap<String, Parked>>,
     streaming: Arc<Mutex<HashMap<String, Arc<AtomicU64>>>>,
+    /// The number of uploads parked.
+    gauge: prometheus::IntGauge,
 }
 
 /// The committed size of an upload while its stream is open; dropping it forgets it.
@@ -60,13 +71,32 @@ impl Drop for Progress {
 }
 
 impl PendingUploads {
-    /// A registry that keeps each parked upload for `keep_for`.
-    pub fn new(keep_for: Duration) -> Self {
+    /// A registry that keeps each parked upload for `keep_for`, reporting how many
+    /// are parked in `gauge`.
+    pub fn new(keep_for: Duration, gauge: prometheus::IntGauge) -> Self {
         Self {
             keep_for,
             parked: Mutex::new(HashMap::new()),
             streaming: Arc::new(Mutex::new(HashMap::new())),
+            gauge,
         }
+    }
+
+    /// Starts a thread that drops expired uploads every half `keep_for` (at most a
+    /// minute apart, at least 100 ms), until `until`'s sender is dropped.
+    pub fn sweep_until(
+        self: &Arc<Self>,
+        until: mpsc::Receiver<()>,
+    ) -> std::io::Result<JoinHandle<()>> {
+        let uploads = Arc::clone(self);
+        let every = (self.keep_for / 2).clamp(Duration::from_millis(100), Duration::from_secs(60));
+        std::thread::Builder::new()
+            .name("cairn-uploads".to_string())
+            .spawn(move || {
+                while let Err(mpsc::RecvTimeoutError::Timeout) = until.recv_timeout(every) {
+                    uploads.with_map(|_| ());
+                }
+            })
     }
 
     /// Tracks the progress of the upload streaming under `name`.
@@ -86,16 +116,26 @@ impl PendingUploads {
 
     /// Parks `upload` under `name`, replacing (and so aborting) any older one.
     pub fn park(&self, name: String, upload: Upload) {
-        let expired = self.with_map(|parked| {
-            parked.insert(
+        let dropped = self.with_map(|parked| {
+            let replaced = parked.insert(
                 name,
                 Parked {
                     upload,
                     parked_at: Instant::now(),
                 },
-            )
+            );
+            let oldest = (parked.len() > MAX_PARKED)
+                .then(|| {
+                    parked
+                        .iter()
+                        .min_by_key(|(_, entry)| entry.parked_at)
+                        .map(|(name, _)| name.clone())
+                })
+                .flatten()
+                .and_then(|name| parked.remove(&name));
+            (replaced, oldest)
         });
-        drop(expired);
+        drop(dropped);
     }
 
     /// Takes the upload parked under `name`, if it has not expired.
@@ -139,7 +179,10 @@ impl PendingUploads {
                     expired.push(entry);
                 }
             }
-            f(&mut parked)
+            let result = f(&mut parked);
+            self.gauge
+                .set(i64::try_from(parked.len()).unwrap_or(i64::MAX));
+            result
         };
         drop(expired);
         result

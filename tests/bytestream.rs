@@ -556,6 +556,61 @@ async fn interrupted_uploads_resume_from_the_committed_size() {
     assert_eq!(read, data);
 }
 
+/// A parked upload holds disk space; it used to be dropped only when another upload
+/// happened to touch the registry after it expired. Now it expires on time with no
+/// other traffic at all (only /metrics is asked here).
+#[tokio::test]
+async fn parked_uploads_expire_on_time_without_other_traffic() {
+    let temp = tempfile::tempdir().unwrap();
+    let config = temp.path().join("resume.json5");
+    std::fs::write(&config, "{ upload_resume_seconds: 1 }").unwrap();
+    let node = Node::start_in(
+        &temp.path().join("data"),
+        &["--no-execution", "--config", config.to_str().unwrap()],
+    );
+    let data = blob(25, 1 << 20);
+    let digest = sha256(&data);
+    let name = upload_name("expire", &digest);
+    let (sender, receiver) = tokio::sync::mpsc::channel(16);
+    let mut client = node.bytestream().await;
+    let call = tokio::spawn(async move { client.write(ReceiverStream::new(receiver)).await });
+    for request in write_requests(&name, &data, 64 << 10).into_iter().take(4) {
+        sender.send(request).await.unwrap();
+    }
+    let sent = 4 * (64 << 10);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while committed_size(&node, &name).await.0 != sent {
+        assert!(
+            Instant::now() < deadline,
+            "the sent bytes were never committed"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    call.abort();
+    drop(sender);
+    assert!(call.await.is_err());
+
+    let parked = |count: f64| {
+        let node = &node;
+        async move {
+            for _ in 0..600 {
+                if node.metric_sum("cairn_parked_uploads") == count {
+                    return true;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            false
+        }
+    };
+    assert!(parked(1.0).await, "the interrupted upload was never parked");
+    assert!(
+        parked(0.0).await,
+        "the parked upload was still kept 60 s after it expired"
+    );
+    assert_eq!(committed_size(&node, &name).await, (0, false));
+    assert!(node.terminate().success());
+}
+
 #[tokio::test]
 async fn sixty_four_concurrent_one_mebibyte_writes_and_reads() {
     let node = Node::start();

@@ -18,6 +18,7 @@ use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
 use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt};
 
+use super::inbound::{Metered, ReceiveBudget};
 use super::linger::{self, Home, Lent};
 use super::timeouts::{
     Activity, Counted, Expired, PingTimer, Timeouts, Watched, HTTP2_HANDSHAKE_BYTES, PING_ANSWER,
@@ -41,8 +42,11 @@ where
 }
 
 /// An HTTP/2 connection serving the gRPC routes.
-pub(super) type GrpcConnection =
-    http2::Connection<Io, Counted<TowerToHyperService<tonic::service::Routes>>, LocalSpawner>;
+pub(super) type GrpcConnection = http2::Connection<
+    Io,
+    Counted<Metered<TowerToHyperService<tonic::service::Routes>>>,
+    LocalSpawner,
+>;
 
 /// An HTTP/1.1 connection serving the HTTP cache protocol.
 pub(super) type HttpConnection = http1::Connection<Io, Counted<HttpFront>>;
@@ -71,6 +75,10 @@ pub(super) struct ConnectionSettings {
     pub timeouts: Timeouts,
     pub timer: PingTimer,
     pub expired: prometheus::IntCounterVec,
+    /// What every gRPC request body is charged against (`inbound.rs`).
+    pub receiving: Arc<ReceiveBudget>,
+    /// Most concurrent streams a client may open on one connection.
+    pub max_streams: u32,
 }
 
 pub(super) fn serve_http2(
@@ -87,9 +95,16 @@ pub(super) fn serve_http2(
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(1 << 20)
+        .max_concurrent_streams(settings.max_streams)
         .serve_connection(
             TokioIo::new(Watched::new(socket, Arc::clone(&activity))),
-            Counted::new(TowerToHyperService::new(routes), Arc::clone(&activity)),
+            Counted::new(
+                Metered::new(
+                    TowerToHyperService::new(routes),
+                    Arc::clone(&settings.receiving),
+                ),
+                Arc::clone(&activity),
+            ),
         );
     let watch = Watch {
         activity,

@@ -18,11 +18,13 @@ mod balance;
 mod connections;
 pub mod fd_limit;
 mod hyper_glue;
+mod inbound;
 mod linger;
 mod listener;
 mod shard;
 mod timeouts;
 
+pub use inbound::ReceiveBudget;
 pub use timeouts::Timeouts;
 
 use std::net::SocketAddr;
@@ -63,6 +65,10 @@ pub struct Serve {
     pub timeouts: Timeouts,
     /// Counts connections closed by a timeout (label `reason`).
     pub timed_out: prometheus::IntCounterVec,
+    /// The bytes of incomplete gRPC messages every connection shares.
+    pub receiving: Arc<ReceiveBudget>,
+    /// Most concurrent streams on one HTTP/2 connection.
+    pub max_streams_per_connection: u32,
 }
 
 /// Runs one shard per runner until `stop` turns true, then drains and shuts the
@@ -97,6 +103,8 @@ pub fn run(serve: Serve, runners: Vec<ShardRunner>, stop: watch::Sender<bool>) -
             timeouts: serve.timeouts,
             timer: timeouts::PingTimer::new(timer_runtime.handle().clone()),
             expired: serve.timed_out,
+            receiving: serve.receiving,
+            max_streams: serve.max_streams_per_connection,
         },
     });
     let mut handles = Vec::with_capacity(runners.len());
