@@ -16,6 +16,16 @@ use cairn::config::{Config, Durability};
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
+/// jemalloc, with its background thread purging freed memory (dirty pages decay over
+/// 10 s). Measured with a BatchUpdateBlobs of 100,000 tiny blobs (8.6 MB on the wire,
+/// `a_batch_of_many_tiny_blobs_costs_a_small_multiple_of_its_size`): glibc's malloc
+/// kept 37 MB of per-thread arena memory afterwards for good, mimalloc kept 62 MB,
+/// jemalloc peaked higher but was back within 17 MB of where it started 10 s later.
+/// A cache node lives for months and sees such bursts all day; memory that returns
+/// matters more than the peak.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// A remote build cache speaking the Bazel Remote Execution API v2 (gRPC) and Bazel's
 /// HTTP cache protocol.
 ///
@@ -89,6 +99,9 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    if let Err(error) = tikv_jemalloc_ctl::background_thread::write(true) {
+        tracing::warn!("cannot start the allocator's purging thread: {error}");
+    }
     let args = Args::parse();
     let config = match &args.config {
         Some(path) => Config::load(path),
