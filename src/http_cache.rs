@@ -129,10 +129,14 @@ impl HttpFront {
             }
             (HttpPath::Cas { hash, .. }, &Method::GET | &Method::HEAD) => {
                 metrics.request("http", "cas_get");
-                let (digest, blob) = self.store.get_by_hash(DigestFunction::Sha256, hash).await?;
                 if method == Method::HEAD {
+                    let digest = self
+                        .store
+                        .digest_by_hash(DigestFunction::Sha256, hash)
+                        .await?;
                     return Ok(sized(method, digest.size, full(Bytes::new())));
                 }
+                let (digest, blob) = self.store.get_by_hash(DigestFunction::Sha256, hash).await?;
                 let frames = blob.map(|chunk| chunk.map(Frame::data));
                 Ok(sized(
                     method,

@@ -245,14 +245,32 @@ impl Store {
         function: DigestFunction,
         hash: &str,
     ) -> Result<(Digest, ByteStream)> {
+        match self.locate_by_hash(function, hash).await? {
+            (digest, Some(local)) => Ok((digest, local)),
+            (digest, None) => Ok((digest, self.get(digest, 0, None).await?)),
+        }
+    }
+
+    /// The digest of the blob whose hash is `hash`, without reading it: a blob held only
+    /// by the slow tier is answered from the bucket index, not fetched (HTTP `HEAD`).
+    pub async fn digest_by_hash(&self, function: DigestFunction, hash: &str) -> Result<Digest> {
+        Ok(self.locate_by_hash(function, hash).await?.0)
+    }
+
+    /// The digest of the blob whose hash is `hash`, with its bytes when the engine
+    /// holds it (the engine finds a record by hash only by opening it).
+    async fn locate_by_hash(
+        &self,
+        function: DigestFunction,
+        hash: &str,
+    ) -> Result<(Digest, Option<ByteStream>)> {
         let named = Digest::from_hex(function, hash, 0)?;
         if is_empty(&named) {
-            return Ok((named, stream::empty().boxed()));
+            return Ok((named, Some(stream::empty().boxed())));
         }
         if let Some(sink) = &self.sink {
             let held = sink.find_by_hash(&named);
-            let digest = held.ok_or_else(|| not_found(&named))?;
-            return Ok((digest, self.get(digest, 0, None).await?));
+            return Ok((held.ok_or_else(|| not_found(&named))?, None));
         }
         let digest = match self.engine.get_by_hash(function, named.hash).await {
             Ok((digest, blob)) => {
@@ -265,7 +283,7 @@ impl Store {
                         Ok(chunk)
                     })
                     .boxed();
-                return Ok((digest, blob));
+                return Ok((digest, Some(blob)));
             }
             Err(e) if e.kind() == ErrorKind::NotFound => self
                 .slow_tier
@@ -274,7 +292,7 @@ impl Store {
             Err(e) => return Err(e.into()),
         };
         match digest {
-            Some(digest) => Ok((digest, self.get(digest, 0, None).await?)),
+            Some(digest) => Ok((digest, None)),
             None => {
                 self.metrics.lookup("cas", false);
                 Err(not_found(&named))

@@ -1256,6 +1256,8 @@ async fn a_blob_only_in_s3_is_served_over_http_by_hash() {
     let path = format!("/cas/{}", digest.hash_hex());
     let (head, _) = common::http(b.http, "HEAD", &path, b"");
     assert_eq!(head, 200, "HEAD {path} of a blob only in S3");
+    // HEAD answers from the bucket index: nothing was fetched.
+    assert_eq!(metric(&b, "cairn_s3_fetches_total", "").await, 0);
     let (status, body) = common::http(b.http, "GET", &path, b"");
     assert_eq!(status, 200, "GET {path} of a blob only in S3");
     assert!(body == data, "GET {path} served other bytes");
