@@ -191,7 +191,7 @@ impl Metrics {
             )?,
             disk_full_refusing: single_gauge(
                 "disk_full_refusing_partitions",
-                "Partitions whose last segment creation failed for lack of disk space even after reclaiming",
+                "Partitions whose last allocation of disk space (a segment, or an upload's write unit) failed even after reclaiming",
             )?,
             upload_overflow_bytes: single_gauge(
                 "upload_overflow_bytes",

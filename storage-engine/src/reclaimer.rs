@@ -457,3 +457,24 @@ impl OverflowPool {
         self.used.load(Ordering::Acquire)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::OverflowPool;
+
+    #[test]
+    fn the_pool_never_lends_more_than_it_holds() {
+        let pool = OverflowPool::new(100);
+        assert!(pool.borrow(60));
+        assert!(!pool.borrow(41), "lent past its size");
+        assert_eq!(pool.used(), 60);
+        assert_eq!(pool.borrow_up_to(70), 40);
+        assert_eq!(pool.borrow_up_to(1), 0);
+        assert!(!pool.borrow(1));
+        pool.give_back(30);
+        assert!(pool.borrow(30));
+        assert_eq!(pool.used(), 100);
+        pool.give_back(100);
+        assert_eq!(pool.used(), 0);
+    }
+}
