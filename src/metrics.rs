@@ -43,6 +43,7 @@ pub struct Metrics {
     budget_clamped_bytes: IntGauge,
     disk_full_reclaims: IntGauge,
     disk_full_refusing: IntGauge,
+    upload_overflow_bytes: IntGauge,
 }
 
 impl Metrics {
@@ -208,7 +209,11 @@ impl Metrics {
             )?,
             disk_full_refusing: single_gauge(
                 "disk_full_refusing_partitions",
-                "Partitions whose last segment creation failed for lack of disk space even after reclaiming",
+                "Partitions whose last allocation of disk space (a segment, or an upload's write unit) failed even after reclaiming",
+            )?,
+            upload_overflow_bytes: single_gauge(
+                "upload_overflow_bytes",
+                "Bytes of the node-wide overflow pool (1/8 of the budget) borrowed by partitions whose uploads in flight outgrew their own budget",
             )?,
             registry,
         })
@@ -333,6 +338,8 @@ impl Metrics {
             .set(i64::try_from(stats.disk_full_reclaims()).unwrap_or(i64::MAX));
         self.disk_full_refusing
             .set(i64::try_from(stats.disk_full_refusing()).unwrap_or(i64::MAX));
+        self.upload_overflow_bytes
+            .set(i64::try_from(stats.overflow_bytes).unwrap_or(i64::MAX));
         for (shard, depth) in stats.queue_depths.iter().enumerate() {
             set(&self.queue_depth, shard.to_string(), *depth);
         }

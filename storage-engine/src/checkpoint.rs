@@ -127,25 +127,34 @@ impl Partition {
         let hot = self.make_room(new_bytes).await?;
         let tmp = self.dir.join(TMP_FILE);
         let _ = std::fs::remove_file(&tmp);
-        let file = SegFile::create(&tmp, new_bytes).await?;
-        let written = async {
-            file.write_padded(&image, 0).await?;
-            file.sync().await
+        let installed = async {
+            let file = SegFile::create(&tmp, new_bytes, true).await?;
+            let written = async {
+                file.write_padded(&image, 0).await?;
+                file.sync().await
+            }
+            .await;
+            if let Err(e) = written {
+                let _ = file.remove().await;
+                let _ = file.close().await;
+                return Err(e);
+            }
+            file.close().await?;
+            std::fs::rename(&tmp, self.dir.join(FILE))
+                .and_then(|()| std::fs::File::open(&self.dir)?.sync_all())
+                .map_err(|e| Error::io("installing checkpoint", e))
         }
         .await;
-        if let Err(e) = written {
-            let _ = file.remove().await;
-            let _ = file.close().await;
-            return Err(e);
-        }
-        file.close().await?;
-        std::fs::rename(&tmp, self.dir.join(FILE))
-            .and_then(|()| std::fs::File::open(&self.dir)?.sync_all())
-            .map_err(|e| Error::io("installing checkpoint", e))?;
+        // `make_room` charged the new file; the old one, replaced, or the new one,
+        // never installed, no longer takes space.
+        let freed = match &installed {
+            Ok(()) => std::mem::replace(&mut self.st.borrow_mut().checkpoint_bytes, new_bytes),
+            Err(_) => new_bytes,
+        };
+        self.uncharge(freed);
+        installed?;
         {
             let mut st = self.st.borrow_mut();
-            st.used = st.used + new_bytes - st.checkpoint_bytes;
-            st.checkpoint_bytes = new_bytes;
             st.changes -= changes.min(st.changes);
         }
         drop(_roll);

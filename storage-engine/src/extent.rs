@@ -1,10 +1,12 @@
 //! The streaming write path for blobs too large to stage in memory.
 //!
 //! An upload declares its size, so its whole record (header, payload, chunk table) is
-//! reserved up front as a 4 KiB-aligned extent of the extents segment, or as a huge
-//! segment of its own when it would not fit a quarter of one. Many uploads write into
-//! their own extents at once; each holds one write unit of memory, whatever the blob's
-//! size. The payload is checksummed as it streams; the `Upload` feeding it hashes the
+//! given an address range up front: a 4 KiB-aligned extent of the extents segment, or
+//! a huge segment of its own when it would not fit a quarter of one. Space is another
+//! matter: both kinds of segment are sparse, and each write unit is charged against
+//! the budget and allocated only when it is written (`reclaimer.rs`), so a declared
+//! size costs nothing until bytes arrive. Many uploads write into their own extents
+//! at once; each holds two write units of memory, whatever the blob's size. The payload is checksummed as it streams; the `Upload` feeding it hashes the
 //! same bytes on the caller's core, and `finish` compares that hash with the key.
 //!
 //! The header is written last. Until then the extent starts with zeros, which the
@@ -30,7 +32,8 @@ use std::rc::Rc;
 pub const WRITE_UNIT: usize = 1 << 20;
 
 impl Partition {
-    /// Reserves an extent for a record with a payload of `payload_len` bytes.
+    /// Places a record with a payload of `payload_len` bytes: an extent, or a huge
+    /// segment. Nothing is charged against the budget yet.
     pub async fn reserve_extent(
         self: &Rc<Self>,
         key: Key,
@@ -233,6 +236,9 @@ impl ExtentWriter {
         }
         let file = self.file.clone();
         let pos = self.base + self.buf_start;
+        self.part
+            .allocate(self.seg, &file, pos, full.len() as u64)
+            .await?;
         self.inflight = Some(
             io::spawn_joinable(async move { file.write_reusing(full, pos).await }).boxed_local(),
         );
@@ -254,6 +260,18 @@ impl ExtentWriter {
     /// then the header, and indexes the record. Any error leaves the extent dead and
     /// invisible.
     pub async fn finish(mut self, hash: [u8; 32]) -> Result<()> {
+        match self.commit(hash).await {
+            Ok(generation) => self.part.wait_durable_generation(generation).await,
+            Err(e) => {
+                self.abandon().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Everything `finish` does up to indexing the record (an error leaves it
+    /// unindexed); returns the sync generation that makes it durable.
+    async fn commit(&mut self, hash: [u8; 32]) -> Result<u64> {
         let declared = crate::Digest {
             function: self.key.function,
             hash: self.key.hash,
@@ -323,16 +341,31 @@ impl ExtentWriter {
         for item in self.part.index_now(vec![pending]) {
             self.part.insert(item.prefix, item.loc, item.if_absent);
         }
-        self.part.wait_durable_generation(generation).await
+        Ok(generation)
+    }
+
+    /// Gives the upload up. A huge segment holds nothing else, so it is removed at
+    /// once, with what was written to it: abandoned uploads leave neither charged
+    /// space nor open files behind (a client cancelling large uploads would otherwise
+    /// pile up sparse segments, one descriptor each, until reclaim reached them). An
+    /// extent stays dead space in its segment until that segment is reclaimed.
+    pub async fn abandon(mut self) {
+        // The write in flight holds the file; its error no longer matters.
+        let _ = self.drain().await;
+        self.part.discard_huge(self.seg).await;
     }
 
     /// Writes the partially filled last unit, zero-padded to the block size.
     async fn write_tail(&mut self) -> Result<()> {
         let padded = align_up(self.buf_len as u64) as usize;
+        let pos = self.base + self.buf_start;
+        self.part
+            .allocate(self.seg, &self.file, pos, padded as u64)
+            .await?;
         let mut buf = self.file.alloc(padded);
         buf.as_mut()[..self.buf_len].copy_from_slice(&self.buf.as_mut()[..self.buf_len]);
         buf.as_mut()[self.buf_len..].fill(0);
-        self.file.write(buf, self.base + self.buf_start).await
+        self.file.write(buf, pos).await
     }
 }
 

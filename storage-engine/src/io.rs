@@ -31,9 +31,11 @@ pub struct SegFile {
 }
 
 impl SegFile {
-    /// Creates a new file and preallocates `size` bytes, so that running out of disk
-    /// space is discovered here, as a clear error, and never in the middle of an upload.
-    pub async fn create(path: &Path, size: u64) -> Result<SegFile> {
+    /// Creates a new file of `size` bytes. Preallocated, its whole size is allocated
+    /// now, so that running out of disk space is discovered here, as a clear error;
+    /// otherwise it is sparse, and [`SegFile::allocate`] allocates each range before
+    /// it is written.
+    pub async fn create(path: &Path, size: u64, preallocate: bool) -> Result<SegFile> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -41,15 +43,53 @@ impl SegFile {
             .dma_open(path)
             .await
             .map_err(|e| failed("creating", path, e))?;
-        if let Err(e) = file.pre_allocate(size, false).await {
+        let sized = if preallocate {
+            file.pre_allocate(size, false)
+                .await
+                .map_err(|e| failed(&format!("allocating {size} bytes for"), path, e))
+        } else {
+            file.truncate(size)
+                .await
+                .map_err(|e| failed(&format!("sizing to {size} bytes"), path, e))
+        };
+        if let Err(e) = sized {
             let _ = file.remove().await;
             let _ = file.close().await;
-            return Err(failed(&format!("allocating {size} bytes for"), path, e));
+            return Err(e);
         }
         Ok(SegFile {
             file,
             path: path.to_path_buf(),
         })
+    }
+
+    /// Allocates `[pos, pos + len)` of a sparse file on disk before it is written, so
+    /// that a full disk shows up here (ENOSPC, EDQUOT: `ResourceExhausted`), before any
+    /// byte of the range is written. A plain `fallocate(2)` call: glommio offers only
+    /// whole-file preallocation, and allocating one write unit takes microseconds.
+    pub fn allocate(&self, pos: u64, len: u64) -> Result<()> {
+        use std::os::fd::AsRawFd;
+        let (Ok(offset), Ok(length)) = (libc::off_t::try_from(pos), libc::off_t::try_from(len))
+        else {
+            return Err(Error::invalid(format!(
+                "range of {len} bytes at {pos} is beyond any file"
+            )));
+        };
+        // SAFETY: fallocate only reads its integer arguments; the descriptor is open
+        // for as long as `self.file` is.
+        let rc = unsafe { libc::fallocate(self.file.as_raw_fd(), 0, offset, length) };
+        if rc == 0 {
+            return Ok(());
+        }
+        let err = std::io::Error::last_os_error();
+        tracing::warn!(
+            "allocating {len} bytes at {pos} of {}: {err}",
+            self.path.display()
+        );
+        Err(Error::io(
+            format!("allocating {len} bytes of {}", describe(&self.path)),
+            err,
+        ))
     }
 
     pub async fn open(path: &Path) -> Result<SegFile> {

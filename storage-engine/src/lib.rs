@@ -61,7 +61,7 @@ pub mod fuzzing {
     pub use crate::checkpoint::{decode, encode, Checkpoint, Entry, SegmentMark};
 }
 
-pub use config::{Durability, EngineConfig};
+pub use config::{Durability, EngineConfig, OVERFLOW_SHARE};
 pub use digest::{Digest, DigestFunction, Hasher};
 pub use engine::{Engine, Upload};
 pub use error::{Error, ErrorKind, Result};
@@ -77,6 +77,11 @@ pub struct Stats {
     pub partitions: Vec<PartitionStats>,
     /// Requests waiting in each shard's queue.
     pub queue_depths: Vec<u64>,
+    /// Bytes of the node-wide overflow pool that partitions over their own budget
+    /// have borrowed for uploads (see `EngineConfig::max_size`).
+    pub overflow_bytes: u64,
+    /// Size of that pool.
+    pub overflow_pool_bytes: u64,
 }
 
 impl Stats {
@@ -140,17 +145,22 @@ impl Stats {
 pub struct PartitionStats {
     pub partition: u32,
     pub used_bytes: u64,
+    /// This partition's share of the node's budget: its own budget plus an even part
+    /// of the overflow pool, so that the shares add up to `max_size`.
     pub budget_bytes: u64,
+    /// Bytes borrowed from the overflow pool: how far usage is over the own budget.
+    pub borrowed_bytes: u64,
     pub objects: u64,
     pub segments: u64,
     pub evictions: u64,
     pub evicted_bytes: u64,
     pub reinserted: u64,
     pub crc_failures: u64,
-    /// Segments reclaimed below the budget because creating one hit a full disk.
+    /// Segments reclaimed below the budget because allocating space hit a full disk.
     pub disk_full_reclaims: u64,
-    /// The last segment creation failed for lack of disk space even after reclaiming
-    /// (another process holds the space): writes needing a new segment are refused.
+    /// The last allocation (a segment, or a unit of an upload) failed for lack of disk
+    /// space even after reclaiming (another process holds the space): writes needing
+    /// space are refused.
     pub disk_full: bool,
     /// Bytes written locally but not yet confirmed in the slow tier.
     pub replication_backlog_bytes: u64,

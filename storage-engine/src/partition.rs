@@ -17,11 +17,13 @@ use crate::format::Key;
 use crate::index::{Index, Loc, Prefix};
 use crate::io::SegFile;
 use crate::key::prefix;
+use crate::reclaimer::OverflowPool;
 use futures::lock::Mutex;
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
+use std::sync::Arc;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SegKind {
@@ -56,8 +58,12 @@ pub fn segment_path(dir: &Path, id: u32, kind: SegKind) -> PathBuf {
 pub struct Segment {
     pub file: Rc<SegFile>,
     pub kind: SegKind,
-    /// Bytes allocated on disk (counted against the budget).
+    /// Length of the file: the address range records are placed in.
     pub size: u64,
+    /// Bytes counted against the budget, the space the file occupies: all of a
+    /// packed segment, created preallocated; of an extents or huge segment, created
+    /// sparse, each write unit as it is written (`reclaimer.rs`).
+    pub charged: u64,
     /// Offsets of extents reserved here whose upload has not finished.
     pub inflight: Vec<u32>,
     /// Written since the last fdatasync.
@@ -139,6 +145,9 @@ pub struct State {
     pub next_seq: u64,
     /// Bytes of segment and checkpoint files on disk.
     pub used: u64,
+    /// Bytes borrowed from the overflow pool, at most what `used` exceeds the own
+    /// budget by.
+    pub borrowed: u64,
     pub checkpoint_bytes: u64,
     /// Index changes since the last checkpoint.
     pub changes: u64,
@@ -162,6 +171,8 @@ pub struct Partition {
     pub dir: PathBuf,
     pub nonce: u64,
     pub limits: PartitionLimits,
+    /// The node-wide overflow pool, shared by every partition (`reclaimer.rs`).
+    pub pool: Arc<OverflowPool>,
     pub st: RefCell<State>,
     /// Serialises segment creation and eviction.
     pub roll_lock: Mutex<()>,
@@ -173,12 +184,20 @@ pub struct Partition {
 }
 
 impl Partition {
-    pub fn new(id: u32, dir: PathBuf, nonce: u64, limits: PartitionLimits, st: State) -> Self {
+    pub fn new(
+        id: u32,
+        dir: PathBuf,
+        nonce: u64,
+        limits: PartitionLimits,
+        pool: Arc<OverflowPool>,
+        st: State,
+    ) -> Self {
         Partition {
             id,
             dir,
             nonce,
             limits,
+            pool,
             st: RefCell::new(st),
             roll_lock: Mutex::new(()),
             flush_lock: Mutex::new(()),
@@ -272,7 +291,8 @@ impl Partition {
         crate::PartitionStats {
             partition: self.id,
             used_bytes: st.used,
-            budget_bytes: self.limits.budget,
+            budget_bytes: self.limits.share,
+            borrowed_bytes: st.borrowed,
             objects: st.index.len() as u64,
             segments: st.segments.len() as u64,
             evictions: self.counters.evictions.get(),

@@ -16,12 +16,15 @@ use crate::config::PartitionLimits;
 use crate::error::Result;
 use crate::format::{align_down, align_up, scan_records, Header, HEADER_LEN};
 use crate::index::{Index, Loc, Prefix};
-use crate::io::SegFile;
+use crate::io::{describe, SegFile};
 use crate::key::prefix;
 use crate::partition::{ExtentHead, Packed, Partition, SegKind, Segment, State};
+use crate::reclaimer::OverflowPool;
 use std::collections::{BTreeMap, HashMap};
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::rc::Rc;
+use std::sync::Arc;
 
 /// What a partition's recovery did, for logs, `Engine::stats` and tests.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -44,6 +47,7 @@ pub async fn recover(
     dir: &Path,
     nonce: u64,
     limits: PartitionLimits,
+    pool: Arc<OverflowPool>,
     use_checkpoint: bool,
 ) -> Result<(Rc<Partition>, RecoveryReport)> {
     std::fs::create_dir_all(dir)
@@ -70,15 +74,24 @@ pub async fn recover(
     let mut segments = BTreeMap::new();
     let mut used = 0;
     for &(seg, kind) in &files {
-        let file = SegFile::open(&crate::partition::segment_path(dir, seg, kind)).await?;
+        let path = crate::partition::segment_path(dir, seg, kind);
+        let file = SegFile::open(&path).await?;
         let size = file.size().await?;
-        used += size;
+        // Extents and huge segments are sparse: what they occupy is what was written
+        // (and allocated) of them, not their length.
+        let charged = std::fs::metadata(&path)
+            .map_err(|e| crate::Error::io(format!("stat of {}", describe(&path)), e))?
+            .blocks()
+            .saturating_mul(512)
+            .min(size);
+        used += charged;
         segments.insert(
             seg,
             Segment {
                 file: Rc::new(file),
                 kind,
                 size,
+                charged,
                 inflight: Vec::new(),
                 order: crate::partition::reclaim_order(seg),
                 // What a previous run wrote may still sit in the device's cache: the
@@ -190,6 +203,11 @@ pub async fn recover(
             })
         });
 
+    // A partition that had borrowed from the overflow pool when the store stopped
+    // borrows again what it holds beyond its own budget, so that the pool's bytes are
+    // not handed out twice. What the pool cannot cover (a smaller budget than last
+    // time) is evicted by the next write.
+    let borrowed = pool.borrow_up_to(used.saturating_sub(limits.budget));
     let state = State {
         index,
         segments,
@@ -198,6 +216,7 @@ pub async fn recover(
         next_seg,
         next_seq,
         used,
+        borrowed,
         checkpoint_bytes,
         changes: 0,
         replicated: limits
@@ -205,7 +224,14 @@ pub async fn recover(
             .then(|| crate::replication::load_cursor(dir)),
     };
     Ok((
-        Rc::new(Partition::new(id, dir.to_path_buf(), nonce, limits, state)),
+        Rc::new(Partition::new(
+            id,
+            dir.to_path_buf(),
+            nonce,
+            limits,
+            pool,
+            state,
+        )),
         report,
     ))
 }

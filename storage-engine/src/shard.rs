@@ -13,6 +13,7 @@ use crate::index::Prefix;
 use crate::io;
 use crate::partition::Partition;
 use crate::reader::Found;
+use crate::reclaimer::OverflowPool;
 use crate::replication::{ReplicationBatch, Settlement};
 use crate::stream::BlobStream;
 use crate::PartitionStats;
@@ -125,6 +126,8 @@ pub(crate) struct Shared {
     pub dir: PathBuf,
     pub nonce: u64,
     pub limits: PartitionLimits,
+    /// The node-wide overflow pool every partition borrows from.
+    pub pool: Arc<OverflowPool>,
     pub sync_interval: Option<Duration>,
     pub checkpoint_interval: Option<Duration>,
 }
@@ -208,7 +211,8 @@ impl ShardRunner {
             let started = std::time::Instant::now();
             let dir = self.shared.dir.join(format!("p{p:03}"));
             let limits = self.shared.limits.clone();
-            let res = crate::recover::recover(p, &dir, self.shared.nonce, limits, true).await;
+            let pool = self.shared.pool.clone();
+            let res = crate::recover::recover(p, &dir, self.shared.nonce, limits, pool, true).await;
             (p, started, res)
         }))
         .await;
@@ -499,6 +503,7 @@ async fn upload(
             Ok(UploadMsg::Data(data)) => {
                 if let Err(e) = writer.write(&data).await {
                     let _ = done.send(Err(e));
+                    writer.abandon().await;
                     return;
                 }
             }
@@ -507,7 +512,10 @@ async fn upload(
                 return;
             }
             // The client went away: the extent stays dead and invisible.
-            Err(_) => return,
+            Err(_) => {
+                writer.abandon().await;
+                return;
+            }
         }
     }
 }
