@@ -19,6 +19,7 @@ set -euo pipefail
 # protobuf-compiler    protoc for tonic/prost code generation
 # ca-certificates      cargo fetching from crates.io over TLS
 # python3-pip          installs moto (below) where python3 has no pip of its own
+# systemd              systemd-analyze verify for the units in config/systemd
 PACKAGES=(
   bazel-bootstrap
   default-jdk-headless
@@ -31,6 +32,7 @@ PACKAGES=(
   protobuf-compiler
   ca-certificates
   python3-pip
+  systemd
 )
 
 # From PyPI, not Debian:

@@ -40,4 +40,13 @@ pub mod uploads;
 pub mod worker;
 pub mod zstd_stream;
 
+/// What `--version` prints after a binary's name: the crate version and the commit the
+/// build came from (recorded by build.rs; `unknown` outside a git checkout).
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("CAIRN_COMMIT"),
+    ")"
+);
+
 pub use error::{Error, ErrorKind, Result};

@@ -611,6 +611,87 @@ async fn parked_uploads_expire_on_time_without_other_traffic() {
     assert!(node.terminate().success());
 }
 
+/// 200 uploads in flight at once, together 78% of the budget, on 200 connections:
+/// each used to reserve its whole blob in its partition up front, so a partition that
+/// drew more than its even share of them ran out of room it could free (every segment
+/// held an upload in flight) and refused some (12 of 200 failed). Within the node's
+/// budget, uploads never fail because of each other.
+#[tokio::test]
+async fn two_hundred_concurrent_uploads_within_the_budget_all_succeed() {
+    const UPLOADS: u64 = 200;
+    const SIZE: usize = 2 << 20;
+    let temp = tempfile::tempdir().unwrap();
+    let node = Node::start_in(
+        &temp.path().join("data"),
+        &["--no-execution", "--max-size", "512MiB"],
+    );
+    let mut uploads = Vec::new();
+    for seed in 0..UPLOADS {
+        let data = blob(3000 + seed, SIZE);
+        let digest = sha256(&data);
+        let name = upload_name("", &digest);
+        let mut requests = write_requests(&name, &data, 256 << 10).into_iter();
+        let (sender, receiver) = tokio::sync::mpsc::channel(64);
+        sender.send(requests.next().unwrap()).await.unwrap();
+        let mut client = node.bytestream().await;
+        let call = tokio::spawn(async move { client.write(ReceiverStream::new(receiver)).await });
+        uploads.push((digest, name, sender, requests, call));
+    }
+    // Every upload has its first chunk stored (or has failed) before any goes on.
+    for (_, name, _, _, call) in &uploads {
+        for _ in 0..600 {
+            if call.is_finished() || committed_size(&node, name).await.0 >= 256 << 10 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let mut calls = Vec::new();
+    for (digest, _, sender, requests, call) in uploads {
+        for request in requests {
+            if sender.send(request).await.is_err() {
+                break;
+            }
+        }
+        calls.push((digest, call));
+    }
+    let mut failed = Vec::new();
+    let mut digests = Vec::new();
+    for (digest, call) in calls {
+        match call.await.unwrap() {
+            Ok(response) => assert_eq!(response.into_inner().committed_size, SIZE as i64),
+            Err(status) => failed.push(format!("{:?}: {}", status.code(), status.message())),
+        }
+        digests.push(wire(&digest));
+    }
+    assert!(
+        failed.is_empty(),
+        "{} of {UPLOADS} uploads failed, the first: {}",
+        failed.len(),
+        failed[0]
+    );
+    let missing = node
+        .cas()
+        .await
+        .find_missing_blobs(FindMissingBlobsRequest {
+            blob_digests: digests,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .missing_blob_digests;
+    // A partition that drew more than its share borrowed from the node's overflow pool
+    // while the uploads were in flight, and gives it back afterwards by evicting its
+    // oldest blobs down to its own budget: a full cache evicts. The rest stays.
+    assert!(
+        missing.len() as u64 <= UPLOADS / 4,
+        "{} of {UPLOADS} acknowledged blobs gone right after the uploads",
+        missing.len()
+    );
+    assert!(node.terminate().success());
+}
+
 #[tokio::test]
 async fn sixty_four_concurrent_one_mebibyte_writes_and_reads() {
     let node = Node::start();

@@ -18,7 +18,7 @@ use tracing_subscriber::EnvFilter;
 ///
 /// Logs go to stderr; RUST_LOG adjusts them. SIGTERM or SIGINT stops it.
 #[derive(Parser, Debug)]
-#[command(name = "cairn-scheduler", version)]
+#[command(name = "cairn-scheduler", version = cairn::VERSION)]
 struct Args {
     /// JSON5 configuration file (see config/ for examples); unknown fields are errors.
     #[arg(long, value_name = "FILE")]

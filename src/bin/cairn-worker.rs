@@ -18,7 +18,7 @@ use tracing_subscriber::EnvFilter;
 /// Logs go to stderr; RUST_LOG adjusts them. SIGTERM drains: running actions finish,
 /// no new ones are taken, then the worker exits; a second SIGTERM exits at once.
 #[derive(Parser, Debug)]
-#[command(name = "cairn-worker", version)]
+#[command(name = "cairn-worker", version = cairn::VERSION)]
 struct Args {
     /// JSON5 configuration file (see config/ for examples); unknown fields are errors.
     #[arg(long, value_name = "FILE")]

@@ -35,7 +35,7 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 /// cairn-scheduler and cairn-worker (next to this binary) start as child processes.
 /// Logs go to stderr; RUST_LOG adjusts them.
 #[derive(Parser, Debug)]
-#[command(name = "cairn", version)]
+#[command(name = "cairn", version = cairn::VERSION)]
 struct Args {
     /// JSON5 configuration file (see config/ for examples). `${NAME}` in its strings
     /// expands to environment variables; unknown fields are errors.
