@@ -692,6 +692,120 @@ async fn two_hundred_concurrent_uploads_within_the_budget_all_succeed() {
     assert!(node.terminate().success());
 }
 
+/// The blobs among `digests` the node holds.
+async fn present(
+    node: &Node,
+    digests: Vec<cairn_proto::reapi::Digest>,
+) -> Vec<cairn_proto::reapi::Digest> {
+    let missing = node
+        .cas()
+        .await
+        .find_missing_blobs(FindMissingBlobsRequest {
+            blob_digests: digests.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .missing_blob_digests;
+    digests
+        .into_iter()
+        .filter(|digest| !missing.contains(digest))
+        .collect()
+}
+
+/// 128 uploads that each declare the largest blob the node accepts, send one byte and
+/// are cancelled used to evict every large blob the node held: each reserved, and
+/// made room for, its whole declared size at its first message. Uploads are now
+/// charged for the bytes they send, so they evict nothing, open or cancelled.
+#[tokio::test]
+async fn declared_but_unsent_uploads_evict_nothing() {
+    let temp = tempfile::tempdir().unwrap();
+    let node = Node::start_in(
+        &temp.path().join("data"),
+        &["--no-execution", "--max-size", "1GiB"],
+    );
+    let limit = node
+        .capabilities()
+        .await
+        .get_capabilities(cairn_proto::reapi::GetCapabilitiesRequest::default())
+        .await
+        .expect("capabilities")
+        .into_inner()
+        .cache_capabilities
+        .map(|cache| cache.max_cas_blob_size_bytes as u64)
+        .expect("cache capabilities");
+    let mut client = node.bytestream().await;
+    let mut stored = Vec::new();
+    for (seed, size) in (0..40u64)
+        .map(|seed| (4000 + seed, 8 << 20))
+        .chain((0..500u64).map(|seed| (5000 + seed, 4096)))
+    {
+        let data = blob(seed, size);
+        let digest = sha256(&data);
+        write_blob(&mut client, &upload_name("", &digest), &data)
+            .await
+            .unwrap();
+        stored.push(wire(&digest));
+    }
+    let before = present(&node, stored.clone()).await;
+    assert!(
+        before.len() > stored.len() / 2,
+        "the node kept only {} of the {} blobs it was given",
+        before.len(),
+        stored.len()
+    );
+
+    let mut uploads = Vec::new();
+    for seed in 0..128u64 {
+        let declared = Digest {
+            function: DigestFunction::Sha256,
+            hash: sha256(&seed.to_le_bytes()).hash,
+            size: limit,
+        };
+        let name = upload_name("", &declared);
+        let (sender, receiver) = tokio::sync::mpsc::channel(1);
+        sender
+            .send(WriteRequest {
+                resource_name: name.clone(),
+                write_offset: 0,
+                finish_write: false,
+                data: Bytes::from_static(b"x"),
+            })
+            .await
+            .unwrap();
+        let mut writer = node.bytestream().await;
+        let call = tokio::spawn(async move { writer.write(ReceiverStream::new(receiver)).await });
+        uploads.push((name, sender, call));
+    }
+    // Every upload has begun (its byte is committed) before anything is checked.
+    for (name, _, _) in &uploads {
+        let mut begun = false;
+        for _ in 0..600 {
+            if committed_size(&node, name).await.0 == 1 {
+                begun = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(begun, "an upload never committed its first byte");
+    }
+    let open = present(&node, before.clone()).await;
+    for (_, sender, call) in uploads {
+        call.abort();
+        drop(sender);
+        let _ = call.await;
+    }
+    let cancelled = present(&node, before.clone()).await;
+    assert_eq!(
+        (open.len(), cancelled.len()),
+        (before.len(), before.len()),
+        "stored blobs were evicted by uploads that sent one byte each \
+         (held while they were open, and after they were cancelled)"
+    );
+    assert!(node.terminate().success());
+}
+
 #[tokio::test]
 async fn sixty_four_concurrent_one_mebibyte_writes_and_reads() {
     let node = Node::start();
