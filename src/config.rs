@@ -54,7 +54,8 @@ pub struct Config {
     pub max_batch_total_size: ByteSize,
     /// Largest blob the node accepts, advertised in the capabilities. Default `16GiB`,
     /// lowered at start to what the storage engine can hold: half of one partition's
-    /// share of `max_size` (128 MiB for a 4 GiB budget).
+    /// own budget, which is its share of the 7/8 of `max_size` left after the uploads'
+    /// overflow pool (112 MiB for a 4 GiB budget over 16 partitions).
     pub max_cas_blob_size: ByteSize,
     /// How long an interrupted ByteStream upload is kept so the client can resume it
     /// from its committed size, in seconds. Default `60`.

@@ -100,7 +100,7 @@ pub fn run(config: Config) -> Result<()> {
         // Advertising more than the engine takes would let clients start uploads that
         // can only fail with RESOURCE_EXHAUSTED.
         tracing::info!(
-            "largest blob: {} (half a partition's share of the budget; max_cas_blob_size asks for {})",
+            "largest blob: {} (half a partition's own budget; max_cas_blob_size asks for {})",
             crate::byte_size::ByteSize(engine.max_blob_size()),
             config.max_cas_blob_size
         );
