@@ -34,6 +34,7 @@ pub struct Metrics {
     max_connections: IntGauge,
     open_files_limit: IntGauge,
     connections_timed_out: IntCounterVec,
+    auth_failures: IntCounterVec,
     recovery_records: IntGaugeVec,
     recovery_scanned_bytes: IntGauge,
     tree_reads: IntCounter,
@@ -91,6 +92,15 @@ impl Metrics {
                 &["store", "result"],
             )?,
             received: counter("received_bytes_total", "Blob bytes received from clients")?,
+            auth_failures: counter_vec(
+                "auth_failures_total",
+                "Requests refused by the access policy, by reason: no credentials \
+                 (missing), an unreadable authorization header (malformed), a token or \
+                 user and password nobody has (unknown_token, bad_password), a principal \
+                 lacking a permission or instance (denied), a write to a read-only node \
+                 (read_only)",
+                &["reason"],
+            )?,
             connections_timed_out: counter_vec(
                 "connections_timed_out_total",
                 "Connections closed for not completing their handshake in time (handshake) \
@@ -204,6 +214,11 @@ impl Metrics {
     /// The counter of connections refused for `max_connections`.
     pub fn connections_refused(&self) -> IntCounter {
         self.connections_refused.clone()
+    }
+
+    /// The counter of requests the access policy refused, by reason.
+    pub fn auth_failures(&self) -> IntCounterVec {
+        self.auth_failures.clone()
     }
 
     /// The counter of connections closed by a timeout, by reason.
