@@ -103,6 +103,19 @@ pub struct Config {
     /// defaults), and `--no-execution` turns it off either way.
     #[serde(default)]
     pub execution: Option<ExecutionConfig>,
+    /// The auth file: JSON5 principals (bearer-token hashes, bcrypt basic users or
+    /// client-certificate names) with their permissions and instance prefixes (see the
+    /// README's "Security" section). Read at start (a malformed file is refused) and
+    /// reloaded when it changes. Default: none, every client may do everything, as
+    /// befits a node reachable on loopback only.
+    pub auth: Option<PathBuf>,
+    /// Refuse every write (blob uploads, action results), whoever asks. Default
+    /// `false`. Execution needs writes, so it needs `--no-execution` too.
+    pub read_only: bool,
+    /// Let a node with execution listen on a non-loopback address without `auth`,
+    /// so that anyone who reaches it can run commands on the worker's host. Default
+    /// `false`: such a node refuses to start.
+    pub allow_unauthenticated_execution: bool,
 }
 
 /// When the store acknowledges a write (see [`Config::durability`]).
@@ -155,6 +168,9 @@ impl Default for Config {
             s3: None,
             sink: false,
             execution: Some(ExecutionConfig::default()),
+            auth: None,
+            read_only: false,
+            allow_unauthenticated_execution: false,
         }
     }
 }
@@ -175,6 +191,38 @@ impl Config {
             json5::from_str(text).map_err(|error| Error::invalid_argument(error.to_string()))?;
         expand_env(&mut value, &|name| std::env::var(name).ok())?;
         serde_json::from_value(value).map_err(|error| Error::invalid_argument(error.to_string()))
+    }
+
+    /// Refuses settings that would expose execution or cannot work together: remote
+    /// execution on a non-loopback listener without `auth` (unless
+    /// `allow_unauthenticated_execution`), and `read_only` with execution (whose
+    /// worker must upload outputs). Runs before anything binds or starts.
+    pub fn check_security(&self) -> Result<()> {
+        if self.execution.is_none() {
+            return Ok(());
+        }
+        if self.read_only {
+            return Err(Error::invalid_argument(
+                "--read-only refuses the uploads remote execution makes; add --no-execution \
+                 (or leave the `execution` section out of the config)",
+            ));
+        }
+        if self.auth.is_some() || self.allow_unauthenticated_execution {
+            return Ok(());
+        }
+        let exposed = std::iter::once(self.listen)
+            .chain(self.http_listen)
+            .find(|address| !address.ip().is_loopback());
+        match exposed {
+            Some(address) => Err(Error::invalid_argument(format!(
+                "refusing to serve remote execution on {address}, which is not a loopback \
+                 address, without authentication: anyone who reaches it could run any \
+                 command on this host. Give --auth FILE (principals with the `execute` \
+                 permission), or --no-execution, or accept the risk with \
+                 --allow-unauthenticated-execution"
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// The upload resumption window.
@@ -300,6 +348,58 @@ mod tests {
         );
         let error = Config::parse("{ durability: 'never' }").unwrap_err();
         assert!(error.message().contains("never"), "{error}");
+    }
+
+    #[test]
+    fn security_settings() {
+        let config = Config::parse(
+            "{ auth: '/etc/cairn/auth.json5', read_only: true, allow_unauthenticated_execution: true }",
+        )
+        .unwrap();
+        assert_eq!(config.auth, Some(PathBuf::from("/etc/cairn/auth.json5")));
+        assert!(config.read_only);
+        assert!(config.allow_unauthenticated_execution);
+        let defaults = Config::parse("{}").unwrap();
+        assert!(defaults.auth.is_none() && !defaults.read_only);
+        assert!(!defaults.allow_unauthenticated_execution);
+    }
+
+    #[test]
+    fn execution_on_the_network_needs_auth() {
+        let mut config = Config::default();
+        config.check_security().unwrap();
+        config.listen = "0.0.0.0:50051".parse().unwrap();
+        let message = config.check_security().unwrap_err().to_string();
+        assert!(message.contains("--auth"), "{message}");
+        assert!(
+            message.contains("--allow-unauthenticated-execution"),
+            "{message}"
+        );
+        config.allow_unauthenticated_execution = true;
+        config.check_security().unwrap();
+        config.allow_unauthenticated_execution = false;
+        config.auth = Some(PathBuf::from("auth.json5"));
+        config.check_security().unwrap();
+        config.auth = None;
+        config.execution = None;
+        config.check_security().unwrap();
+
+        let mut http = Config {
+            http_listen: Some("192.0.2.1:8080".parse().unwrap()),
+            ..Config::default()
+        };
+        assert!(http.check_security().is_err());
+        http.http_listen = Some("[::1]:8080".parse().unwrap());
+        http.check_security().unwrap();
+
+        let mut read_only = Config {
+            read_only: true,
+            ..Config::default()
+        };
+        let message = read_only.check_security().unwrap_err().to_string();
+        assert!(message.contains("--no-execution"), "{message}");
+        read_only.execution = None;
+        read_only.check_security().unwrap();
     }
 
     #[test]

@@ -35,6 +35,7 @@ pub struct Metrics {
     open_files_limit: IntGauge,
     connections_timed_out: IntCounterVec,
     auth_failures: IntCounterVec,
+    auth_reloads: IntCounterVec,
     recovery_records: IntGaugeVec,
     recovery_scanned_bytes: IntGauge,
     tree_reads: IntCounter,
@@ -100,6 +101,12 @@ impl Metrics {
                  lacking a permission or instance (denied), a write to a read-only node \
                  (read_only)",
                 &["reason"],
+            )?,
+            auth_reloads: counter_vec(
+                "auth_reloads_total",
+                "Changes to the auth file seen while running: put in force (ok) or \
+                 refused for not parsing, the previous file staying in force (refused)",
+                &["result"],
             )?,
             connections_timed_out: counter_vec(
                 "connections_timed_out_total",
@@ -219,6 +226,11 @@ impl Metrics {
     /// The counter of requests the access policy refused, by reason.
     pub fn auth_failures(&self) -> IntCounterVec {
         self.auth_failures.clone()
+    }
+
+    /// The counter of auth file changes, by result.
+    pub fn auth_reloads(&self) -> IntCounterVec {
+        self.auth_reloads.clone()
     }
 
     /// The counter of connections closed by a timeout, by reason.

@@ -212,8 +212,9 @@ impl Access {
     }
 
     /// Starts a thread that reloads the auth file when its contents change, for as
-    /// long as this policy (or a clone) exists. Does nothing without `--auth`.
-    pub fn watch(&self) -> Result<()> {
+    /// long as this policy (or a clone) exists, counting each change in `reloads` by
+    /// result (`ok`, `refused`). Does nothing without `--auth`.
+    pub fn watch(&self, reloads: prometheus::IntCounterVec) -> Result<()> {
         if self.inner.policy.is_none() {
             return Ok(());
         }
@@ -227,8 +228,14 @@ impl Access {
                     let Some(inner) = weak.upgrade() else {
                         return;
                     };
-                    if let Some(policy) = &inner.policy {
-                        policy.reload(&mut refused);
+                    let outcome = match &inner.policy {
+                        Some(policy) => policy.reload(&mut refused),
+                        None => None,
+                    };
+                    match outcome {
+                        Some(true) => reloads.with_label_values(&["ok"]).inc(),
+                        Some(false) => reloads.with_label_values(&["refused"]).inc(),
+                        None => {}
                     }
                 }
             })
@@ -399,8 +406,9 @@ impl Policy {
 
     /// Reads the file and, if its contents changed and parse, puts them in force.
     /// `refused` remembers the last contents that failed, so a broken file is logged
-    /// once, not every poll.
-    fn reload(&self, refused: &mut Option<[u8; 32]>) {
+    /// once, not every poll. Returns whether new contents were put in force (`None`:
+    /// nothing new to look at).
+    fn reload(&self, refused: &mut Option<[u8; 32]>) -> Option<bool> {
         let text = match std::fs::read_to_string(&self.path) {
             Ok(text) => text,
             Err(error) => {
@@ -410,13 +418,14 @@ impl Policy {
                         self.path.display()
                     );
                     *refused = Some([0; 32]);
+                    return Some(false);
                 }
-                return;
+                return None;
             }
         };
         let fingerprint: [u8; 32] = Sha256::digest(text.as_bytes()).into();
         if fingerprint == self.current().fingerprint || *refused == Some(fingerprint) {
-            return;
+            return None;
         }
         match parse_loaded(&text, fingerprint) {
             Ok(loaded) => {
@@ -430,6 +439,7 @@ impl Policy {
                     Ok(mut current) => *current = Arc::new(loaded),
                     Err(poisoned) => *poisoned.into_inner() = Arc::new(loaded),
                 }
+                Some(true)
             }
             Err(error) => {
                 tracing::warn!(
@@ -437,6 +447,7 @@ impl Policy {
                     self.path.display()
                 );
                 *refused = Some(fingerprint);
+                Some(false)
             }
         }
     }

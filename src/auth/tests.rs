@@ -303,7 +303,8 @@ fn reload_takes_a_good_file_and_keeps_the_old_one_on_a_broken_edit() {
         ),
     )
     .unwrap();
-    policy.reload(&mut refused);
+    assert_eq!(policy.reload(&mut refused), Some(true));
+    assert_eq!(policy.reload(&mut refused), None, "unchanged");
     access.check(&bearer(new_token), READ, Some("")).unwrap();
     assert_eq!(
         kind(access.check(&bearer(RO_TOKEN), READ, Some(""))),
@@ -311,12 +312,20 @@ fn reload_takes_a_good_file_and_keeps_the_old_one_on_a_broken_edit() {
     );
 
     std::fs::write(&path, "{ principals: [ { name: 'broken' ").unwrap();
-    policy.reload(&mut refused);
-    assert!(refused.is_some());
+    assert_eq!(policy.reload(&mut refused), Some(false));
+    assert_eq!(
+        policy.reload(&mut refused),
+        None,
+        "refused once, not every poll"
+    );
     access.check(&bearer(new_token), READ, Some("")).unwrap();
 
     std::fs::remove_file(&path).unwrap();
-    policy.reload(&mut refused);
+    assert_eq!(
+        policy.reload(&mut refused),
+        None,
+        "the broken file was reported"
+    );
     access.check(&bearer(new_token), READ, Some("")).unwrap();
 }
 

@@ -80,6 +80,25 @@ struct Args {
     /// `execution` section says].
     #[arg(long)]
     no_execution: bool,
+
+    /// Auth file: JSON5 principals (bearer-token SHA-256s, bcrypt basic users,
+    /// client-certificate names) with permissions read, write, write_ac, execute and
+    /// metrics, optionally limited to instance prefixes; reloaded when it changes
+    /// (see the README's Security section) [default: none, every client may do
+    /// everything].
+    #[arg(long, value_name = "FILE")]
+    auth: Option<PathBuf>,
+
+    /// Refuse every write (blob uploads, action results), whoever asks; needs
+    /// --no-execution [default: writes allowed].
+    #[arg(long)]
+    read_only: bool,
+
+    /// Allow remote execution on a non-loopback listener without --auth, so that anyone
+    /// who reaches the node can run commands on this host [default: such a node refuses
+    /// to start].
+    #[arg(long)]
+    allow_unauthenticated_execution: bool,
 }
 
 fn main() -> ExitCode {
@@ -121,6 +140,15 @@ fn main() -> ExitCode {
         }
         if args.no_execution {
             config.execution = None;
+        }
+        if let Some(auth) = args.auth {
+            config.auth = Some(auth);
+        }
+        if args.read_only {
+            config.read_only = true;
+        }
+        if args.allow_unauthenticated_execution {
+            config.allow_unauthenticated_execution = true;
         }
         cairn::node::run(config)
     });
