@@ -19,6 +19,7 @@ set -euo pipefail
 # protobuf-compiler    protoc for tonic/prost code generation
 # ca-certificates      cargo fetching from crates.io over TLS
 # python3-pip          installs moto (below) where python3 has no pip of its own
+# openssl              makes the CAs and certificates of tests/tls.rs
 PACKAGES=(
   bazel-bootstrap
   default-jdk-headless
@@ -31,6 +32,7 @@ PACKAGES=(
   protobuf-compiler
   ca-certificates
   python3-pip
+  openssl
 )
 
 # From PyPI, not Debian:

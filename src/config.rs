@@ -116,6 +116,14 @@ pub struct Config {
     /// so that anyone who reaches it can run commands on the worker's host. Default
     /// `false`: such a node refuses to start.
     pub allow_unauthenticated_execution: bool,
+    /// PEM certificate chain for TLS (1.2 and 1.3, rustls) on the gRPC listener (ALPN
+    /// `h2`) and the HTTP listener; needs `tls_key`. Default: none, plaintext.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`. Default: none.
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificates: with it, every client must present a certificate signed
+    /// by one of them (mutual TLS). Default: none, no client certificate asked for.
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 /// When the store acknowledges a write (see [`Config::durability`]).
@@ -171,6 +179,9 @@ impl Default for Config {
             auth: None,
             read_only: false,
             allow_unauthenticated_execution: false,
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
         }
     }
 }
@@ -195,8 +206,9 @@ impl Config {
 
     /// Refuses settings that would expose execution or cannot work together: remote
     /// execution on a non-loopback listener without `auth` (unless
-    /// `allow_unauthenticated_execution`), and `read_only` with execution (whose
-    /// worker must upload outputs). Runs before anything binds or starts.
+    /// `allow_unauthenticated_execution`), and `read_only` or TLS with execution
+    /// (whose worker must upload outputs, in plaintext). Runs before anything binds or
+    /// starts.
     pub fn check_security(&self) -> Result<()> {
         if self.execution.is_none() {
             return Ok(());
@@ -205,6 +217,14 @@ impl Config {
             return Err(Error::invalid_argument(
                 "--read-only refuses the uploads remote execution makes; add --no-execution \
                  (or leave the `execution` section out of the config)",
+            ));
+        }
+        if self.tls_cert.is_some() {
+            // The node's scheduler and worker connect to it in plaintext; a TLS
+            // listener would refuse them.
+            return Err(Error::invalid_argument(
+                "TLS on a node that runs its own execution is not supported yet (its \
+                 scheduler and worker connect in plaintext); add --no-execution",
             ));
         }
         if self.auth.is_some() || self.allow_unauthenticated_execution {
@@ -400,6 +420,15 @@ mod tests {
         assert!(message.contains("--no-execution"), "{message}");
         read_only.execution = None;
         read_only.check_security().unwrap();
+
+        let mut tls = Config {
+            tls_cert: Some(PathBuf::from("cert.pem")),
+            ..Config::default()
+        };
+        let message = tls.check_security().unwrap_err().to_string();
+        assert!(message.contains("--no-execution"), "{message}");
+        tls.execution = None;
+        tls.check_security().unwrap();
     }
 
     #[test]

@@ -57,6 +57,7 @@ pub fn run(config: Config) -> Result<()> {
     config.check_security()?;
     let metrics = Arc::new(Metrics::new()?);
     let (access, internal_token) = access_policy(&config, &metrics)?;
+    let tls = tls_acceptors(&config)?;
     let shards = config.shards.unwrap_or_else(runtime::available_cores);
     if shards == 0 {
         return Err(Error::invalid_argument("shards must be at least 1"));
@@ -170,6 +171,7 @@ pub fn run(config: Config) -> Result<()> {
         http_addr: config.http_listen,
         grpc: routes,
         http: HttpFront::new(store, access),
+        tls,
         engine,
         grace: config.shutdown_grace(),
         connections: metrics.connections(),
@@ -232,6 +234,32 @@ fn access_policy(config: &Config, metrics: &Metrics) -> Result<(Access, Option<S
     let access = access.with_internal_token(&token);
     access.watch(metrics.auth_reloads())?;
     Ok((access, Some(token)))
+}
+
+/// The TLS settings of `config`, read now so that unusable files stop the node
+/// before anything binds.
+fn tls_acceptors(config: &Config) -> Result<Option<runtime::Acceptors>> {
+    match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => {
+            let acceptors = runtime::Acceptors::load(cert, key, config.tls_client_ca.as_deref())?;
+            tracing::info!(
+                "TLS on every listener{}",
+                if config.tls_client_ca.is_some() {
+                    ", client certificates required"
+                } else {
+                    ""
+                }
+            );
+            Ok(Some(acceptors))
+        }
+        (None, None) if config.tls_client_ca.is_none() => Ok(None),
+        (None, None) => Err(Error::invalid_argument(
+            "--tls-client-ca needs --tls-cert and --tls-key",
+        )),
+        _ => Err(Error::invalid_argument(
+            "--tls-cert and --tls-key go together",
+        )),
+    }
 }
 
 /// Every cache service of the node, accepting messages as large as a full batch;

@@ -99,6 +99,21 @@ struct Args {
     /// to start].
     #[arg(long)]
     allow_unauthenticated_execution: bool,
+
+    /// PEM certificate chain: TLS 1.2/1.3 on the gRPC listener (ALPN h2, clients use
+    /// grpcs://) and the HTTP listener (https://); needs --tls-key [default: none,
+    /// plaintext].
+    #[arg(long, value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert [default: none].
+    #[arg(long, value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+
+    /// PEM CA certificates: require every client to present a certificate signed by
+    /// one of them (mutual TLS) [default: none, no client certificate asked for].
+    #[arg(long, value_name = "FILE")]
+    tls_client_ca: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -149,6 +164,15 @@ fn main() -> ExitCode {
         }
         if args.allow_unauthenticated_execution {
             config.allow_unauthenticated_execution = true;
+        }
+        if let Some(path) = args.tls_cert {
+            config.tls_cert = Some(path);
+        }
+        if let Some(path) = args.tls_key {
+            config.tls_key = Some(path);
+        }
+        if let Some(path) = args.tls_client_ca {
+            config.tls_client_ca = Some(path);
         }
         cairn::node::run(config)
     });

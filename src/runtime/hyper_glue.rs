@@ -12,18 +12,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::future::{select, Either};
-use glommio::net::TcpStream;
 use hyper::server::conn::{http1, http2};
 use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
-use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt};
 
 use super::timeouts::{
     Activity, Counted, Expired, PingTimer, Timeouts, Watched, HTTP2_HANDSHAKE_BYTES, PING_ANSWER,
 };
+use super::tls::Stream;
 use crate::http_cache::HttpFront;
 
-type Io = TokioIo<Watched<Compat<TcpStream>>>;
+type Io = TokioIo<Watched<Stream>>;
 
 /// hyper's executor: spawns a connection's tasks on the current glommio executor.
 #[derive(Clone, Copy)]
@@ -69,7 +68,7 @@ pub(super) struct ConnectionSettings {
 }
 
 pub(super) fn serve_http2(
-    stream: TcpStream,
+    stream: Stream,
     routes: tonic::service::Routes,
     settings: &ConnectionSettings,
 ) -> (GrpcConnection, Watch) {
@@ -82,7 +81,7 @@ pub(super) fn serve_http2(
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(1 << 20)
         .serve_connection(
-            TokioIo::new(Watched::new(stream.compat(), Arc::clone(&activity))),
+            TokioIo::new(Watched::new(stream, Arc::clone(&activity))),
             Counted::new(TowerToHyperService::new(routes), Arc::clone(&activity)),
         );
     let watch = Watch {
@@ -95,7 +94,7 @@ pub(super) fn serve_http2(
 }
 
 pub(super) fn serve_http1(
-    stream: TcpStream,
+    stream: Stream,
     front: HttpFront,
     settings: &ConnectionSettings,
 ) -> (HttpConnection, Watch) {
@@ -104,7 +103,7 @@ pub(super) fn serve_http1(
         .timer(settings.timer.clone())
         .header_read_timeout(settings.timeouts.handshake)
         .serve_connection(
-            TokioIo::new(Watched::new(stream.compat(), Arc::clone(&activity))),
+            TokioIo::new(Watched::new(stream, Arc::clone(&activity))),
             Counted::new(front, Arc::clone(&activity)),
         );
     let watch = Watch {

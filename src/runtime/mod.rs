@@ -21,8 +21,10 @@ mod hyper_glue;
 mod listener;
 mod shard;
 mod timeouts;
+mod tls;
 
 pub use timeouts::Timeouts;
+pub use tls::Acceptors;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -45,6 +47,8 @@ pub struct Serve {
     pub grpc: tonic::service::Routes,
     /// The HTTP cache protocol, metrics and health.
     pub http: HttpFront,
+    /// TLS for both listeners; `None`: plaintext.
+    pub tls: Option<Acceptors>,
     /// The engine, shut down once every shard has drained.
     pub engine: Engine,
     /// How long in-flight requests may take to finish once a stop was asked for.
@@ -82,6 +86,7 @@ pub fn run(serve: Serve, runners: Vec<ShardRunner>, stop: watch::Sender<bool>) -
         http_addr: serve.http_addr,
         grpc: serve.grpc,
         http: serve.http,
+        tls: serve.tls,
         engine: serve.engine,
         grace: serve.grace,
         stop: stop.clone(),

@@ -1,0 +1,277 @@
+//! TLS and mutual TLS on the real `cairn` binary: certificates made by the `openssl`
+//! CLI for each test (a CA, a server certificate for 127.0.0.1 and localhost, a client
+//! certificate of that CA and one of another CA), tonic's rustls client for gRPC and
+//! `curl` for the HTTP listener.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command as Process;
+
+use cairn_proto::reapi::batch_update_blobs_request::Request as UpdateRequest;
+use cairn_proto::reapi::content_addressable_storage_client::ContentAddressableStorageClient;
+use cairn_proto::reapi::{BatchReadBlobsRequest, BatchUpdateBlobsRequest};
+use common::{blob, sha256, wire, Node};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+
+/// Runs `openssl` with `args` in `dir`, failing the test on an error.
+fn openssl(dir: &Path, args: &[&str]) {
+    let output = Process::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run openssl (scripts/install-deps.sh installs it)");
+    assert!(
+        output.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// A CA named `name`: `name.pem` and `name.key` in `dir`.
+fn make_ca(dir: &Path, name: &str) {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN={name}"),
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.pem"),
+        ],
+    );
+}
+
+/// A certificate `name.pem` (key `name.key`) for subject `cn`, signed by CA `ca`,
+/// with the extensions `extensions` (an openssl extension file's lines).
+fn make_cert(dir: &Path, ca: &str, name: &str, cn: &str, extensions: &str) {
+    std::fs::write(dir.join(format!("{name}.ext")), extensions).expect("write extensions");
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-subj",
+            &format!("/CN={cn}"),
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.csr"),
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{name}.csr"),
+            "-CA",
+            &format!("{ca}.pem"),
+            "-CAkey",
+            &format!("{ca}.key"),
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            &format!("{name}.ext"),
+            "-out",
+            &format!("{name}.pem"),
+        ],
+    );
+}
+
+/// Everything the tests need, in `dir`: CAs `ca` and `other-ca`, `server` for
+/// 127.0.0.1 and localhost, `client` of `ca` and `stranger` of `other-ca`.
+fn certificates(dir: &Path) {
+    make_ca(dir, "ca");
+    make_ca(dir, "other-ca");
+    make_cert(
+        dir,
+        "ca",
+        "server",
+        "localhost",
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
+    );
+    let client = "extendedKeyUsage=clientAuth\n";
+    make_cert(dir, "ca", "client", "ci-client", client);
+    make_cert(dir, "other-ca", "stranger", "ci-client", client);
+}
+
+fn path(dir: &Path, file: &str) -> PathBuf {
+    dir.join(file)
+}
+
+/// A cache-only node serving TLS with `server.pem`, plus `extra` flags.
+fn tls_node(dir: &Path, extra: &[&str]) -> Node {
+    let cert = path(dir, "server.pem");
+    let key = path(dir, "server.key");
+    let mut args = vec![
+        "--no-execution",
+        "--tls-cert",
+        cert.to_str().expect("path"),
+        "--tls-key",
+        key.to_str().expect("path"),
+    ];
+    args.extend_from_slice(extra);
+    Node::start_in(&dir.join("data"), &args)
+}
+
+/// A TLS channel to `node` trusting `ca.pem`, presenting `identity` (a name of a
+/// certificate made by [`certificates`]) if given.
+async fn tls_channel(
+    node: &Node,
+    dir: &Path,
+    identity: Option<&str>,
+) -> Result<Channel, tonic::transport::Error> {
+    let ca = std::fs::read(path(dir, "ca.pem")).expect("ca.pem");
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca))
+        .domain_name("localhost");
+    if let Some(name) = identity {
+        let cert = std::fs::read(path(dir, &format!("{name}.pem"))).expect("certificate");
+        let key = std::fs::read(path(dir, &format!("{name}.key"))).expect("key");
+        tls = tls.identity(Identity::from_pem(cert, key));
+    }
+    Channel::from_shared(format!("https://{}", node.grpc))
+        .expect("endpoint")
+        .tls_config(tls)
+        .expect("TLS config")
+        .connect()
+        .await
+}
+
+/// Uploads and reads back a blob over `channel`.
+async fn round_trip(channel: Channel, seed: u64) -> Result<(), tonic::Status> {
+    let data = blob(seed, 4096);
+    let digest = wire(&sha256(&data));
+    let mut cas = ContentAddressableStorageClient::new(channel);
+    cas.batch_update_blobs(BatchUpdateBlobsRequest {
+        requests: vec![UpdateRequest {
+            digest: Some(digest.clone()),
+            data: data.clone().into(),
+            compressor: 0,
+        }],
+        ..Default::default()
+    })
+    .await?;
+    let read = cas
+        .batch_read_blobs(BatchReadBlobsRequest {
+            digests: vec![digest],
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    assert_eq!(read.responses[0].data.as_ref(), &data[..]);
+    Ok(())
+}
+
+/// `curl` against the node's HTTP listener; returns the status code curl saw (0 when
+/// the connection or handshake failed).
+fn curl(node: &Node, dir: &Path, scheme: &str, path_and_query: &str, extra: &[&str]) -> u16 {
+    let port = node.http.port();
+    let output = Process::new("curl")
+        .args([
+            "--silent",
+            "--output",
+            "/dev/null",
+            "--write-out",
+            "%{http_code}",
+        ])
+        .args(["--max-time", "20", "--cacert"])
+        .arg(path(dir, "ca.pem"))
+        .args(["--resolve", &format!("localhost:{port}:127.0.0.1")])
+        .args(extra)
+        .arg(format!("{scheme}://localhost:{port}{path_and_query}"))
+        .current_dir(dir)
+        .output()
+        .expect("run curl");
+    String::from_utf8_lossy(&output.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn grpc_and_http_over_tls() {
+    let temp = tempfile::tempdir().expect("temporary directory");
+    let dir = temp.path();
+    certificates(dir);
+    let node = tls_node(dir, &[]);
+    let channel = tls_channel(&node, dir, None).await.expect("TLS connect");
+    round_trip(channel, 1).await.expect("over TLS");
+
+    // A plaintext client on the TLS port gets nowhere.
+    let plaintext = Channel::from_shared(format!("http://{}", node.grpc))
+        .expect("endpoint")
+        .connect()
+        .await;
+    match plaintext {
+        Err(_) => {}
+        Ok(channel) => assert!(round_trip(channel, 2).await.is_err()),
+    }
+
+    assert_eq!(curl(&node, dir, "https", "/healthz", &[]), 200);
+    assert_eq!(
+        curl(&node, dir, "http", "/healthz", &[]),
+        0,
+        "plaintext HTTP"
+    );
+    let data = blob(3, 1000);
+    std::fs::write(dir.join("blob"), &data).expect("write the blob");
+    let put = format!("/cas/{}", sha256(&data).hash_hex());
+    assert_eq!(
+        curl(&node, dir, "https", &put, &["--upload-file", "blob"]),
+        200
+    );
+    assert_eq!(curl(&node, dir, "https", &put, &[]), 200);
+}
+
+#[tokio::test]
+async fn mutual_tls_needs_a_client_certificate_of_the_ca() {
+    let temp = tempfile::tempdir().expect("temporary directory");
+    let dir = temp.path();
+    certificates(dir);
+    let ca = path(dir, "ca.pem");
+    let node = tls_node(dir, &["--tls-client-ca", ca.to_str().expect("path")]);
+
+    for identity in [None, Some("stranger")] {
+        let refused = match tls_channel(&node, dir, identity).await {
+            Err(_) => true,
+            Ok(channel) => round_trip(channel, 4).await.is_err(),
+        };
+        assert!(refused, "{identity:?} was let in");
+    }
+    let channel = tls_channel(&node, dir, Some("client"))
+        .await
+        .expect("TLS connect with a client certificate");
+    round_trip(channel, 5)
+        .await
+        .expect("with the CA's client certificate");
+
+    assert_eq!(
+        curl(&node, dir, "https", "/healthz", &[]),
+        0,
+        "no certificate"
+    );
+    let with_cert = ["--cert", "client.pem", "--key", "client.key"];
+    assert_eq!(curl(&node, dir, "https", "/healthz", &with_cert), 200);
+}
