@@ -8,6 +8,11 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command as Process;
 
+use cairn_proto::reapi::action_cache_client::ActionCacheClient;
+use cairn_proto::reapi::{ActionResult, UpdateActionResultRequest};
+use common::free_port;
+use tonic::{Code, Request};
+
 use cairn_proto::reapi::batch_update_blobs_request::Request as UpdateRequest;
 use cairn_proto::reapi::content_addressable_storage_client::ContentAddressableStorageClient;
 use cairn_proto::reapi::{BatchReadBlobsRequest, BatchUpdateBlobsRequest};
@@ -274,4 +279,84 @@ async fn mutual_tls_needs_a_client_certificate_of_the_ca() {
     );
     let with_cert = ["--cert", "client.pem", "--key", "client.key"];
     assert_eq!(curl(&node, dir, "https", "/healthz", &with_cert), 200);
+}
+
+/// `message` with `authorization: Bearer token`.
+fn bearer<T>(message: T, token: &str) -> Request<T> {
+    let mut request = Request::new(message);
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {token}").parse().expect("metadata value"),
+    );
+    request
+}
+
+#[tokio::test]
+async fn the_secure_example_config_starts_and_enforces_its_auth_file() {
+    let temp = tempfile::tempdir().expect("temporary directory");
+    let dir = temp.path();
+    certificates(dir);
+    let root = env!("CARGO_MANIFEST_DIR");
+    let (grpc, http) = (free_port(), free_port());
+    let mut command = Process::new(common::BINARY);
+    command
+        .env("CAIRN_DATA", dir.join("data"))
+        .env("CAIRN_TLS", dir)
+        .env("CAIRN_AUTH", format!("{root}/config/auth.json5"))
+        .args(["--config", &format!("{root}/config/secure-node.json5")])
+        // The file listens on every interface; the test keeps to loopback.
+        .args(["--listen", &grpc.to_string()])
+        .args(["--http-listen", &http.to_string()]);
+    let node = Node::spawn(command, grpc, http, dir.join("data"));
+
+    let refused = match tls_channel(&node, dir, None).await {
+        Err(_) => true,
+        Ok(channel) => round_trip(channel, 6).await.is_err(),
+    };
+    assert!(refused, "no client certificate was let in");
+    let channel = tls_channel(&node, dir, Some("client"))
+        .await
+        .expect("mutual TLS");
+    let refused = round_trip(channel.clone(), 7).await.expect_err("no token");
+    assert_eq!(refused.code(), Code::Unauthenticated);
+    let data = blob(8, 100);
+    let mut cas = ContentAddressableStorageClient::new(channel.clone());
+    cas.batch_update_blobs(bearer(
+        BatchUpdateBlobsRequest {
+            requests: vec![UpdateRequest {
+                digest: Some(wire(&sha256(&data))),
+                data: data.clone().into(),
+                compressor: 0,
+            }],
+            ..Default::default()
+        },
+        "example-ci-token",
+    ))
+    .await
+    .expect("ci uploads");
+    let forged = ActionCacheClient::new(channel)
+        .update_action_result(bearer(
+            UpdateActionResultRequest {
+                action_digest: Some(wire(&sha256(b"action"))),
+                action_result: Some(ActionResult::default()),
+                instance_name: "main".to_string(),
+                ..Default::default()
+            },
+            "example-reader-token",
+        ))
+        .await
+        .expect_err("developers may only read");
+    assert_eq!(forged.code(), Code::PermissionDenied);
+
+    let with_cert = ["--cert", "client.pem", "--key", "client.key"];
+    let alice = [&with_cert[..], &["--user", "alice:example-password"]].concat();
+    let get = format!("/cas/{}", sha256(&data).hash_hex());
+    assert_eq!(curl(&node, dir, "https", &get, &alice), 200);
+    let metrics = [
+        &with_cert[..],
+        &["--header", "Authorization: Bearer example-metrics-token"],
+    ]
+    .concat();
+    assert_eq!(curl(&node, dir, "https", "/metrics", &metrics), 200);
+    assert_eq!(curl(&node, dir, "https", "/metrics", &with_cert), 401);
 }
