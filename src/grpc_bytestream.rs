@@ -65,7 +65,7 @@ impl ByteStream for ByteStreamService {
         request: Request<ReadRequest>,
     ) -> Result<Response<Self::ReadStream>, Status> {
         self.store.metrics().request("bytestream", "Read");
-        let credentials = Credentials::from_metadata(request.metadata());
+        let credentials = Credentials::of_grpc(&request);
         let request = request.into_inner();
         let name = parse_read(&request.resource_name)?;
         self.access.check(
@@ -109,7 +109,7 @@ impl ByteStream for ByteStreamService {
         request: Request<Streaming<WriteRequest>>,
     ) -> Result<Response<WriteResponse>, Status> {
         self.store.metrics().request("bytestream", "Write");
-        let credentials = Credentials::from_metadata(request.metadata());
+        let credentials = Credentials::of_grpc(&request);
         // Refused before the first message is read, when credentials alone decide.
         self.access
             .check(&credentials, Need::One(Permission::Write), None)?;
@@ -153,7 +153,7 @@ impl ByteStream for ByteStreamService {
         self.store
             .metrics()
             .request("bytestream", "QueryWriteStatus");
-        let credentials = Credentials::from_metadata(request.metadata());
+        let credentials = Credentials::of_grpc(&request);
         let resource = request.into_inner().resource_name;
         let name = parse_write(&resource)?;
         self.access.check(

@@ -37,7 +37,7 @@ use hyper::body::{Frame, Incoming};
 use prost::Message;
 
 use crate::action_results::{self, Inline};
-use crate::auth::{Access, Credentials, Need, Permission};
+use crate::auth::{Access, Credentials, Need, PeerNames, Permission};
 use crate::error::{Error, ErrorKind, Result};
 use crate::http_path::{self, HttpPath};
 use crate::store::Store;
@@ -50,17 +50,32 @@ pub type Body = UnsyncBoxBody<Bytes, Error>;
 pub struct HttpFront {
     store: Store,
     access: Access,
+    /// The names of the connection's client certificate, under mutual TLS.
+    peer: Option<PeerNames>,
 }
 
 impl HttpFront {
     /// Serves `store` to whom `access` allows.
     pub fn new(store: Store, access: Access) -> Self {
-        Self { store, access }
+        Self {
+            store,
+            access,
+            peer: None,
+        }
+    }
+
+    /// This front for a connection whose client certificate has `peer` names.
+    pub fn with_peer(mut self, peer: Option<PeerNames>) -> Self {
+        self.peer = peer;
+        self
     }
 
     /// Refuses `request` unless its credentials allow `need` on `instance`.
     fn allow(&self, request: &Request<Incoming>, need: Need, instance: Option<&str>) -> Result<()> {
-        let credentials = Credentials::from_headers(request.headers());
+        let mut credentials = Credentials::from_headers(request.headers());
+        if let Some(PeerNames(names)) = &self.peer {
+            credentials = credentials.with_cert_names(names.to_vec());
+        }
         self.access.check(&credentials, need, instance)
     }
 

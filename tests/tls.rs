@@ -360,3 +360,69 @@ async fn the_secure_example_config_starts_and_enforces_its_auth_file() {
     assert_eq!(curl(&node, dir, "https", "/metrics", &metrics), 200);
     assert_eq!(curl(&node, dir, "https", "/metrics", &with_cert), 401);
 }
+
+#[tokio::test]
+async fn client_certificates_are_principals_by_common_name_or_alternative_name() {
+    let temp = tempfile::tempdir().expect("temporary directory");
+    let dir = temp.path();
+    certificates(dir);
+    let client = "extendedKeyUsage=clientAuth\n";
+    make_cert(dir, "ca", "intruder", "intruder", client);
+    make_cert(
+        dir,
+        "ca",
+        "builder",
+        "some host",
+        "extendedKeyUsage=clientAuth\nsubjectAltName=DNS:builder.example\n",
+    );
+    std::fs::write(
+        dir.join("auth.json5"),
+        "{ principals: [
+            { name: 'ci', cert: 'ci-client', permissions: ['read', 'write'] },
+            { name: 'builder', cert: 'builder.example', permissions: ['read'] },
+        ] }",
+    )
+    .expect("write the auth file");
+    let ca = path(dir, "ca.pem");
+    let auth = path(dir, "auth.json5");
+    let node = tls_node(
+        dir,
+        &[
+            "--tls-client-ca",
+            ca.to_str().expect("path"),
+            "--auth",
+            auth.to_str().expect("path"),
+        ],
+    );
+    let channel = tls_channel(&node, dir, Some("client"))
+        .await
+        .expect("connect as ci-client");
+    round_trip(channel, 9)
+        .await
+        .expect("ci by its certificate's CN");
+
+    let channel = tls_channel(&node, dir, Some("builder"))
+        .await
+        .expect("connect as builder");
+    let refused = round_trip(channel, 10)
+        .await
+        .expect_err("builder may only read");
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    assert!(
+        refused.message().contains("builder lacks the `write`"),
+        "{refused:?}"
+    );
+
+    let channel = tls_channel(&node, dir, Some("intruder"))
+        .await
+        .expect("connect as intruder");
+    let refused = round_trip(channel, 11).await.expect_err("no principal");
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+
+    let with_cert = ["--cert", "client.pem", "--key", "client.key"];
+    let data = blob(9, 4096);
+    let get = format!("/cas/{}", sha256(&data).hash_hex());
+    assert_eq!(curl(&node, dir, "https", &get, &with_cert), 200);
+    let intruder = ["--cert", "intruder.pem", "--key", "intruder.key"];
+    assert_eq!(curl(&node, dir, "https", &get, &intruder), 401);
+}

@@ -88,6 +88,11 @@ impl Need {
     }
 }
 
+/// The names of the verified client certificate of a request's connection (subject
+/// CN, DNS and URI SANs), attached to each request by the runtime under mutual TLS.
+#[derive(Debug, Clone)]
+pub struct PeerNames(pub Arc<[String]>);
+
 /// The credentials one request presents.
 #[derive(Debug, Default)]
 pub struct Credentials {
@@ -115,9 +120,15 @@ impl Credentials {
         )
     }
 
-    /// The credentials of a gRPC request.
-    pub fn from_metadata(metadata: &tonic::metadata::MetadataMap) -> Self {
-        Self::from_authorization(metadata.get("authorization").map(|value| value.as_bytes()))
+    /// The credentials of a gRPC request: its `authorization` metadata and its
+    /// connection's client certificate.
+    pub fn of_grpc<T>(request: &tonic::Request<T>) -> Self {
+        let authorization = request.metadata().get("authorization");
+        let credentials = Self::from_authorization(authorization.map(|value| value.as_bytes()));
+        match request.extensions().get::<PeerNames>() {
+            Some(PeerNames(names)) => credentials.with_cert_names(names.to_vec()),
+            None => credentials,
+        }
     }
 
     /// Adds the names of a verified client certificate.
@@ -270,7 +281,7 @@ impl Access {
         need: Need,
         instance: Option<&str>,
     ) -> Result<(), tonic::Status> {
-        let credentials = Credentials::from_metadata(request.metadata());
+        let credentials = Credentials::of_grpc(request);
         self.check(&credentials, need, instance)
             .map_err(tonic::Status::from)
     }

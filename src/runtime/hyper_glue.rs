@@ -19,7 +19,7 @@ use hyper_util::service::TowerToHyperService;
 use super::timeouts::{
     Activity, Counted, Expired, PingTimer, Timeouts, Watched, HTTP2_HANDSHAKE_BYTES, PING_ANSWER,
 };
-use super::tls::Stream;
+use super::tls::{Stream, WithPeer};
 use crate::http_cache::HttpFront;
 
 type Io = TokioIo<Watched<Stream>>;
@@ -39,7 +39,10 @@ where
 
 /// An HTTP/2 connection serving the gRPC routes.
 pub(super) type GrpcConnection =
-    http2::Connection<Io, Counted<TowerToHyperService<tonic::service::Routes>>, LocalSpawner>;
+    http2::Connection<Io, Counted<TowerToHyperService<GrpcService>>, LocalSpawner>;
+
+/// The gRPC routes, with the connection's client-certificate names.
+pub(super) type GrpcService = WithPeer<tonic::service::Routes>;
 
 /// An HTTP/1.1 connection serving the HTTP cache protocol.
 pub(super) type HttpConnection = http1::Connection<Io, Counted<HttpFront>>;
@@ -69,7 +72,7 @@ pub(super) struct ConnectionSettings {
 
 pub(super) fn serve_http2(
     stream: Stream,
-    routes: tonic::service::Routes,
+    routes: GrpcService,
     settings: &ConnectionSettings,
 ) -> (GrpcConnection, Watch) {
     let activity = Activity::new();

@@ -16,7 +16,7 @@ use super::balance::{Balancer, Handoff, Protocol, Slot};
 use super::connections::Connections;
 use super::hyper_glue;
 use super::listener::Listeners;
-use super::tls::{Acceptors, Stream};
+use super::tls::{Acceptors, Stream, WithPeer};
 use crate::error::{Error, Result};
 use crate::http_cache::HttpFront;
 
@@ -255,12 +255,15 @@ fn serve(stream: TcpStream, here: Here<'_>, protocol: Protocol, slot: Slot) {
         match (stream, protocol) {
             (None, _) => {}
             (Some(stream), Protocol::Grpc) => {
-                let routes = shared.grpc.clone();
+                let routes = WithPeer {
+                    inner: shared.grpc.clone(),
+                    peer: stream.peer_names(),
+                };
                 let (connection, watch) = hyper_glue::serve_http2(stream, routes, settings);
                 hyper_glue::drive(connection, watch, stop, grace).await;
             }
             (Some(stream), Protocol::Http) => {
-                let front = shared.http.clone();
+                let front = shared.http.clone().with_peer(stream.peer_names());
                 let (connection, watch) = hyper_glue::serve_http1(stream, front, settings);
                 hyper_glue::drive(connection, watch, stop, grace).await;
             }

@@ -5,7 +5,11 @@
 //! handshake, before hyper sees it. [`Stream`] is either, so that hyper's connection
 //! types stay one per protocol. The gRPC listener offers ALPN `h2` only (gRPC is
 //! HTTP/2); the HTTP listener `http/1.1`. With a client CA, a client must present a
-//! certificate that CA signed (mutual TLS) or the handshake fails.
+//! certificate that CA signed (mutual TLS) or the handshake fails; the certificate's
+//! names (subject CN, DNS and URI SANs) then go with every request of the connection
+//! ([`WithPeer`], [`HttpFront::with_peer`]) for the auth file's `cert` principals.
+//!
+//! [`HttpFront::with_peer`]: crate::http_cache::HttpFront::with_peer
 
 use std::io;
 use std::path::Path;
@@ -23,6 +27,7 @@ use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::compat::Compat;
 
+use crate::auth::PeerNames;
 use crate::error::{Error, Result};
 
 /// A connection's byte stream: plain, or TLS over the plain one.
@@ -111,6 +116,105 @@ impl Acceptors {
     }
 }
 
+impl Stream {
+    /// The names of the client certificate the handshake verified, if any.
+    pub(crate) fn peer_names(&self) -> Option<PeerNames> {
+        let Stream::Tls(stream) = self else {
+            return None;
+        };
+        let certificate = stream.get_ref().1.peer_certificates()?.first()?;
+        Some(PeerNames(certificate_names(certificate).into()))
+    }
+}
+
+/// A gRPC service that attaches the connection's client-certificate names to each
+/// request it passes on.
+#[derive(Clone)]
+pub(crate) struct WithPeer<S> {
+    pub inner: S,
+    pub peer: Option<PeerNames>,
+}
+
+impl<S, B> tower_service::Service<http::Request<B>> for WithPeer<S>
+where
+    S: tower_service::Service<http::Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        if let Some(peer) = &self.peer {
+            request.extensions_mut().insert(peer.clone());
+        }
+        self.inner.call(request)
+    }
+}
+
+/// The names a certificate is known by: its subject's common names, then its DNS and
+/// URI subject alternative names. Empty for a certificate that does not parse.
+fn certificate_names(certificate: &CertificateDer<'_>) -> Vec<String> {
+    let Ok(parsed) = webpki::EndEntityCert::try_from(certificate) else {
+        return Vec::new();
+    };
+    let mut names = common_names(parsed.subject());
+    names.extend(parsed.valid_dns_names().map(str::to_string));
+    names.extend(parsed.valid_uri_names().map(str::to_string));
+    names
+}
+
+/// The common names (OID 2.5.4.3) in the contents of a DER `Name`: a sequence of
+/// relative distinguished names, each a SET of SEQUENCEs of an OID and a string.
+fn common_names(mut name: &[u8]) -> Vec<String> {
+    const COMMON_NAME: &[u8] = &[0x55, 0x04, 0x03];
+    let mut names = Vec::new();
+    while let Some((0x31, mut set, rest)) = der_element(name) {
+        name = rest;
+        while let Some((0x30, attribute, next)) = der_element(set) {
+            set = next;
+            let Some((0x06, oid, value)) = der_element(attribute) else {
+                continue;
+            };
+            // UTF8String, PrintableString, IA5String.
+            if let Some((0x0c | 0x13 | 0x16, text, _)) = der_element(value) {
+                if let (COMMON_NAME, Ok(text)) = (oid, std::str::from_utf8(text)) {
+                    names.push(text.to_string());
+                }
+            }
+        }
+    }
+    names
+}
+
+/// The DER element at the start of `input`: its tag, its contents and what follows.
+/// `None` when the input is cut short or uses a length form DER forbids.
+fn der_element(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, rest) = input.split_first()?;
+    let (&first, rest) = rest.split_first()?;
+    let (length, rest) = if first < 0x80 {
+        (usize::from(first), rest)
+    } else {
+        let count = usize::from(first & 0x7f);
+        if count == 0 || count > 4 || rest.len() < count {
+            return None;
+        }
+        let (bytes, rest) = rest.split_at(count);
+        let length = bytes
+            .iter()
+            .fold(0usize, |length, &byte| (length << 8) | usize::from(byte));
+        (length, rest)
+    };
+    if rest.len() < length {
+        return None;
+    }
+    let (contents, rest) = rest.split_at(length);
+    Some((tag, contents, rest))
+}
+
 impl AsyncRead for Stream {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -172,6 +276,25 @@ impl AsyncWrite for Stream {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn common_names_of_a_der_name() {
+        // SET { SEQUENCE { OID 2.5.4.6 (C), PrintableString "NZ" } },
+        // SET { SEQUENCE { OID 2.5.4.3 (CN), UTF8String "ci-client" } }
+        let mut name = vec![0x31, 0x0b, 0x30, 0x09, 0x06, 0x03, 0x55, 0x04, 0x06];
+        name.extend([0x13, 0x02, b'N', b'Z']);
+        name.extend([
+            0x31, 0x12, 0x30, 0x10, 0x06, 0x03, 0x55, 0x04, 0x03, 0x0c, 0x09,
+        ]);
+        name.extend(b"ci-client");
+        assert_eq!(common_names(&name), vec!["ci-client".to_string()]);
+        // Cut anywhere, it yields what it could read and never panics.
+        for cut in 0..name.len() {
+            assert!(common_names(&name[..cut]).len() <= 1);
+        }
+        assert!(der_element(&[0x30, 0x85, 1, 1, 1, 1, 1]).is_none());
+        assert!(der_element(&[0x30, 0x80]).is_none());
+    }
 
     #[test]
     fn unusable_files_are_refused_naming_them() {
