@@ -62,8 +62,14 @@ fn make_ca(dir: &Path, name: &str) {
 }
 
 /// A certificate `name.pem` (key `name.key`) for subject `cn`, signed by CA `ca`,
-/// with the extensions `extensions` (an openssl extension file's lines).
+/// with the extensions `extensions` (an openssl extension file's lines), valid for two
+/// days.
 fn make_cert(dir: &Path, ca: &str, name: &str, cn: &str, extensions: &str) {
+    make_cert_for_days(dir, ca, name, cn, extensions, "2");
+}
+
+/// [`make_cert`] valid for `days` days from now; `-1` makes one that expired a day ago.
+fn make_cert_for_days(dir: &Path, ca: &str, name: &str, cn: &str, extensions: &str, days: &str) {
     std::fs::write(dir.join(format!("{name}.ext")), extensions).expect("write extensions");
     openssl(
         dir,
@@ -95,7 +101,7 @@ fn make_cert(dir: &Path, ca: &str, name: &str, cn: &str, extensions: &str) {
             &format!("{ca}.key"),
             "-CAcreateserial",
             "-days",
-            "2",
+            days,
             "-extfile",
             &format!("{name}.ext"),
             "-out",
@@ -105,7 +111,8 @@ fn make_cert(dir: &Path, ca: &str, name: &str, cn: &str, extensions: &str) {
 }
 
 /// Everything the tests need, in `dir`: CAs `ca` and `other-ca`, `server` for
-/// 127.0.0.1 and localhost, `client` of `ca` and `stranger` of `other-ca`.
+/// 127.0.0.1 and localhost, `client` of `ca`, `stranger` of `other-ca` and `expired`
+/// of `ca`, which expired yesterday.
 fn certificates(dir: &Path) {
     make_ca(dir, "ca");
     make_ca(dir, "other-ca");
@@ -119,6 +126,7 @@ fn certificates(dir: &Path) {
     let client = "extendedKeyUsage=clientAuth\n";
     make_cert(dir, "ca", "client", "ci-client", client);
     make_cert(dir, "other-ca", "stranger", "ci-client", client);
+    make_cert_for_days(dir, "ca", "expired", "ci-client", client, "-1");
 }
 
 fn path(dir: &Path, file: &str) -> PathBuf {
@@ -258,7 +266,7 @@ async fn mutual_tls_needs_a_client_certificate_of_the_ca() {
     let ca = path(dir, "ca.pem");
     let node = tls_node(dir, &["--tls-client-ca", ca.to_str().expect("path")]);
 
-    for identity in [None, Some("stranger")] {
+    for identity in [None, Some("stranger"), Some("expired")] {
         let refused = match tls_channel(&node, dir, identity).await {
             Err(_) => true,
             Ok(channel) => round_trip(channel, 4).await.is_err(),
