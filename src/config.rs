@@ -117,7 +117,9 @@ pub struct Config {
     /// `false`: such a node refuses to start.
     pub allow_unauthenticated_execution: bool,
     /// PEM certificate chain for TLS (1.2 and 1.3, rustls) on the gRPC listener (ALPN
-    /// `h2`) and the HTTP listener; needs `tls_key`. Default: none, plaintext.
+    /// `h2`) and the HTTP listener; needs `tls_key`. It, the key and the client CA are
+    /// read again when they change (polled every second), for new connections.
+    /// Default: none, plaintext.
     pub tls_cert: Option<PathBuf>,
     /// PEM private key of `tls_cert`. Default: none.
     pub tls_key: Option<PathBuf>,

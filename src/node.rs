@@ -237,11 +237,11 @@ fn access_policy(config: &Config, metrics: &Metrics) -> Result<(Access, Option<S
 }
 
 /// The TLS settings of `config`, read now so that unusable files stop the node
-/// before anything binds.
-fn tls_acceptors(config: &Config) -> Result<Option<runtime::Acceptors>> {
+/// before anything binds, and reloaded when the files change.
+fn tls_acceptors(config: &Config) -> Result<Option<runtime::Tls>> {
     match (&config.tls_cert, &config.tls_key) {
         (Some(cert), Some(key)) => {
-            let acceptors = runtime::Acceptors::load(cert, key, config.tls_client_ca.as_deref())?;
+            let acceptors = runtime::Tls::start(cert, key, config.tls_client_ca.as_deref())?;
             tracing::info!(
                 "TLS on every listener{}",
                 if config.tls_client_ca.is_some() {

@@ -24,7 +24,7 @@ mod timeouts;
 mod tls;
 
 pub use timeouts::Timeouts;
-pub use tls::Acceptors;
+pub use tls::Tls;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -48,7 +48,7 @@ pub struct Serve {
     /// The HTTP cache protocol, metrics and health.
     pub http: HttpFront,
     /// TLS for both listeners; `None`: plaintext.
-    pub tls: Option<Acceptors>,
+    pub tls: Option<Tls>,
     /// The engine, shut down once every shard has drained.
     pub engine: Engine,
     /// How long in-flight requests may take to finish once a stop was asked for.

@@ -16,7 +16,7 @@ use super::balance::{Balancer, Handoff, Protocol, Slot};
 use super::connections::Connections;
 use super::hyper_glue;
 use super::listener::Listeners;
-use super::tls::{Acceptors, Stream, WithPeer};
+use super::tls::{Stream, Tls, WithPeer};
 use crate::error::{Error, Result};
 use crate::http_cache::HttpFront;
 
@@ -27,7 +27,7 @@ pub(super) struct Shared {
     pub grpc: tonic::service::Routes,
     pub http: HttpFront,
     /// TLS for both listeners, if configured.
-    pub tls: Option<Acceptors>,
+    pub tls: Option<Tls>,
     pub engine: Engine,
     pub grace: Duration,
     pub stop: watch::Sender<bool>,
@@ -277,14 +277,15 @@ fn serve(stream: TcpStream, here: Here<'_>, protocol: Protocol, slot: Slot) {
 /// HTTP-level handshake check starts only once it is done); `None` when it fails or
 /// times out.
 async fn handshake(
-    tls: &Acceptors,
+    tls: &Tls,
     protocol: Protocol,
     stream: TcpStream,
     shared: &Shared,
 ) -> Option<Stream> {
+    let acceptors = tls.acceptors();
     let acceptor = match protocol {
-        Protocol::Grpc => tls.grpc.clone(),
-        Protocol::Http => tls.http.clone(),
+        Protocol::Grpc => acceptors.grpc,
+        Protocol::Http => acceptors.http,
     };
     let limit = shared.connection_settings.timeouts.handshake;
     let accept = Box::pin(acceptor.accept(stream.compat()));

@@ -9,13 +9,20 @@
 //! names (subject CN, DNS and URI SANs) then go with every request of the connection
 //! ([`WithPeer`], [`HttpFront::with_peer`]) for the auth file's `cert` principals.
 //!
+//! The certificate, key and client CA files are read again once a second and, when
+//! their contents changed and still make a working configuration, new handshakes use
+//! them ([`Tls`]); connections already established keep the session they have, so a
+//! certificate rotates without dropping anyone. Files that do not load are logged and
+//! the previous configuration stays.
+//!
 //! [`HttpFront::with_peer`]: crate::http_cache::HttpFront::with_peer
 
 use std::io;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use glommio::net::TcpStream;
 use rustls::server::WebPkiClientVerifier;
@@ -34,6 +41,83 @@ use crate::error::{Error, Result};
 pub(crate) enum Stream {
     Plain(Compat<TcpStream>),
     Tls(Box<TlsStream<Compat<TcpStream>>>),
+}
+
+/// How often the certificate files are read to see whether they changed.
+const RELOAD_POLL: Duration = Duration::from_secs(1);
+
+/// The TLS configuration in force, reloaded when its files change.
+#[derive(Clone)]
+pub struct Tls {
+    current: Arc<RwLock<Acceptors>>,
+}
+
+impl Tls {
+    /// Loads the files (see [`Acceptors::load`]) and starts the thread that reloads
+    /// them when their contents change, for as long as the node runs.
+    pub fn start(cert: &Path, key: &Path, client_ca: Option<&Path>) -> Result<Tls> {
+        let files: Vec<PathBuf> = [Some(cert), Some(key), client_ca]
+            .into_iter()
+            .flatten()
+            .map(Path::to_path_buf)
+            .collect();
+        let mut seen = contents(&files);
+        let tls = Tls {
+            current: Arc::new(RwLock::new(Acceptors::load(cert, key, client_ca)?)),
+        };
+        let current = Arc::downgrade(&tls.current);
+        let (cert, key, client_ca) = (
+            cert.to_path_buf(),
+            key.to_path_buf(),
+            client_ca.map(Path::to_path_buf),
+        );
+        std::thread::Builder::new()
+            .name("tls-reload".to_string())
+            .spawn(move || loop {
+                std::thread::sleep(RELOAD_POLL);
+                let Some(current) = current.upgrade() else {
+                    return;
+                };
+                let now = contents(&files);
+                if now == seen {
+                    continue;
+                }
+                seen = now;
+                match Acceptors::load(&cert, &key, client_ca.as_deref()) {
+                    Ok(acceptors) => {
+                        tracing::info!("TLS certificate reloaded from {}", cert.display());
+                        match current.write() {
+                            Ok(mut current) => *current = acceptors,
+                            Err(poisoned) => *poisoned.into_inner() = acceptors,
+                        }
+                    }
+                    Err(error) => tracing::warn!(
+                        "TLS files changed but do not load, the previous ones stay in force: \
+                         {error}"
+                    ),
+                }
+            })
+            .map_err(|error| {
+                Error::internal(format!("cannot start the TLS reload thread: {error}"))
+            })?;
+        Ok(tls)
+    }
+
+    /// The acceptors new connections use.
+    pub(super) fn acceptors(&self) -> Acceptors {
+        match self.current.read() {
+            Ok(current) => current.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+}
+
+/// The bytes of each of `files` (empty for one that cannot be read).
+fn contents(files: &[PathBuf]) -> Vec<Vec<u8>> {
+    files
+        .iter()
+        .map(|file| std::fs::read(file).unwrap_or_default())
+        .collect()
 }
 
 /// The TLS settings of both listeners.
