@@ -101,8 +101,9 @@ struct Args {
     allow_unauthenticated_execution: bool,
 
     /// PEM certificate chain: TLS 1.2/1.3 on the gRPC listener (ALPN h2, clients use
-    /// grpcs://) and the HTTP listener (https://); needs --tls-key [default: none,
-    /// plaintext].
+    /// grpcs://) and the HTTP listener (https://); needs --tls-key. The certificate, key
+    /// and client CA files are read again when they change, for new connections
+    /// [default: none, plaintext].
     #[arg(long, value_name = "FILE")]
     tls_cert: Option<PathBuf>,
 
