@@ -20,6 +20,7 @@ set -euo pipefail
 # ca-certificates      cargo fetching from crates.io over TLS
 # python3-pip          installs moto (below) where python3 has no pip of its own
 # systemd              systemd-analyze verify for the units in config/systemd
+# openssl              makes the CAs and certificates of tests/tls.rs
 PACKAGES=(
   bazel-bootstrap
   default-jdk-headless
@@ -33,6 +34,7 @@ PACKAGES=(
   ca-certificates
   python3-pip
   systemd
+  openssl
 )
 
 # From PyPI, not Debian:

@@ -24,11 +24,10 @@ use cairn_proto::reapi::{
 };
 use futures::{StreamExt, TryStreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tonic::transport::Channel;
 
 use crate::digests::{key, BlobKey};
 use crate::error::{Error, Result};
-use crate::exec_common::error_from_status;
+use crate::exec_common::{error_from_status, CacheChannel};
 
 /// How blobs move between this process and the cache node.
 #[derive(Debug, Clone, Copy)]
@@ -54,7 +53,7 @@ impl Default for TransferLimits {
 /// One instance name and digest function on the cache node.
 #[derive(Clone)]
 pub struct CasClient {
-    channel: Channel,
+    channel: CacheChannel,
     instance: String,
     function: FunctionValue,
     limits: TransferLimits,
@@ -66,7 +65,7 @@ const STREAM_CHUNK: usize = 64 << 10;
 impl CasClient {
     /// A client for `instance` hashing with `function`.
     pub fn new(
-        channel: Channel,
+        channel: CacheChannel,
         instance: &str,
         function: FunctionValue,
         limits: TransferLimits,
@@ -84,13 +83,13 @@ impl CasClient {
         self.limits.batch_threshold
     }
 
-    fn cas(&self) -> ContentAddressableStorageClient<Channel> {
+    fn cas(&self) -> ContentAddressableStorageClient<CacheChannel> {
         ContentAddressableStorageClient::new(self.channel.clone())
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE)
     }
 
-    fn bytestream(&self) -> ByteStreamClient<Channel> {
+    fn bytestream(&self) -> ByteStreamClient<CacheChannel> {
         ByteStreamClient::new(self.channel.clone()).max_decoding_message_size(MAX_MESSAGE)
     }
 

@@ -114,6 +114,29 @@ pub struct Config {
     /// defaults), and `--no-execution` turns it off either way.
     #[serde(default)]
     pub execution: Option<ExecutionConfig>,
+    /// The auth file: JSON5 principals (bearer-token hashes, bcrypt basic users or
+    /// client-certificate names) with their permissions and instance prefixes (see the
+    /// README's "Security" section). Read at start (a malformed file is refused) and
+    /// reloaded when it changes. Default: none, every client may do everything, as
+    /// befits a node reachable on loopback only.
+    pub auth: Option<PathBuf>,
+    /// Refuse every write (blob uploads, action results), whoever asks. Default
+    /// `false`. Execution needs writes, so it needs `--no-execution` too.
+    pub read_only: bool,
+    /// Let a node with execution listen on a non-loopback address without `auth`,
+    /// so that anyone who reaches it can run commands on the worker's host. Default
+    /// `false`: such a node refuses to start.
+    pub allow_unauthenticated_execution: bool,
+    /// PEM certificate chain for TLS (1.2 and 1.3, rustls) on the gRPC listener (ALPN
+    /// `h2`) and the HTTP listener; needs `tls_key`. It, the key and the client CA are
+    /// read again when they change (polled every second), for new connections.
+    /// Default: none, plaintext.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`. Default: none.
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificates: with it, every client must present a certificate signed
+    /// by one of them (mutual TLS). Default: none, no client certificate asked for.
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 /// When the store acknowledges a write (see [`Config::durability`]).
@@ -168,6 +191,12 @@ impl Default for Config {
             s3: None,
             sink: false,
             execution: Some(ExecutionConfig::default()),
+            auth: None,
+            read_only: false,
+            allow_unauthenticated_execution: false,
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
         }
     }
 }
@@ -188,6 +217,47 @@ impl Config {
             json5::from_str(text).map_err(|error| Error::invalid_argument(error.to_string()))?;
         expand_env(&mut value, &|name| std::env::var(name).ok())?;
         serde_json::from_value(value).map_err(|error| Error::invalid_argument(error.to_string()))
+    }
+
+    /// Refuses settings that would expose execution or cannot work together: remote
+    /// execution on a non-loopback listener without `auth` (unless
+    /// `allow_unauthenticated_execution`), and `read_only` or TLS with execution
+    /// (whose worker must upload outputs, in plaintext). Runs before anything binds or
+    /// starts.
+    pub fn check_security(&self) -> Result<()> {
+        if self.execution.is_none() {
+            return Ok(());
+        }
+        if self.read_only {
+            return Err(Error::invalid_argument(
+                "--read-only refuses the uploads remote execution makes; add --no-execution \
+                 (or leave the `execution` section out of the config)",
+            ));
+        }
+        if self.tls_cert.is_some() {
+            // The node's scheduler and worker connect to it in plaintext; a TLS
+            // listener would refuse them.
+            return Err(Error::invalid_argument(
+                "TLS on a node that runs its own execution is not supported yet (its \
+                 scheduler and worker connect in plaintext); add --no-execution",
+            ));
+        }
+        if self.auth.is_some() || self.allow_unauthenticated_execution {
+            return Ok(());
+        }
+        let exposed = std::iter::once(self.listen)
+            .chain(self.http_listen)
+            .find(|address| !address.ip().is_loopback());
+        match exposed {
+            Some(address) => Err(Error::invalid_argument(format!(
+                "refusing to serve remote execution on {address}, which is not a loopback \
+                 address, without authentication: anyone who reaches it could run any \
+                 command on this host. Give --auth FILE (principals with the `execute` \
+                 permission), or --no-execution, or accept the risk with \
+                 --allow-unauthenticated-execution"
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// The upload resumption window.
@@ -313,6 +383,67 @@ mod tests {
         );
         let error = Config::parse("{ durability: 'never' }").unwrap_err();
         assert!(error.message().contains("never"), "{error}");
+    }
+
+    #[test]
+    fn security_settings() {
+        let config = Config::parse(
+            "{ auth: '/etc/cairn/auth.json5', read_only: true, allow_unauthenticated_execution: true }",
+        )
+        .unwrap();
+        assert_eq!(config.auth, Some(PathBuf::from("/etc/cairn/auth.json5")));
+        assert!(config.read_only);
+        assert!(config.allow_unauthenticated_execution);
+        let defaults = Config::parse("{}").unwrap();
+        assert!(defaults.auth.is_none() && !defaults.read_only);
+        assert!(!defaults.allow_unauthenticated_execution);
+    }
+
+    #[test]
+    fn execution_on_the_network_needs_auth() {
+        let mut config = Config::default();
+        config.check_security().unwrap();
+        config.listen = "0.0.0.0:50051".parse().unwrap();
+        let message = config.check_security().unwrap_err().to_string();
+        assert!(message.contains("--auth"), "{message}");
+        assert!(
+            message.contains("--allow-unauthenticated-execution"),
+            "{message}"
+        );
+        config.allow_unauthenticated_execution = true;
+        config.check_security().unwrap();
+        config.allow_unauthenticated_execution = false;
+        config.auth = Some(PathBuf::from("auth.json5"));
+        config.check_security().unwrap();
+        config.auth = None;
+        config.execution = None;
+        config.check_security().unwrap();
+
+        let mut http = Config {
+            http_listen: Some("192.0.2.1:8080".parse().unwrap()),
+            ..Config::default()
+        };
+        assert!(http.check_security().is_err());
+        http.http_listen = Some("[::1]:8080".parse().unwrap());
+        http.check_security().unwrap();
+
+        let mut read_only = Config {
+            read_only: true,
+            ..Config::default()
+        };
+        let message = read_only.check_security().unwrap_err().to_string();
+        assert!(message.contains("--no-execution"), "{message}");
+        read_only.execution = None;
+        read_only.check_security().unwrap();
+
+        let mut tls = Config {
+            tls_cert: Some(PathBuf::from("cert.pem")),
+            ..Config::default()
+        };
+        let message = tls.check_security().unwrap_err().to_string();
+        assert!(message.contains("--no-execution"), "{message}");
+        tls.execution = None;
+        tls.check_security().unwrap();
     }
 
     #[test]

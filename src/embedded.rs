@@ -14,6 +14,11 @@
 //! their cache. The node waits for both ready files before it starts serving, so an
 //! Execute that arrives as soon as the port accepts connections finds a worker.
 //!
+//! With `--auth`, both present a bearer token made for this process (see
+//! [`crate::auth`]), written to `<data_dir>/embedded.token` for them to read; it
+//! holds every permission, so the results the worker writes are the node's own, and
+//! clients that may only execute cannot forge them.
+//!
 //! Each child gets a parent-death signal (SIGTERM), so a node killed outright does not
 //! leave them behind; the signal follows the thread that started the child, which is
 //! why the node starts them from its main thread, the one that lives until it exits. A clean stop terminates the worker first (it finishes the
@@ -52,6 +57,7 @@ impl Embedded {
         settings: &ExecutionConfig,
         cores: usize,
         grace: Duration,
+        token: Option<&str>,
     ) -> Result<Embedded> {
         if listen.port() == 0 {
             return Err(Error::invalid_argument(
@@ -79,6 +85,10 @@ impl Embedded {
             scheduler: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
             grace,
         };
+        let token_file = match token {
+            Some(token) => Some(write_token(data_dir, token)?),
+            None => None,
+        };
         let mut scheduler = Command::new(sibling("cairn-scheduler")?);
         scheduler
             .arg("--listen")
@@ -87,6 +97,9 @@ impl Embedded {
             .arg(&cache)
             .arg("--ready-file")
             .arg(&scheduler_ready);
+        if let Some(token_file) = &token_file {
+            scheduler.arg("--token-file").arg(token_file);
+        }
         let mut child = spawn("cairn-scheduler", scheduler)?;
         let address = wait_for(&scheduler_ready, "cairn-scheduler", &mut child);
         // The worker goes first in the list so it is stopped first; the scheduler is
@@ -113,6 +126,9 @@ impl Embedded {
             .arg(max_inflight.to_string())
             .arg("--ready-file")
             .arg(&worker_ready);
+        if let Some(token_file) = &token_file {
+            worker.arg("--token-file").arg(token_file);
+        }
         let mut child = spawn("cairn-worker", worker)?;
         let ready = wait_for(&worker_ready, "cairn-worker", &mut child);
         embedded.children.insert(0, ("cairn-worker", child));
@@ -171,6 +187,34 @@ fn loopback(listen: SocketAddr) -> SocketAddr {
         ip => ip,
     };
     SocketAddr::new(ip, listen.port())
+}
+
+/// Writes the token the scheduler and worker present to the node (see `--auth`) to
+/// `<data_dir>/embedded.token`, readable by this user only, and returns its path.
+fn write_token(data_dir: &Path, token: &str) -> Result<PathBuf> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = data_dir.join("embedded.token");
+    // A file left by an earlier run may have other permissions; it is recreated.
+    match std::fs::remove_file(&path) {
+        Ok(()) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+        Err(error) => {
+            return Err(Error::internal(format!(
+                "cannot replace {}: {error}",
+                path.display()
+            )))
+        }
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|error| Error::internal(format!("cannot write {}: {error}", path.display())))?;
+    file.write_all(token.as_bytes())
+        .map_err(|error| Error::internal(format!("cannot write {}: {error}", path.display())))?;
+    Ok(path)
 }
 
 /// The path of the binary `name` in the directory of the running executable.

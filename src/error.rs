@@ -26,6 +26,10 @@ pub enum ErrorKind {
     Unavailable,
     /// Stored data failed its checksum.
     DataLoss,
+    /// The request carries no credentials, or credentials nobody is known by.
+    Unauthenticated,
+    /// The client is known but may not do this (or the node is read-only).
+    PermissionDenied,
     /// A bug or an unexpected I/O failure.
     Internal,
 }
@@ -83,6 +87,16 @@ impl Error {
         Self::new(ErrorKind::OutOfRange, message)
     }
 
+    /// Missing or unknown credentials.
+    pub fn unauthenticated(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Unauthenticated, message)
+    }
+
+    /// A known client lacking a permission.
+    pub fn permission_denied(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::PermissionDenied, message)
+    }
+
     /// An unexpected failure.
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::Internal, message)
@@ -118,6 +132,8 @@ impl ErrorKind {
             ErrorKind::FailedPrecondition => tonic::Code::FailedPrecondition,
             ErrorKind::Unavailable => tonic::Code::Unavailable,
             ErrorKind::DataLoss => tonic::Code::DataLoss,
+            ErrorKind::Unauthenticated => tonic::Code::Unauthenticated,
+            ErrorKind::PermissionDenied => tonic::Code::PermissionDenied,
             ErrorKind::Internal => tonic::Code::Internal,
         }
     }
@@ -130,6 +146,8 @@ impl ErrorKind {
             ErrorKind::ResourceExhausted => http::StatusCode::INSUFFICIENT_STORAGE,
             ErrorKind::FailedPrecondition => http::StatusCode::CONFLICT,
             ErrorKind::Unavailable => http::StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::Unauthenticated => http::StatusCode::UNAUTHORIZED,
+            ErrorKind::PermissionDenied => http::StatusCode::FORBIDDEN,
             ErrorKind::DataLoss | ErrorKind::Internal => http::StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

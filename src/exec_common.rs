@@ -13,6 +13,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use cairn_proto::rpc;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::service::Interceptor;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::error::{Error, ErrorKind, Result};
@@ -89,6 +92,8 @@ pub fn error_from_status(what: &str, status: &tonic::Status) -> Error {
         tonic::Code::ResourceExhausted => ErrorKind::ResourceExhausted,
         tonic::Code::FailedPrecondition => ErrorKind::FailedPrecondition,
         tonic::Code::DataLoss => ErrorKind::DataLoss,
+        tonic::Code::Unauthenticated => ErrorKind::Unauthenticated,
+        tonic::Code::PermissionDenied => ErrorKind::PermissionDenied,
         tonic::Code::Unavailable
         | tonic::Code::DeadlineExceeded
         | tonic::Code::Aborted
@@ -138,6 +143,62 @@ pub fn lazy_channel(url: &str) -> Result<Channel> {
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
         .connect_lazy())
+}
+
+/// A channel to the cache node whose every call presents the configured bearer token
+/// (none: calls go without credentials, as a node without `--auth` expects).
+pub type CacheChannel = InterceptedService<Channel, BearerToken>;
+
+/// Adds `authorization: Bearer <token>` to every call, when there is a token.
+#[derive(Clone)]
+pub struct BearerToken(Option<MetadataValue<Ascii>>);
+
+impl Interceptor for BearerToken {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// A lazily connecting channel (see [`lazy_channel`]) to the cache node at `url`,
+/// presenting `token` if given.
+pub fn cache_channel(url: &str, token: Option<&str>) -> Result<CacheChannel> {
+    let header = token
+        .map(|token| {
+            MetadataValue::try_from(format!("Bearer {token}")).map_err(|_| {
+                Error::invalid_argument("the token must be visible ASCII characters without spaces")
+            })
+        })
+        .transpose()?;
+    Ok(InterceptedService::new(
+        lazy_channel(url)?,
+        BearerToken(header),
+    ))
+}
+
+/// Reads a bearer token from `path`: the file's text without surrounding whitespace.
+pub fn read_token_file(path: &Path) -> Result<String> {
+    let text = std::fs::read_to_string(path).map_err(|error| {
+        Error::invalid_argument(format!(
+            "cannot read the token file {}: {error}",
+            path.display()
+        ))
+    })?;
+    let token = text.trim();
+    if token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(Error::invalid_argument(format!(
+            "the token file {} must hold one token of visible ASCII characters",
+            path.display()
+        )));
+    }
+    Ok(token.to_string())
 }
 
 /// Writes `contents` to `path` atomically (a temporary file renamed into place), so a
@@ -203,6 +264,20 @@ mod tests {
             nanos: 0,
         };
         assert_eq!(from_proto_duration(&negative), None);
+    }
+
+    #[test]
+    fn token_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "abc-123\n").unwrap();
+        assert_eq!(read_token_file(&path).unwrap(), "abc-123");
+        std::fs::write(&path, "two words").unwrap();
+        let error = read_token_file(&path).unwrap_err();
+        assert!(!error.message().contains("words"), "{error}");
+        std::fs::write(&path, "\n").unwrap();
+        assert!(read_token_file(&path).is_err());
+        assert!(read_token_file(&dir.path().join("absent")).is_err());
     }
 
     #[test]

@@ -11,6 +11,7 @@ use cairn_proto::reapi::{ActionResult, GetActionResultRequest, UpdateActionResul
 use tonic::{Request, Response, Status};
 
 use crate::action_results::{self, Inline};
+use crate::auth::{Access, Need, Permission};
 use crate::digests::{self, function_of_request};
 use crate::error::Error;
 use crate::store::Store;
@@ -18,12 +19,13 @@ use crate::store::Store;
 /// The ActionCache service.
 pub struct ActionCacheService {
     store: Store,
+    access: Access,
 }
 
 impl ActionCacheService {
-    /// An action cache over `store`.
-    pub fn new(store: Store) -> Self {
-        Self { store }
+    /// An action cache over `store`, serving whom `access` allows.
+    pub fn new(store: Store, access: Access) -> Self {
+        Self { store, access }
     }
 }
 
@@ -34,6 +36,9 @@ impl ActionCache for ActionCacheService {
         request: Request<GetActionResultRequest>,
     ) -> Result<Response<ActionResult>, Status> {
         self.store.metrics().request("ac", "GetActionResult");
+        let instance = Some(request.get_ref().instance_name.as_str());
+        self.access
+            .check_grpc(&request, Need::One(Permission::Read), instance)?;
         let request = request.into_inner();
         let function = function_of_request(request.digest_function)?;
         let action = digests::required(function, request.action_digest.as_ref(), "action_digest")?;
@@ -54,6 +59,11 @@ impl ActionCache for ActionCacheService {
         request: Request<UpdateActionResultRequest>,
     ) -> Result<Response<ActionResult>, Status> {
         self.store.metrics().request("ac", "UpdateActionResult");
+        // `write_ac`, not `write`: a client that may upload blobs must not be able to
+        // poison the results every later build trusts.
+        let instance = Some(request.get_ref().instance_name.as_str());
+        self.access
+            .check_grpc(&request, Need::One(Permission::WriteAc), instance)?;
         let request = request.into_inner();
         let function = function_of_request(request.digest_function)?;
         let action = digests::required(function, request.action_digest.as_ref(), "action_digest")?;

@@ -25,6 +25,7 @@ use cairn_storage::Digest;
 use futures::stream::{self, BoxStream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::auth::{Access, Credentials, Need, Permission};
 use crate::error::{Error, Result};
 use crate::resource_name::{parse_read, parse_write, Compression};
 use crate::store::{Store, Upload};
@@ -38,12 +39,18 @@ const READ_CHUNK: usize = 256 << 10;
 pub struct ByteStreamService {
     store: Store,
     pending: Arc<PendingUploads>,
+    access: Access,
 }
 
 impl ByteStreamService {
-    /// A ByteStream service over `store`, parking interrupted uploads in `pending`.
-    pub fn new(store: Store, pending: Arc<PendingUploads>) -> Self {
-        Self { store, pending }
+    /// A ByteStream service over `store`, parking interrupted uploads in `pending`,
+    /// serving whom `access` allows.
+    pub fn new(store: Store, pending: Arc<PendingUploads>, access: Access) -> Self {
+        Self {
+            store,
+            pending,
+            access,
+        }
     }
 }
 
@@ -58,8 +65,14 @@ impl ByteStream for ByteStreamService {
         request: Request<ReadRequest>,
     ) -> Result<Response<Self::ReadStream>, Status> {
         self.store.metrics().request("bytestream", "Read");
+        let credentials = Credentials::of_grpc(&request);
         let request = request.into_inner();
         let name = parse_read(&request.resource_name)?;
+        self.access.check(
+            &credentials,
+            Need::One(Permission::Read),
+            Some(name.instance),
+        )?;
         let offset = u64::try_from(request.read_offset).map_err(|_| {
             Error::out_of_range(format!("read_offset {} is negative", request.read_offset))
         })?;
@@ -96,6 +109,10 @@ impl ByteStream for ByteStreamService {
         request: Request<Streaming<WriteRequest>>,
     ) -> Result<Response<WriteResponse>, Status> {
         self.store.metrics().request("bytestream", "Write");
+        let credentials = Credentials::of_grpc(&request);
+        // Refused before the first message is read, when credentials alone decide.
+        self.access
+            .check(&credentials, Need::One(Permission::Write), None)?;
         let mut stream = request.into_inner();
         let first = stream
             .message()
@@ -103,6 +120,11 @@ impl ByteStream for ByteStreamService {
             .ok_or_else(|| Error::invalid_argument("the write stream carried no request"))?;
         let resource = first.resource_name.clone();
         let name = parse_write(&resource)?;
+        self.access.check(
+            &credentials,
+            Need::One(Permission::Write),
+            Some(name.instance),
+        )?;
         self.store.check_blob_size(&name.digest)?;
         if self.store.contains(name.digest).await? {
             self.pending.take(&resource);
@@ -131,8 +153,14 @@ impl ByteStream for ByteStreamService {
         self.store
             .metrics()
             .request("bytestream", "QueryWriteStatus");
+        let credentials = Credentials::of_grpc(&request);
         let resource = request.into_inner().resource_name;
         let name = parse_write(&resource)?;
+        self.access.check(
+            &credentials,
+            Need::One(Permission::Write),
+            Some(name.instance),
+        )?;
         if let Some(committed) = self.pending.committed(&resource) {
             return Ok(Response::new(QueryWriteStatusResponse {
                 committed_size: committed as i64,

@@ -21,6 +21,7 @@ use cairn_proto::reapi::{
 use cairn_storage::DigestFunction;
 use tonic::{Request, Response, Status};
 
+use crate::auth::{Access, Need};
 use crate::digests::function_to_proto;
 use crate::store::Store;
 
@@ -28,12 +29,18 @@ use crate::store::Store;
 pub struct CapabilitiesService {
     store: Store,
     execution: bool,
+    access: Access,
 }
 
 impl CapabilitiesService {
-    /// Answers from the limits of `store`, advertising execution if `execution`.
-    pub fn new(store: Store, execution: bool) -> Self {
-        Self { store, execution }
+    /// Answers from the limits of `store`, advertising execution if `execution`, to
+    /// whom `access` lets in.
+    pub fn new(store: Store, execution: bool, access: Access) -> Self {
+        Self {
+            store,
+            execution,
+            access,
+        }
     }
 }
 
@@ -70,11 +77,15 @@ fn version(major: i32, minor: i32) -> SemVer {
 impl Capabilities for CapabilitiesService {
     async fn get_capabilities(
         &self,
-        _request: Request<GetCapabilitiesRequest>,
+        request: Request<GetCapabilitiesRequest>,
     ) -> Result<Response<ServerCapabilities>, Status> {
         self.store
             .metrics()
             .request("capabilities", "GetCapabilities");
+        // Every client asks first, whatever it goes on to do: any principal may.
+        let instance = Some(request.get_ref().instance_name.as_str());
+        self.access
+            .check_grpc(&request, Need::Authenticated, instance)?;
         let limits = self.store.limits();
         let cache = CacheCapabilities {
             digest_functions: [DigestFunction::Sha256, DigestFunction::Blake3]

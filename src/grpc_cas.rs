@@ -25,6 +25,7 @@ use cairn_storage::DigestFunction;
 use futures::stream::{self, BoxStream, StreamExt};
 use tonic::{Request, Response, Status};
 
+use crate::auth::{Access, Need, Permission};
 use crate::digests::{self, function_of_request};
 use crate::error::{Error, Result};
 use crate::store::Store;
@@ -43,12 +44,18 @@ const MAX_TREE_PAGE: usize = 4096;
 pub struct CasService {
     store: Store,
     trees: Arc<TreeWalks>,
+    access: Access,
 }
 
 impl CasService {
-    /// A CAS service over `store`, parking GetTree walks between pages in `trees`.
-    pub fn new(store: Store, trees: Arc<TreeWalks>) -> Self {
-        Self { store, trees }
+    /// A CAS service over `store`, parking GetTree walks between pages in `trees`,
+    /// serving whom `access` allows.
+    pub fn new(store: Store, trees: Arc<TreeWalks>, access: Access) -> Self {
+        Self {
+            store,
+            trees,
+            access,
+        }
     }
 }
 
@@ -71,6 +78,10 @@ impl ContentAddressableStorage for CasService {
         request: Request<FindMissingBlobsRequest>,
     ) -> Result<Response<FindMissingBlobsResponse>, Status> {
         self.store.metrics().request("cas", "FindMissingBlobs");
+        // Uploaders ask which blobs to send, readers which exist: either may.
+        let need = Need::Either(Permission::Read, Permission::Write);
+        let instance = Some(request.get_ref().instance_name.as_str());
+        self.access.check_grpc(&request, need, instance)?;
         let request = request.into_inner();
         let function = function_of_request(request.digest_function)?;
         let wanted = request
@@ -89,6 +100,9 @@ impl ContentAddressableStorage for CasService {
         request: Request<BatchUpdateBlobsRequest>,
     ) -> Result<Response<BatchUpdateBlobsResponse>, Status> {
         self.store.metrics().request("cas", "BatchUpdateBlobs");
+        let instance = Some(request.get_ref().instance_name.as_str());
+        self.access
+            .check_grpc(&request, Need::One(Permission::Write), instance)?;
         let request = request.into_inner();
         let function = function_of_request(request.digest_function)?;
         let total: u64 = request
@@ -118,6 +132,9 @@ impl ContentAddressableStorage for CasService {
         request: Request<BatchReadBlobsRequest>,
     ) -> Result<Response<BatchReadBlobsResponse>, Status> {
         self.store.metrics().request("cas", "BatchReadBlobs");
+        let instance = Some(request.get_ref().instance_name.as_str());
+        self.access
+            .check_grpc(&request, Need::One(Permission::Read), instance)?;
         let request = request.into_inner();
         let function = function_of_request(request.digest_function)?;
         let wanted = request
@@ -156,6 +173,9 @@ impl ContentAddressableStorage for CasService {
         request: Request<GetTreeRequest>,
     ) -> Result<Response<Self::GetTreeStream>, Status> {
         self.store.metrics().request("cas", "GetTree");
+        let instance = Some(request.get_ref().instance_name.as_str());
+        self.access
+            .check_grpc(&request, Need::One(Permission::Read), instance)?;
         let request = request.into_inner();
         let function = function_of_request(request.digest_function)?;
         let root = digests::required(function, request.root_digest.as_ref(), "root_digest")?;

@@ -32,6 +32,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::auth::{Access, Need, Permission};
 use crate::error::{Error, Result};
 use crate::exec_common::lazy_channel;
 
@@ -131,15 +132,21 @@ impl Forwarder {
     }
 }
 
+/// What following an operation needs. Operation names are random and unguessable, and
+/// the scheduler does not tie them to an instance, so they are checked for the
+/// permission alone.
+const EXECUTE: Need = Need::One(Permission::Execute);
+
 /// REAPI Execution, forwarded to the scheduler.
 pub struct ExecutionService {
     forwarder: Forwarder,
+    access: Access,
 }
 
 impl ExecutionService {
-    /// Forwards through `forwarder`.
-    pub fn new(forwarder: Forwarder) -> Self {
-        Self { forwarder }
+    /// Forwards through `forwarder` what `access` allows.
+    pub fn new(forwarder: Forwarder, access: Access) -> Self {
+        Self { forwarder, access }
     }
 }
 
@@ -152,6 +159,9 @@ impl Execution for ExecutionService {
         &self,
         request: Request<ExecuteRequest>,
     ) -> std::result::Result<Response<Self::ExecuteStream>, Status> {
+        let instance = Some(request.get_ref().instance_name.as_str());
+        self.access
+            .check_grpc(&request, Need::One(Permission::Execute), instance)?;
         let mut client = self.forwarder.execution();
         let message = request.into_inner();
         let stream = self
@@ -165,6 +175,7 @@ impl Execution for ExecutionService {
         &self,
         request: Request<WaitExecutionRequest>,
     ) -> std::result::Result<Response<Self::WaitExecutionStream>, Status> {
+        self.access.check_grpc(&request, EXECUTE, None)?;
         let mut client = self.forwarder.execution();
         let message = request.into_inner();
         let stream = self
@@ -183,12 +194,13 @@ impl Execution for ExecutionService {
 /// google.longrunning.Operations, forwarded to the scheduler.
 pub struct OperationsService {
     forwarder: Forwarder,
+    access: Access,
 }
 
 impl OperationsService {
-    /// Forwards through `forwarder`.
-    pub fn new(forwarder: Forwarder) -> Self {
-        Self { forwarder }
+    /// Forwards through `forwarder` what `access` allows.
+    pub fn new(forwarder: Forwarder, access: Access) -> Self {
+        Self { forwarder, access }
     }
 }
 
@@ -198,6 +210,7 @@ impl Operations for OperationsService {
         &self,
         request: Request<ListOperationsRequest>,
     ) -> std::result::Result<Response<ListOperationsResponse>, Status> {
+        self.access.check_grpc(&request, EXECUTE, None)?;
         let mut client = self.forwarder.operations();
         let message = request.into_inner();
         self.forwarder
@@ -209,6 +222,7 @@ impl Operations for OperationsService {
         &self,
         request: Request<GetOperationRequest>,
     ) -> std::result::Result<Response<Operation>, Status> {
+        self.access.check_grpc(&request, EXECUTE, None)?;
         let mut client = self.forwarder.operations();
         let message = request.into_inner();
         self.forwarder
@@ -220,6 +234,7 @@ impl Operations for OperationsService {
         &self,
         request: Request<DeleteOperationRequest>,
     ) -> std::result::Result<Response<()>, Status> {
+        self.access.check_grpc(&request, EXECUTE, None)?;
         let mut client = self.forwarder.operations();
         let message = request.into_inner();
         self.forwarder
@@ -231,6 +246,7 @@ impl Operations for OperationsService {
         &self,
         request: Request<CancelOperationRequest>,
     ) -> std::result::Result<Response<()>, Status> {
+        self.access.check_grpc(&request, EXECUTE, None)?;
         let mut client = self.forwarder.operations();
         let message = request.into_inner();
         self.forwarder
@@ -242,6 +258,7 @@ impl Operations for OperationsService {
         &self,
         request: Request<WaitOperationRequest>,
     ) -> std::result::Result<Response<Operation>, Status> {
+        self.access.check_grpc(&request, EXECUTE, None)?;
         let mut client = self.forwarder.operations();
         let message = request.into_inner();
         self.forwarder

@@ -15,6 +15,12 @@
 //! HTTP `PUT` (action-cache entries under a derived key) are never read again and are
 //! evicted like any other entry. A blob only in the S3 slow tier is found through the
 //! bucket index, which is keyed by hash too (src/slow_tier/index.rs).
+//!
+//! With `--auth`, requests present `Authorization: Basic` (what Bazel sends for
+//! `--remote_cache=https://user:pass@host`) or `Bearer`; a request without
+//! credentials nobody has gets 401 with `WWW-Authenticate: Basic`, so that browsers
+//! and curl ask for them, and a principal lacking the permission gets 403. `/healthz`
+//! stays open for load balancers; `/metrics` needs the `metrics` permission.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -31,7 +37,8 @@ use hyper::body::{Frame, Incoming};
 use prost::Message;
 
 use crate::action_results::{self, Inline};
-use crate::error::{Error, Result};
+use crate::auth::{Access, Credentials, Need, PeerNames, Permission};
+use crate::error::{Error, ErrorKind, Result};
 use crate::http_path::{self, HttpPath};
 use crate::store::Store;
 
@@ -42,12 +49,34 @@ pub type Body = UnsyncBoxBody<Bytes, Error>;
 #[derive(Clone)]
 pub struct HttpFront {
     store: Store,
+    access: Access,
+    /// The names of the connection's client certificate, under mutual TLS.
+    peer: Option<PeerNames>,
 }
 
 impl HttpFront {
-    /// Serves `store`.
-    pub fn new(store: Store) -> Self {
-        Self { store }
+    /// Serves `store` to whom `access` allows.
+    pub fn new(store: Store, access: Access) -> Self {
+        Self {
+            store,
+            access,
+            peer: None,
+        }
+    }
+
+    /// This front for a connection whose client certificate has `peer` names.
+    pub fn with_peer(mut self, peer: Option<PeerNames>) -> Self {
+        self.peer = peer;
+        self
+    }
+
+    /// Refuses `request` unless its credentials allow `need` on `instance`.
+    fn allow(&self, request: &Request<Incoming>, need: Need, instance: Option<&str>) -> Result<()> {
+        let mut credentials = Credentials::from_headers(request.headers());
+        if let Some(PeerNames(names)) = &self.peer {
+            credentials = credentials.with_cert_names(names.to_vec());
+        }
+        self.access.check(&credentials, need, instance)
     }
 
     async fn handle(self, request: Request<Incoming>) -> Response<Body> {
@@ -64,7 +93,14 @@ impl HttpFront {
             } else {
                 Bytes::from(format!("{error}\n"))
             };
-            respond(error.kind().http_status(), body)
+            let mut response = respond(error.kind().http_status(), body);
+            if error.kind() == ErrorKind::Unauthenticated {
+                response.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    header::HeaderValue::from_static("Basic realm=\"cairn\""),
+                );
+            }
+            response
         })
     }
 
@@ -93,6 +129,7 @@ impl HttpFront {
                 Ok(respond(status, Bytes::from(body)))
             }
             (HttpPath::Metrics, &Method::GET) => {
+                self.allow(&request, Need::One(Permission::Metrics), None)?;
                 let stats = self.store.engine().stats().await.map_err(Error::from)?;
                 let mut text = metrics.render(&stats)?;
                 if let Some(slow_tier) = self.store.slow_tier() {
@@ -102,6 +139,7 @@ impl HttpFront {
             }
             (HttpPath::ActionCache { instance, hash }, &Method::GET | &Method::HEAD) => {
                 metrics.request("http", "ac_get");
+                self.allow(&request, Need::One(Permission::Read), Some(instance))?;
                 let action = crate::digests::parse_hash(DigestFunction::Sha256, hash, 0)?;
                 let budget = self.store.limits().max_batch_total_size;
                 let result =
@@ -112,6 +150,7 @@ impl HttpFront {
             }
             (HttpPath::ActionCache { instance, hash }, &Method::PUT) => {
                 metrics.request("http", "ac_put");
+                self.allow(&request, Need::One(Permission::WriteAc), Some(instance))?;
                 let action = crate::digests::parse_hash(DigestFunction::Sha256, hash, 0)?;
                 let limit = self.store.limits().max_batch_total_size as usize;
                 let body = Limited::new(request.into_body(), limit)
@@ -127,8 +166,9 @@ impl HttpFront {
                 action_results::store_result(&self.store, instance, action, &result).await?;
                 Ok(respond(StatusCode::OK, Bytes::new()))
             }
-            (HttpPath::Cas { hash, .. }, &Method::GET | &Method::HEAD) => {
+            (HttpPath::Cas { instance, hash }, &Method::GET | &Method::HEAD) => {
                 metrics.request("http", "cas_get");
+                self.allow(&request, Need::One(Permission::Read), Some(instance))?;
                 if method == Method::HEAD {
                     let digest = self
                         .store
@@ -144,8 +184,9 @@ impl HttpFront {
                     StreamBody::new(frames).boxed_unsync(),
                 ))
             }
-            (HttpPath::Cas { hash, .. }, &Method::PUT) => {
+            (HttpPath::Cas { instance, hash }, &Method::PUT) => {
                 metrics.request("http", "cas_put");
+                self.allow(&request, Need::One(Permission::Write), Some(instance))?;
                 self.put_blob(hash, request).await?;
                 Ok(respond(StatusCode::OK, Bytes::new()))
             }

@@ -6,12 +6,14 @@
 //! per protocol: [`grpc_capabilities`], [`grpc_cas`], [`grpc_ac`], [`grpc_bytestream`]
 //! — or by the HTTP cache protocol ([`http_cache`]), and are served from the storage
 //! engine (`cairn-storage`) through [`store`], which holds the rules every protocol
-//! shares. [`node`] assembles all of it from a [`config::Config`]; a single node also
-//! starts a scheduler and a worker of its own ([`embedded`]) and forwards Execution to
+//! shares. Every request is first weighed by [`auth`] (which principal its credential
+//! names, and what that principal may do). [`node`] assembles all of it from a
+//! [`config::Config`]; a single node also starts a scheduler and a worker of its own ([`embedded`]) and forwards Execution to
 //! them ([`grpc_execution`]). The [`scheduler`] and [`worker`] modules are the
 //! `cairn-scheduler` and `cairn-worker` programs.
 
 pub mod action_results;
+pub mod auth;
 pub mod byte_size;
 pub mod cas_client;
 pub mod config;

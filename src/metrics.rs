@@ -37,6 +37,8 @@ pub struct Metrics {
     receiving_bytes: IntGauge,
     parked_uploads: IntGauge,
     receiving_refused: IntCounter,
+    auth_failures: IntCounterVec,
+    auth_reloads: IntCounterVec,
     recovery_records: IntGaugeVec,
     recovery_scanned_bytes: IntGauge,
     tree_reads: IntCounter,
@@ -95,6 +97,21 @@ impl Metrics {
                 &["store", "result"],
             )?,
             received: counter("received_bytes_total", "Blob bytes received from clients")?,
+            auth_failures: counter_vec(
+                "auth_failures_total",
+                "Requests refused by the access policy, by reason: no credentials \
+                 (missing), an unreadable authorization header (malformed), a token or \
+                 user and password nobody has (unknown_token, bad_password), a principal \
+                 lacking a permission or instance (denied), a write to a read-only node \
+                 (read_only)",
+                &["reason"],
+            )?,
+            auth_reloads: counter_vec(
+                "auth_reloads_total",
+                "Changes to the auth file seen while running: put in force (ok) or \
+                 refused for not parsing, the previous file staying in force (refused)",
+                &["result"],
+            )?,
             connections_timed_out: counter_vec(
                 "connections_timed_out_total",
                 "Connections closed for not completing their handshake in time (handshake) \
@@ -227,6 +244,16 @@ impl Metrics {
     /// The counter of connections refused for `max_connections`.
     pub fn connections_refused(&self) -> IntCounter {
         self.connections_refused.clone()
+    }
+
+    /// The counter of requests the access policy refused, by reason.
+    pub fn auth_failures(&self) -> IntCounterVec {
+        self.auth_failures.clone()
+    }
+
+    /// The counter of auth file changes, by result.
+    pub fn auth_reloads(&self) -> IntCounterVec {
+        self.auth_reloads.clone()
     }
 
     /// The counter of connections closed by a timeout, by reason.

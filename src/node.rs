@@ -24,9 +24,11 @@ use cairn_proto::reapi::execution_server::ExecutionServer;
 use cairn_storage::{Engine, EngineConfig};
 use tokio::sync::watch;
 
+use crate::auth::Access;
 use crate::config::Config;
 use crate::embedded::Embedded;
 use crate::error::{Error, Result};
+use crate::exec_common::random_name;
 use crate::grpc_ac::ActionCacheService;
 use crate::grpc_bytestream::ByteStreamService;
 use crate::grpc_capabilities::CapabilitiesService;
@@ -53,6 +55,10 @@ const SINK_ENGINE_BUDGET: u64 = 4 << 30;
 
 /// Runs a cache node until SIGTERM or SIGINT, then shuts it down cleanly.
 pub fn run(config: Config) -> Result<()> {
+    config.check_security()?;
+    let metrics = Arc::new(Metrics::new()?);
+    let (access, internal_token) = access_policy(&config, &metrics)?;
+    let tls = tls_acceptors(&config)?;
     let shards = config.shards.unwrap_or_else(runtime::available_cores);
     if shards == 0 {
         return Err(Error::invalid_argument("shards must be at least 1"));
@@ -110,7 +116,6 @@ pub fn run(config: Config) -> Result<()> {
         max_batch_total_size: config.max_batch_total_size.0,
         max_cas_blob_size,
     };
-    let metrics = Arc::new(Metrics::new()?);
     metrics.set_budget_clamped(clamped_by);
     let mut store = Store::new(engine.clone(), limits, Arc::clone(&metrics));
     if config.sink {
@@ -132,7 +137,7 @@ pub fn run(config: Config) -> Result<()> {
         .sweep_until(sweep_until)
         .map_err(|error| Error::internal(format!("cannot start the upload sweeper: {error}")))?;
     let (stop, _) = watch::channel(false);
-    let mut routes = grpc_routes(&store, pending, limits, config.execution.is_some());
+    let mut routes = grpc_routes(&store, pending, limits, config.execution.is_some(), &access);
     let mut execution = None;
     if let Some(settings) = &config.execution {
         let embedded = Embedded::start(
@@ -141,13 +146,18 @@ pub fn run(config: Config) -> Result<()> {
             settings,
             runtime::available_cores(),
             config.shutdown_grace(),
+            internal_token.as_deref(),
         )?;
         let (forwarder, forwarding) = Forwarder::start(&embedded.scheduler_url())?;
         routes = routes
             .add_service(ExecutionServer::new(ExecutionService::new(
                 forwarder.clone(),
+                access.clone(),
             )))
-            .add_service(OperationsServer::new(OperationsService::new(forwarder)));
+            .add_service(OperationsServer::new(OperationsService::new(
+                forwarder,
+                access.clone(),
+            )));
         let embedded = Arc::new(Mutex::new(embedded));
         stop_children_first(Arc::clone(&embedded), stop.clone())?;
         execution = Some((embedded, forwarding));
@@ -168,7 +178,8 @@ pub fn run(config: Config) -> Result<()> {
         grpc_addr: config.listen,
         http_addr: config.http_listen,
         grpc: routes,
-        http: HttpFront::new(store),
+        http: HttpFront::new(store, access),
+        tls,
         engine,
         grace: config.shutdown_grace(),
         connections: metrics.connections(),
@@ -223,13 +234,64 @@ fn stop_children_first(embedded: Arc<Mutex<Embedded>>, stop: watch::Sender<bool>
     Ok(())
 }
 
+/// The access policy of `config` (its auth file, read in full now so a malformed one
+/// stops the node before anything binds, then watched for changes) and, when it asks
+/// for credentials and the node runs execution, the token the node's own scheduler
+/// and worker present: random per process, never written anywhere but the data
+/// directory (mode 0600).
+fn access_policy(config: &Config, metrics: &Metrics) -> Result<(Access, Option<String>)> {
+    let access = match &config.auth {
+        Some(path) => Access::from_file(path, config.read_only, metrics.auth_failures())?,
+        None => Access::open(config.read_only, metrics.auth_failures()),
+    };
+    if config.read_only {
+        tracing::info!("read-only: every write is refused");
+    }
+    if !access.enforced() || config.execution.is_none() {
+        access.watch(metrics.auth_reloads())?;
+        return Ok((access, None));
+    }
+    let token = format!("{}{}", random_name(), random_name());
+    let access = access.with_internal_token(&token);
+    access.watch(metrics.auth_reloads())?;
+    Ok((access, Some(token)))
+}
+
+/// The TLS settings of `config`, read now so that unusable files stop the node
+/// before anything binds, and reloaded when the files change.
+fn tls_acceptors(config: &Config) -> Result<Option<runtime::Tls>> {
+    match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => {
+            let acceptors = runtime::Tls::start(cert, key, config.tls_client_ca.as_deref())?;
+            tracing::info!(
+                "TLS on every listener{}",
+                if config.tls_client_ca.is_some() {
+                    ", client certificates required"
+                } else {
+                    ""
+                }
+            );
+            Ok(Some(acceptors))
+        }
+        (None, None) if config.tls_client_ca.is_none() => Ok(None),
+        (None, None) => Err(Error::invalid_argument(
+            "--tls-client-ca needs --tls-cert and --tls-key",
+        )),
+        _ => Err(Error::invalid_argument(
+            "--tls-cert and --tls-key go together",
+        )),
+    }
+}
+
 /// Every cache service of the node, accepting messages as large as a full batch;
-/// `execution` says whether the capabilities advertise remote execution.
+/// `execution` says whether the capabilities advertise remote execution; `access`
+/// decides who may call what.
 fn grpc_routes(
     store: &Store,
     pending: Arc<PendingUploads>,
     limits: Limits,
     execution: bool,
+    access: &Access,
 ) -> tonic::service::Routes {
     let trees = Arc::new(TreeWalks::default());
     // A batch at the limit plus its framing must decode, so an over-limit batch reaches
@@ -239,20 +301,28 @@ fn grpc_routes(
         .saturating_mul(2)
         .saturating_add(1 << 20);
     tonic::service::Routes::new(
-        CapabilitiesServer::new(CapabilitiesService::new(store.clone(), execution))
+        CapabilitiesServer::new(CapabilitiesService::new(
+            store.clone(),
+            execution,
+            access.clone(),
+        ))
+        .max_decoding_message_size(message_limit),
+    )
+    .add_service(
+        ContentAddressableStorageServer::new(CasService::new(store.clone(), trees, access.clone()))
             .max_decoding_message_size(message_limit),
     )
     .add_service(
-        ContentAddressableStorageServer::new(CasService::new(store.clone(), trees))
+        ActionCacheServer::new(ActionCacheService::new(store.clone(), access.clone()))
             .max_decoding_message_size(message_limit),
     )
     .add_service(
-        ActionCacheServer::new(ActionCacheService::new(store.clone()))
-            .max_decoding_message_size(message_limit),
-    )
-    .add_service(
-        ByteStreamServer::new(ByteStreamService::new(store.clone(), pending))
-            .max_decoding_message_size(message_limit),
+        ByteStreamServer::new(ByteStreamService::new(
+            store.clone(),
+            pending,
+            access.clone(),
+        ))
+        .max_decoding_message_size(message_limit),
     )
 }
 

@@ -116,6 +116,25 @@ def main():
     write("input_plan", "symlink-escaping-from-below",
           bytes([1, d, 3, 1, nxt, s, 0, 0x85, 2, 2, 3, 2, 2]))  # "../.." in d
 
+    token = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+    bcrypt = "$2y$05$c4WoMPo3SXsafkva.HHa6uXQZWr7oboPiC2bT/r7q1BB8I2s0BRqC"
+    write("auth_file", "documented", (
+        "{\n  principals: [\n"
+        f"    {{ name: 'ci', token_sha256: '{token}', permissions: ['read', 'write', 'write_ac'] }},\n"
+        f"    {{ name: 'alice', basic: {{ user: 'alice', hash: '{bcrypt}' }}, permissions: ['read'] }},\n"
+        "    { name: 'builder', cert: 'ci-client', permissions: ['execute'], instances: ['main/'] },\n"
+        "  ],\n  anonymous: { permissions: ['read'] }, // optional\n}\n").encode())
+    write("auth_file", "bad-permission", b"{ principals: [ { name: 'x', cert: 'c', permissions: ['raed'] } ] }")
+    write("auth_file", "same-token-twice", (
+        f"{{ principals: [ {{ name: 'a', token_sha256: '{token}', permissions: [] }}, "
+        f"{{ name: 'b', token_sha256: '{token.upper()}', permissions: [] }} ] }}").encode())
+    write("auth_file", "truncated", b"{ principals: [ { name: 'x', basic: { user: ")
+    write("auth_header", "bearer", b"Bearer abc.DEF-123_~+/=")
+    write("auth_header", "basic", b"Basic YWxpY2U6czNjcjpldA==")
+    write("auth_header", "basic-no-colon", b"basic aHVudGVyMg==")
+    write("auth_header", "unknown-scheme", b"Digest username=x")
+    write("auth_header", "tabs-and-case", b"\tBEARER\t\ttok ")
+
 
 if __name__ == "__main__":
     main()

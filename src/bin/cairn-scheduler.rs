@@ -32,6 +32,11 @@ struct Args {
     #[arg(long, value_name = "URL")]
     cache: Option<String>,
 
+    /// File holding the bearer token presented to the cache node, when its `--auth`
+    /// requires one [default: none].
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+
     /// Once listening, write the bound address (IP:PORT) to this file.
     #[arg(long, value_name = "FILE")]
     ready_file: Option<PathBuf>,
@@ -55,6 +60,9 @@ fn main() -> ExitCode {
         }
         if let Some(cache) = args.cache {
             config.cache = cache;
+        }
+        if let Some(token_file) = args.token_file {
+            config.token_file = Some(token_file);
         }
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .enable_all()

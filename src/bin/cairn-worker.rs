@@ -32,6 +32,11 @@ struct Args {
     #[arg(long, value_name = "URL")]
     cache: Option<String>,
 
+    /// File holding the bearer token presented to the cache node, when its `--auth`
+    /// requires one [default: none].
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+
     /// Worker id at the scheduler [default: HOSTNAME-PID].
     #[arg(long, value_name = "ID")]
     id: Option<String>,
@@ -64,6 +69,9 @@ fn apply(args: Args, mut config: WorkerConfig) -> cairn::Result<(WorkerConfig, O
     }
     if let Some(cache) = args.cache {
         config.cache = cache;
+    }
+    if let Some(token_file) = args.token_file {
+        config.token_file = Some(token_file);
     }
     if let Some(id) = args.id {
         config.id = Some(id);

@@ -90,6 +90,41 @@ struct Args {
     /// `execution` section says].
     #[arg(long)]
     no_execution: bool,
+
+    /// Auth file: JSON5 principals (bearer-token SHA-256s, bcrypt basic users,
+    /// client-certificate names) with permissions read, write, write_ac, execute and
+    /// metrics, optionally limited to instance prefixes; reloaded when it changes
+    /// (see the README's Security section) [default: none, every client may do
+    /// everything].
+    #[arg(long, value_name = "FILE")]
+    auth: Option<PathBuf>,
+
+    /// Refuse every write (blob uploads, action results), whoever asks; needs
+    /// --no-execution [default: writes allowed].
+    #[arg(long)]
+    read_only: bool,
+
+    /// Allow remote execution on a non-loopback listener without --auth, so that anyone
+    /// who reaches the node can run commands on this host [default: such a node refuses
+    /// to start].
+    #[arg(long)]
+    allow_unauthenticated_execution: bool,
+
+    /// PEM certificate chain: TLS 1.2/1.3 on the gRPC listener (ALPN h2, clients use
+    /// grpcs://) and the HTTP listener (https://); needs --tls-key. The certificate, key
+    /// and client CA files are read again when they change, for new connections
+    /// [default: none, plaintext].
+    #[arg(long, value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert [default: none].
+    #[arg(long, value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+
+    /// PEM CA certificates: require every client to present a certificate signed by
+    /// one of them (mutual TLS) [default: none, no client certificate asked for].
+    #[arg(long, value_name = "FILE")]
+    tls_client_ca: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -134,6 +169,24 @@ fn main() -> ExitCode {
         }
         if args.no_execution {
             config.execution = None;
+        }
+        if let Some(auth) = args.auth {
+            config.auth = Some(auth);
+        }
+        if args.read_only {
+            config.read_only = true;
+        }
+        if args.allow_unauthenticated_execution {
+            config.allow_unauthenticated_execution = true;
+        }
+        if let Some(path) = args.tls_cert {
+            config.tls_cert = Some(path);
+        }
+        if let Some(path) = args.tls_key {
+            config.tls_key = Some(path);
+        }
+        if let Some(path) = args.tls_client_ca {
+            config.tls_client_ca = Some(path);
         }
         cairn::node::run(config)
     });

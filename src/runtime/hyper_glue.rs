@@ -12,21 +12,19 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::future::{select, Either};
-use glommio::net::TcpStream;
 use hyper::server::conn::{http1, http2};
 use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
-use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt};
 
 use super::inbound::{Metered, ReceiveBudget};
 use super::linger::{self, Home, Lent};
 use super::timeouts::{
     Activity, Counted, Expired, PingTimer, Timeouts, Watched, HTTP2_HANDSHAKE_BYTES, PING_ANSWER,
 };
+use super::tls::{Stream, WithPeer};
 use crate::http_cache::HttpFront;
 
-type Socket = Compat<TcpStream>;
-type Io = TokioIo<Watched<Lent<Socket>>>;
+type Io = TokioIo<Watched<Lent<Stream>>>;
 
 /// hyper's executor: spawns a connection's tasks on the current glommio executor.
 #[derive(Clone, Copy)]
@@ -42,11 +40,11 @@ where
 }
 
 /// An HTTP/2 connection serving the gRPC routes.
-pub(super) type GrpcConnection = http2::Connection<
-    Io,
-    Counted<Metered<TowerToHyperService<tonic::service::Routes>>>,
-    LocalSpawner,
->;
+pub(super) type GrpcConnection =
+    http2::Connection<Io, Counted<Metered<TowerToHyperService<GrpcService>>>, LocalSpawner>;
+
+/// The gRPC routes, with the connection's client-certificate names.
+pub(super) type GrpcService = WithPeer<tonic::service::Routes>;
 
 /// An HTTP/1.1 connection serving the HTTP cache protocol.
 pub(super) type HttpConnection = http1::Connection<Io, Counted<HttpFront>>;
@@ -61,7 +59,7 @@ pub(super) struct Watch {
     expired: prometheus::IntCounterVec,
     /// Where the socket returns when hyper drops the connection, to be closed
     /// without losing the tail of a response (`linger.rs`).
-    home: Home<Socket>,
+    home: Home<Stream>,
 }
 
 /// The HTTP/2 window sizes: large enough that a stream of 1 MiB writes never waits
@@ -82,12 +80,12 @@ pub(super) struct ConnectionSettings {
 }
 
 pub(super) fn serve_http2(
-    stream: TcpStream,
-    routes: tonic::service::Routes,
+    stream: Stream,
+    routes: GrpcService,
     settings: &ConnectionSettings,
 ) -> (GrpcConnection, Watch) {
     let activity = Activity::new();
-    let (socket, home) = Lent::new(stream.compat());
+    let (socket, home) = Lent::new(stream);
     let connection = http2::Builder::new(LocalSpawner)
         .timer(settings.timer.clone())
         .keep_alive_interval(settings.timeouts.keepalive)
@@ -117,12 +115,12 @@ pub(super) fn serve_http2(
 }
 
 pub(super) fn serve_http1(
-    stream: TcpStream,
+    stream: Stream,
     front: HttpFront,
     settings: &ConnectionSettings,
 ) -> (HttpConnection, Watch) {
     let activity = Activity::new();
-    let (socket, home) = Lent::new(stream.compat());
+    let (socket, home) = Lent::new(stream);
     let connection = http1::Builder::new()
         .timer(settings.timer.clone())
         .header_read_timeout(settings.timeouts.handshake)
@@ -198,7 +196,7 @@ pub(super) async fn drive<C: Graceful>(
     }
     drop(connection);
     if let Some(socket) = watch.home.take() {
-        linger::close(socket.into_inner()).await;
+        linger::close(socket.into_socket()).await;
     }
 }
 

@@ -23,9 +23,11 @@ mod linger;
 mod listener;
 mod shard;
 mod timeouts;
+mod tls;
 
 pub use inbound::ReceiveBudget;
 pub use timeouts::Timeouts;
+pub use tls::Tls;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -48,6 +50,8 @@ pub struct Serve {
     pub grpc: tonic::service::Routes,
     /// The HTTP cache protocol, metrics and health.
     pub http: HttpFront,
+    /// TLS for both listeners; `None`: plaintext.
+    pub tls: Option<Tls>,
     /// The engine, shut down once every shard has drained.
     pub engine: Engine,
     /// How long in-flight requests may take to finish once a stop was asked for.
@@ -89,6 +93,7 @@ pub fn run(serve: Serve, runners: Vec<ShardRunner>, stop: watch::Sender<bool>) -
         http_addr: serve.http_addr,
         grpc: serve.grpc,
         http: serve.http,
+        tls: serve.tls,
         engine: serve.engine,
         grace: serve.grace,
         stop: stop.clone(),

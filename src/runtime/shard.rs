@@ -10,11 +10,13 @@ use cairn_storage::{Engine, ShardRunner};
 use futures::future::{select, Either};
 use glommio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Barrier};
+use tokio_util::compat::FuturesAsyncReadCompatExt;
 
 use super::balance::{Balancer, Handoff, Protocol, Slot};
 use super::connections::Connections;
 use super::hyper_glue;
 use super::listener::Listeners;
+use super::tls::{Stream, Tls, WithPeer};
 use crate::error::{Error, Result};
 use crate::http_cache::HttpFront;
 
@@ -24,6 +26,8 @@ pub(super) struct Shared {
     pub http_addr: Option<SocketAddr>,
     pub grpc: tonic::service::Routes,
     pub http: HttpFront,
+    /// TLS for both listeners, if configured.
+    pub tls: Option<Tls>,
     pub engine: Engine,
     pub grace: Duration,
     pub stop: watch::Sender<bool>,
@@ -240,32 +244,64 @@ fn serve(stream: TcpStream, here: Here<'_>, protocol: Protocol, slot: Slot) {
     }
     let guard = here.connections.open();
     let stop = stop_requested(here.shared.stop.subscribe());
-    let grace = here.shared.grace;
-    let task = match protocol {
-        Protocol::Grpc => {
-            let (connection, watch) = hyper_glue::serve_http2(
-                stream,
-                here.shared.grpc.clone(),
-                &here.shared.connection_settings,
-            );
-            glommio::spawn_local(async move {
+    let shared = Arc::clone(here.shared);
+    glommio::spawn_local(async move {
+        let stream = match &shared.tls {
+            None => Some(Stream::Plain(stream.compat())),
+            Some(tls) => handshake(tls, protocol, stream, &shared).await,
+        };
+        let grace = shared.grace;
+        let settings = &shared.connection_settings;
+        match (stream, protocol) {
+            (None, _) => {}
+            (Some(stream), Protocol::Grpc) => {
+                let routes = WithPeer {
+                    inner: shared.grpc.clone(),
+                    peer: stream.peer_names(),
+                };
+                let (connection, watch) = hyper_glue::serve_http2(stream, routes, settings);
                 hyper_glue::drive(connection, watch, stop, grace).await;
-                drop((guard, slot));
-            })
-        }
-        Protocol::Http => {
-            let (connection, watch) = hyper_glue::serve_http1(
-                stream,
-                here.shared.http.clone(),
-                &here.shared.connection_settings,
-            );
-            glommio::spawn_local(async move {
+            }
+            (Some(stream), Protocol::Http) => {
+                let front = shared.http.clone().with_peer(stream.peer_names());
+                let (connection, watch) = hyper_glue::serve_http1(stream, front, settings);
                 hyper_glue::drive(connection, watch, stop, grace).await;
-                drop((guard, slot));
-            })
+            }
         }
+        drop((guard, slot));
+    })
+    .detach();
+}
+
+/// The TLS handshake of a new connection, bounded by the handshake timeout (the
+/// HTTP-level handshake check starts only once it is done); `None` when it fails or
+/// times out.
+async fn handshake(
+    tls: &Tls,
+    protocol: Protocol,
+    stream: TcpStream,
+    shared: &Shared,
+) -> Option<Stream> {
+    let acceptors = tls.acceptors();
+    let acceptor = match protocol {
+        Protocol::Grpc => acceptors.grpc,
+        Protocol::Http => acceptors.http,
     };
-    task.detach();
+    let limit = shared.connection_settings.timeouts.handshake;
+    let accept = Box::pin(acceptor.accept(stream.compat()));
+    match select(accept, Box::pin(glommio::timer::sleep(limit))).await {
+        Either::Left((Ok(stream), _)) => Some(Stream::Tls(Box::new(stream))),
+        Either::Left((Err(error), _)) => {
+            tracing::debug!("TLS handshake failed: {error}");
+            None
+        }
+        Either::Right(_) => {
+            let expired = &shared.connection_settings.expired;
+            expired.with_label_values(&["handshake"]).inc();
+            tracing::debug!("closing a connection: TLS handshake timeout");
+            None
+        }
+    }
 }
 
 /// Completes once a stop has been asked for (or the sender is gone).

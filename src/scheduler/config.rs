@@ -49,6 +49,9 @@ pub struct SchedulerConfig {
     /// URL of the cache node, for action-cache lookups and reading Actions. Default
     /// `http://127.0.0.1:50051`.
     pub cache: String,
+    /// A file holding the bearer token presented to the cache node (its `--auth`
+    /// principals). Default: none, calls carry no credentials.
+    pub token_file: Option<std::path::PathBuf>,
     /// Rules for platform property names. Default: none, so every property follows
     /// `default_property_rule`.
     pub platform_properties: BTreeMap<String, PropertyRule>,
@@ -90,6 +93,7 @@ impl Default for SchedulerConfig {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 50061)),
             cache: "http://127.0.0.1:50051".to_string(),
+            token_file: None,
             platform_properties: BTreeMap::new(),
             default_property_rule: PropertyRule::Exact,
             worker_selection: WorkerSelection::Lru,

@@ -27,7 +27,7 @@ use cairn_proto::worker::worker_api_server::WorkerApiServer;
 use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::error::{Error, Result};
-use crate::exec_common::{lazy_channel, write_ready_file};
+use crate::exec_common::{cache_channel, read_token_file, write_ready_file};
 use config::SchedulerConfig;
 use service::{CapabilitiesService, ExecutionService, OperationsService, WorkerService};
 use state::{Scheduler, TICK};
@@ -41,7 +41,12 @@ pub async fn serve(
     ready_file: Option<PathBuf>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    let cache = lazy_channel(&config.cache)?;
+    let token = config
+        .token_file
+        .as_deref()
+        .map(read_token_file)
+        .transpose()?;
+    let cache = cache_channel(&config.cache, token.as_deref())?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|error| {

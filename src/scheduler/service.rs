@@ -34,12 +34,11 @@ use cairn_proto::worker::{
 use futures::Stream;
 use prost::Message;
 use tokio_stream::wrappers::UnboundedReceiverStream;
-use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::state::{Progress, Scheduler, Watch};
 use crate::error::Error;
-use crate::exec_common::from_proto_duration;
+use crate::exec_common::{from_proto_duration, CacheChannel};
 
 type OperationStream = Pin<Box<dyn Stream<Item = Result<Operation, Status>> + Send>>;
 
@@ -242,12 +241,12 @@ impl Operations for OperationsService {
 
 /// REAPI Capabilities: the cache node's cache capabilities plus execution.
 pub struct CapabilitiesService {
-    cache: Channel,
+    cache: CacheChannel,
 }
 
 impl CapabilitiesService {
     /// Asks the cache node behind `cache` for its part.
-    pub fn new(cache: Channel) -> Self {
+    pub fn new(cache: CacheChannel) -> Self {
         Self { cache }
     }
 }

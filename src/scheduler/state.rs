@@ -36,7 +36,6 @@ use cairn_proto::worker::{
 };
 use prost::Message;
 use tokio::sync::{mpsc, watch};
-use tonic::transport::Channel;
 use tonic::Code;
 
 use super::config::{SchedulerConfig, WorkerSelection};
@@ -44,7 +43,9 @@ use super::matching::{self, Requirements};
 use crate::cas_client::{CasClient, TransferLimits};
 use crate::digests;
 use crate::error::{Error, Result};
-use crate::exec_common::{from_proto_duration, proto_duration, random_name, rpc_status, timestamp};
+use crate::exec_common::{
+    from_proto_duration, proto_duration, random_name, rpc_status, timestamp, CacheChannel,
+};
 
 /// Where an operation stands, as its watchers see it.
 #[derive(Debug, Clone)]
@@ -154,7 +155,7 @@ impl State {
 /// The scheduler: shared by the gRPC services and the ticker.
 pub struct Scheduler {
     config: SchedulerConfig,
-    cache: Channel,
+    cache: CacheChannel,
     state: Mutex<State>,
 }
 
@@ -195,7 +196,7 @@ fn missing_response(digest: &Digest, what: &str) -> ExecuteResponse {
 
 impl Scheduler {
     /// A scheduler reading from the cache node behind `cache`.
-    pub fn new(config: SchedulerConfig, cache: Channel) -> Arc<Self> {
+    pub fn new(config: SchedulerConfig, cache: CacheChannel) -> Arc<Self> {
         Arc::new(Self {
             config,
             cache,

@@ -36,6 +36,9 @@ pub struct WorkerConfig {
     /// URL of the cache node inputs are read from and outputs written to. Default
     /// `http://127.0.0.1:50051`.
     pub cache: String,
+    /// A file holding the bearer token presented to the cache node (its `--auth`
+    /// principals). Default: none, calls carry no credentials.
+    pub token_file: Option<PathBuf>,
     /// The worker's id at the scheduler. Default: `HOSTNAME-PID`.
     pub id: Option<String>,
     /// Platform properties offered, e.g. `{ cpu_arch: "x86_64", cpu_count: 8 }`.
@@ -79,6 +82,7 @@ impl Default for WorkerConfig {
         Self {
             scheduler: "http://127.0.0.1:50061".to_string(),
             cache: "http://127.0.0.1:50051".to_string(),
+            token_file: None,
             id: None,
             properties: BTreeMap::new(),
             max_inflight_tasks: None,

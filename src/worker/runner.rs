@@ -49,7 +49,7 @@ pub struct Runner {
     /// The worker's id, recorded in ExecutedActionMetadata.
     pub worker_id: String,
     /// Channel to the cache node.
-    pub cache_channel: tonic::transport::Channel,
+    pub cache_channel: crate::exec_common::CacheChannel,
     /// The local file cache.
     pub file_cache: FileCache,
     /// Where task directories are made.

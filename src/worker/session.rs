@@ -30,7 +30,8 @@ use super::file_cache::FileCache;
 use super::runner::Runner;
 use crate::error::{Error, Result};
 use crate::exec_common::{
-    error_from_status, from_proto_duration, lazy_channel, rpc_status, write_ready_file,
+    cache_channel, error_from_status, from_proto_duration, read_token_file, rpc_status,
+    write_ready_file,
 };
 
 /// How a session ended.
@@ -52,8 +53,13 @@ pub async fn run(config: WorkerConfig, ready_file: Option<PathBuf>) -> Result<()
         std::fs::remove_dir_all(&tasks_dir)?;
     }
     std::fs::create_dir_all(&tasks_dir)?;
+    let token = config
+        .token_file
+        .as_deref()
+        .map(read_token_file)
+        .transpose()?;
     let runner = Arc::new(Runner {
-        cache_channel: lazy_channel(&config.cache)?,
+        cache_channel: cache_channel(&config.cache, token.as_deref())?,
         worker_id: worker_id.clone(),
         file_cache,
         tasks_dir,

@@ -37,7 +37,7 @@ use tokio::sync::mpsc::error::TryRecvError;
 use tonic::{Request, Response, Status};
 
 use super::*;
-use crate::exec_common::lazy_channel;
+use crate::exec_common::{cache_channel, CacheChannel};
 use crate::scheduler::service::{ExecutionService, OperationsService};
 
 type Rpc<T> = std::result::Result<Response<T>, Status>;
@@ -177,7 +177,7 @@ fn digest_of(bytes: &[u8]) -> Digest {
 /// A scheduler in front of a fake cache node.
 struct Harness {
     cache: FakeCache,
-    channel: Channel,
+    channel: CacheChannel,
     scheduler: Arc<Scheduler>,
 }
 
@@ -192,7 +192,7 @@ impl Harness {
                 .add_service(ActionCacheServer::new(cache.clone()))
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
         );
-        let channel = lazy_channel(&format!("http://{address}")).unwrap();
+        let channel = cache_channel(&format!("http://{address}"), None).unwrap();
         let scheduler = Scheduler::new(config, channel.clone());
         Self {
             cache,
