@@ -96,7 +96,8 @@ impl Embedded {
             .arg("--cache")
             .arg(&cache)
             .arg("--ready-file")
-            .arg(&scheduler_ready);
+            .arg(&scheduler_ready)
+            .env(crate::logging::ENV, crate::logging::chosen().name());
         if let Some(token_file) = &token_file {
             scheduler.arg("--token-file").arg(token_file);
         }
@@ -125,7 +126,8 @@ impl Embedded {
             .arg("--max-inflight-tasks")
             .arg(max_inflight.to_string())
             .arg("--ready-file")
-            .arg(&worker_ready);
+            .arg(&worker_ready)
+            .env(crate::logging::ENV, crate::logging::chosen().name());
         if let Some(token_file) = &token_file {
             worker.arg("--token-file").arg(token_file);
         }

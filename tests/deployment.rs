@@ -1,5 +1,7 @@
 //! What an operator installs next to the binaries: the systemd units in
-//! `config/systemd/`, and `--version` on every binary.
+//! `config/systemd/`, `--version` on every binary, and logs a shipper can read.
+
+mod common;
 
 use std::path::Path;
 use std::process::Command;
@@ -63,6 +65,48 @@ fn every_binary_reports_its_version_and_commit() {
                 "{name} {} (commit {expected_commit})",
                 env!("CARGO_PKG_VERSION")
             )
+        );
+    }
+}
+
+/// `--log-format json` makes every line a node writes, and every line of the
+/// scheduler and worker it starts (they share its standard error), one JSON object
+/// with a level and a message, for log shippers.
+#[test]
+fn json_logs_are_one_object_a_line_from_all_three_processes() {
+    let temp = tempfile::tempdir().unwrap();
+    let log = temp.path().join("node.log");
+    let grpc = common::free_port();
+    let http = common::free_port();
+    let mut command = Command::new(BINARIES[0].1);
+    command
+        .args(["--log-format", "json", "--max-size", "1GiB"])
+        .args(["--listen", &grpc.to_string()])
+        .args(["--http-listen", &http.to_string()])
+        .arg("--data-dir")
+        .arg(temp.path().join("data"))
+        .env("RUST_LOG", "info")
+        .stderr(std::fs::File::create(&log).unwrap());
+    let node = common::Node::spawn(command, grpc, http, temp.path().join("data"));
+    assert!(node.terminate().success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    let mut targets = std::collections::BTreeSet::new();
+    for line in text.lines() {
+        let object: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|error| panic!("a log line is not JSON ({error}): {line}"));
+        assert!(object["level"].is_string(), "no level: {line}");
+        assert!(
+            object["fields"]["message"].is_string(),
+            "no message: {line}"
+        );
+        if let Some(target) = object["target"].as_str() {
+            targets.insert(target.split("::").nth(1).unwrap_or(target).to_string());
+        }
+    }
+    for process in ["scheduler", "worker"] {
+        assert!(
+            targets.contains(process),
+            "no JSON line from the {process} (targets seen: {targets:?})"
         );
     }
 }

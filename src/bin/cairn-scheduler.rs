@@ -12,7 +12,6 @@ use cairn::exec_common::load_json5;
 use cairn::scheduler::config::SchedulerConfig;
 use clap::Parser;
 use tokio::signal::unix::{signal, SignalKind};
-use tracing_subscriber::EnvFilter;
 
 /// Schedules REAPI actions onto cairn workers.
 ///
@@ -20,6 +19,11 @@ use tracing_subscriber::EnvFilter;
 #[derive(Parser, Debug)]
 #[command(name = "cairn-scheduler", version = cairn::VERSION)]
 struct Args {
+    /// How log lines are written to standard error: `text`, or `json` (one object per
+    /// line, for log shippers). The level comes from RUST_LOG (default info).
+    #[arg(long, value_enum, env = cairn::logging::ENV, default_value_t = cairn::logging::LogFormat::Text)]
+    log_format: cairn::logging::LogFormat,
+
     /// JSON5 configuration file (see config/ for examples); unknown fields are errors.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -43,13 +47,8 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let args = Args::parse();
+    cairn::logging::init(args.log_format);
     let config = match &args.config {
         Some(path) => load_json5::<SchedulerConfig>(path),
         None => Ok(SchedulerConfig::default()),

@@ -14,7 +14,6 @@ use std::process::ExitCode;
 use cairn::byte_size::ByteSize;
 use cairn::config::{Config, Durability};
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
 
 /// jemalloc, with its background thread purging freed memory (dirty pages decay over
 /// 10 s). Measured with a BatchUpdateBlobs of 100,000 tiny blobs (8.6 MB on the wire,
@@ -37,6 +36,11 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 #[derive(Parser, Debug)]
 #[command(name = "cairn", version = cairn::VERSION)]
 struct Args {
+    /// How log lines are written to standard error: `text`, or `json` (one object per
+    /// line, for log shippers). The level comes from RUST_LOG (default info).
+    #[arg(long, value_enum, env = cairn::logging::ENV, default_value_t = cairn::logging::LogFormat::Text)]
+    log_format: cairn::logging::LogFormat,
+
     /// JSON5 configuration file (see config/ for examples). `${NAME}` in its strings
     /// expands to environment variables; unknown fields are errors.
     #[arg(long, value_name = "FILE")]
@@ -128,16 +132,11 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let args = Args::parse();
+    cairn::logging::init(args.log_format);
     if let Err(error) = tikv_jemalloc_ctl::background_thread::write(true) {
         tracing::warn!("cannot start the allocator's purging thread: {error}");
     }
-    let args = Args::parse();
     let config = match &args.config {
         Some(path) => Config::load(path),
         None => Ok(Config::default()),

@@ -1,0 +1,56 @@
+//! Log output for all three binaries: human-readable lines by default, or one JSON
+//! object per line (`--log-format json`) for log shippers, which otherwise have to
+//! parse the text format's columns and colours. The level comes from `RUST_LOG`
+//! (default `info`).
+//!
+//! A node that starts its own scheduler and worker hands them its format through the
+//! [`ENV`] variable, so one node's three processes write one format.
+
+use std::sync::OnceLock;
+
+use tracing_subscriber::EnvFilter;
+
+/// How log lines are written to standard error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines. The default.
+    #[default]
+    Text,
+    /// One JSON object per line: `timestamp`, `level`, `fields` (with `message`) and
+    /// `target`.
+    Json,
+}
+
+impl LogFormat {
+    /// The flag's value for this format.
+    pub fn name(self) -> &'static str {
+        match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        }
+    }
+}
+
+/// The environment variable `--log-format` also reads, and that a node sets for the
+/// scheduler and worker it starts.
+pub const ENV: &str = "CAIRN_LOG_FORMAT";
+
+static CHOSEN: OnceLock<LogFormat> = OnceLock::new();
+
+/// Starts logging in `format`; once per process.
+pub fn init(format: LogFormat) {
+    let _ = CHOSEN.set(format);
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// The format this process logs in.
+pub fn chosen() -> LogFormat {
+    CHOSEN.get().copied().unwrap_or_default()
+}
