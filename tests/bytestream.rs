@@ -851,25 +851,6 @@ async fn sixty_four_concurrent_one_mebibyte_writes_and_reads() {
     }
 }
 
-/// The node's peak resident memory (VmHWM) in bytes.
-fn peak_rss(node: &Node) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", node.pid()))
-        .expect("the node's /proc status");
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmHWM:"))
-        .and_then(|value| {
-            value
-                .trim()
-                .trim_end_matches("kB")
-                .trim()
-                .parse::<u64>()
-                .ok()
-        })
-        .map(|kib| kib * 1024)
-        .expect("VmHWM in /proc status")
-}
-
 /// Deterministic content for the `index`-th 1 MiB piece of a large blob, made on the
 /// fly so the test itself never holds the blob either.
 fn piece(index: u64) -> Bytes {
@@ -910,7 +891,7 @@ async fn large_blobs_stream_through_bounded_memory() {
         hash: hasher.finalize(),
         size,
     };
-    let before = peak_rss(&node);
+    let before = node.peak_rss();
 
     let name = upload_name("", &digest);
     let requests = tokio_stream::iter((0..pieces).map(move |index| WriteRequest {
@@ -948,7 +929,7 @@ async fn large_blobs_stream_through_bounded_memory() {
         "the blob read back differs"
     );
 
-    let growth = peak_rss(&node).saturating_sub(before);
+    let growth = node.peak_rss().saturating_sub(before);
     eprintln!(
         "peak RSS grew by {} MiB moving a {} MiB blob each way",
         growth >> 20,

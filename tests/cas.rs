@@ -406,28 +406,6 @@ async fn get_tree_pages_resume_where_the_previous_ended() {
     assert_eq!(node.terminate().code(), Some(0));
 }
 
-/// The peak resident memory of process `pid`, in bytes.
-fn peak_rss(pid: i32) -> u64 {
-    status_bytes(pid, "VmHWM:")
-}
-
-/// The resident memory of process `pid` now, in bytes.
-fn resident(pid: i32) -> u64 {
-    status_bytes(pid, "VmRSS:")
-}
-
-/// A size in `/proc/<pid>/status`, in bytes.
-fn status_bytes(pid: i32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kib: u64 = status
-        .lines()
-        .find_map(|line| line.strip_prefix(field))
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap();
-    kib << 10
-}
-
 /// BatchUpdateBlobs with 100,000 blobs of 12 bytes (8.6 MB on the wire) used to take
 /// the node from 37 MB to 394 MB: every entry's store future was created at once. The
 /// entries are now stored a bounded number at a time, so the batch costs a small
@@ -451,10 +429,10 @@ async fn a_batch_of_many_tiny_blobs_costs_a_small_multiple_of_its_size() {
         ..Default::default()
     };
     let wire_size = request.encoded_len() as u64;
-    let before = peak_rss(node.pid());
-    let resident_before = resident(node.pid());
+    let before = node.peak_rss();
+    let resident_before = node.resident();
     let response = cas.batch_update_blobs(request).await.unwrap().into_inner();
-    let grown = peak_rss(node.pid()).saturating_sub(before);
+    let grown = node.peak_rss().saturating_sub(before);
     assert_eq!(response.responses.len(), blobs.len());
     assert!(response
         .responses
@@ -480,13 +458,13 @@ async fn a_batch_of_many_tiny_blobs_costs_a_small_multiple_of_its_size() {
     // well under three times the batch. With glibc's malloc the node kept 37 MB
     // after this batch (twice that with mimalloc), for good; jemalloc's purging
     // thread returns it within its 10 s decay.
-    let mut resident_after = resident(node.pid());
+    let mut resident_after = node.resident();
     for _ in 0..600 {
         if resident_after <= resident_before + 3 * wire_size {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        resident_after = resident(node.pid());
+        resident_after = node.resident();
     }
     assert!(
         resident_after <= resident_before + 3 * wire_size,

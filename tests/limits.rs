@@ -419,18 +419,6 @@ async fn a_peer_that_stops_answering_pings_is_dropped() {
     assert!(node.terminate().success());
 }
 
-/// The peak resident memory (VmHWM) of process `pid`, in bytes.
-fn peak_rss(pid: i32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kib: u64 = status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmHWM:"))
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap();
-    kib << 10
-}
-
 /// Streams that each send all but the last byte of a large message, and hold it, used
 /// to pile up in the node's memory without bound (100 of them on 2 connections took it
 /// from 37 MB to 969 MB). Now the incomplete messages the node holds are bounded by
@@ -451,7 +439,7 @@ async fn partial_messages_on_many_streams_stay_within_the_receive_budget() {
         &temp.path().join("data"),
         &["--no-execution", "--config", config.to_str().unwrap()],
     );
-    let before = peak_rss(node.pid());
+    let before = node.peak_rss();
 
     // One buffer, sliced for every stream: the client holds it once.
     let mut framed = vec![0u8];
@@ -519,7 +507,7 @@ async fn partial_messages_on_many_streams_stay_within_the_receive_budget() {
     let held = node.metric_sum("cairn_receiving_bytes");
     assert!(held <= BUDGET as f64, "{held} bytes held, over the budget");
     assert!(node.metric_sum("cairn_receiving_refused_total") >= (total - 3) as f64);
-    let growth = peak_rss(node.pid()).saturating_sub(before);
+    let growth = node.peak_rss().saturating_sub(before);
     // The budget, plus what HTTP/2 buffers per connection before anyone reads it
     // (16 MiB connection windows), plus room for the allocator.
     let bound = BUDGET + CONNECTIONS as u64 * (16 << 20) + (48 << 20);

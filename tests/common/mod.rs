@@ -131,6 +131,16 @@ impl Node {
             .unwrap_or(0)
     }
 
+    /// The node's peak resident memory (VmHWM), in bytes.
+    pub fn peak_rss(&self) -> u64 {
+        proc_status_bytes(self.pid(), "VmHWM:")
+    }
+
+    /// The node's resident memory now (VmRSS), in bytes.
+    pub fn resident(&self) -> u64 {
+        proc_status_bytes(self.pid(), "VmRSS:")
+    }
+
     /// Sends SIGTERM and waits for the exit.
     pub fn terminate(mut self) -> ExitStatus {
         let mut child = self.child.take().expect("node is running");
@@ -403,4 +413,17 @@ impl Drop for Tmpfs {
             unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
         }
     }
+}
+
+/// A size in kB from `/proc/<pid>/status`, in bytes.
+fn proc_status_bytes(pid: i32, field: &str) -> u64 {
+    let status =
+        std::fs::read_to_string(format!("/proc/{pid}/status")).expect("the node's /proc status");
+    let kib: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix(field))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{field} in /proc/{pid}/status"));
+    kib << 10
 }
