@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command as Process;
 use std::time::{Duration, Instant};
@@ -20,7 +19,7 @@ use cairn_proto::reapi::{
     ExecuteRequest, ExecuteResponse, FindMissingBlobsRequest, GetActionResultRequest,
     GetCapabilitiesRequest, UpdateActionResultRequest,
 };
-use common::{blob, sha256, upload_name, wire, write_requests, Node};
+use common::{blob, http_with_headers as http, sha256, upload_name, wire, write_requests, Node};
 use prost::Message;
 use sha2::Digest as _;
 use tonic::transport::Channel;
@@ -310,43 +309,6 @@ async fn a_principal_limited_to_one_instance_cannot_read_another() {
         .batch_update_blobs(bearer(update("ab", &data), TEAM_A))
         .await;
     assert_status(refused, Code::PermissionDenied, &["instance `ab`"]);
-}
-
-/// One HTTP/1.1 request with extra headers; returns the status, the response head and
-/// the body.
-fn http(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &[u8],
-) -> (u16, String, Vec<u8>) {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr).expect("connect to the HTTP listener");
-    let mut head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\nConnection: close\r\n",
-        body.len()
-    );
-    for (name, value) in headers {
-        head.push_str(&format!("{name}: {value}\r\n"));
-    }
-    head.push_str("\r\n");
-    stream.write_all(head.as_bytes()).expect("send the head");
-    // A refused PUT may be answered and closed before the body is read.
-    let _ = stream.write_all(body);
-    let mut response = Vec::new();
-    let _ = stream.read_to_end(&mut response);
-    let split = response
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .expect("an HTTP response head");
-    let head = String::from_utf8_lossy(&response[..split]).to_string();
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .expect("a status code");
-    (status, head, response[split + 4..].to_vec())
 }
 
 fn basic(user: &str, password: &str) -> String {

@@ -9,7 +9,8 @@ use cairn_proto::bytestream::{QueryWriteStatusRequest, WriteRequest};
 use cairn_proto::reapi::FindMissingBlobsRequest;
 use cairn_storage::{Digest, DigestFunction};
 use common::{
-    blob, read_blob, read_name, sha256, upload_name, wire, write_blob, write_requests, Node,
+    blob, read_blob, read_name, sha256, upload_name, wait_committed, wire, write_blob,
+    write_requests, Node,
 };
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
@@ -577,15 +578,7 @@ async fn parked_uploads_expire_on_time_without_other_traffic() {
     for request in write_requests(&name, &data, 64 << 10).into_iter().take(4) {
         sender.send(request).await.unwrap();
     }
-    let sent = 4 * (64 << 10);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while committed_size(&node, &name).await.0 != sent {
-        assert!(
-            Instant::now() < deadline,
-            "the sent bytes were never committed"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_committed(&node, &name, 4 * (64 << 10)).await;
     call.abort();
     drop(sender);
     assert!(call.await.is_err());
@@ -780,15 +773,7 @@ async fn declared_but_unsent_uploads_evict_nothing() {
     }
     // Every upload has begun (its byte is committed) before anything is checked.
     for (name, _, _) in &uploads {
-        let mut begun = false;
-        for _ in 0..600 {
-            if committed_size(&node, name).await.0 == 1 {
-                begun = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        assert!(begun, "an upload never committed its first byte");
+        wait_committed(&node, name, 1).await;
     }
     let open = present(&node, before.clone()).await;
     for (_, sender, call) in uploads {

@@ -8,10 +8,11 @@ use std::net::TcpStream;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use cairn_proto::bytestream::{QueryWriteStatusRequest, ReadRequest};
+use cairn_proto::bytestream::ReadRequest;
 use cairn_proto::reapi::{FindMissingBlobsRequest, GetCapabilitiesRequest};
 use common::{
-    blob, free_port, http, read_blob, read_name, sha256, upload_name, wire, write_blob, Node, Tmpfs,
+    blob, free_port, http, read_blob, read_name, sha256, upload_name, wait_committed, wire,
+    write_blob, Node, Tmpfs,
 };
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -252,26 +253,6 @@ async fn sigterm_stops_cleanly_and_keeps_the_data() {
         .await
         .unwrap();
     assert_eq!(read, data);
-}
-
-/// Waits until the upload `name` has `committed` bytes, polling QueryWriteStatus a
-/// bounded number of times.
-async fn wait_committed(node: &Node, name: &str, committed: i64) {
-    let mut client = node.bytestream().await;
-    for _ in 0..2000 {
-        let status = client
-            .query_write_status(QueryWriteStatusRequest {
-                resource_name: name.to_string(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        if status.committed_size == committed {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("the upload {name} never reached {committed} bytes");
 }
 
 /// Index entries the start-up recovery loaded from checkpoints.

@@ -346,16 +346,34 @@ pub async fn read_blob(
 
 /// One HTTP/1.1 request on a fresh connection; returns the status and the body.
 pub fn http(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
+    let (status, _, body) = http_with_headers(addr, method, path, &[], body);
+    (status, body)
+}
+
+/// One HTTP/1.1 request with extra headers on a fresh connection; returns the status,
+/// the response head and the body.
+pub fn http_with_headers(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> (u16, String, Vec<u8>) {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(addr).expect("connect to the HTTP listener");
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\nConnection: close\r\n",
         body.len()
     );
-    stream.write_all(head.as_bytes()).unwrap();
-    stream.write_all(body).unwrap();
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes()).expect("send the head");
+    // A refused PUT may be answered and closed before the body is read.
+    let _ = stream.write_all(body);
     let mut response = Vec::new();
-    stream.read_to_end(&mut response).unwrap();
+    let _ = stream.read_to_end(&mut response);
     let split = response
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
@@ -366,7 +384,27 @@ pub fn http(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> (u16, Ve
         .nth(1)
         .and_then(|code| code.parse().ok())
         .expect("a status code");
-    (status, response[split + 4..].to_vec())
+    (status, head, response[split + 4..].to_vec())
+}
+
+/// Waits until the upload `name` has `committed` bytes committed, as QueryWriteStatus
+/// reports (at most 20 s).
+pub async fn wait_committed(node: &Node, name: &str, committed: i64) {
+    let mut client = node.bytestream().await;
+    for _ in 0..2000 {
+        let status = client
+            .query_write_status(cairn_proto::bytestream::QueryWriteStatusRequest {
+                resource_name: name.to_string(),
+            })
+            .await
+            .expect("QueryWriteStatus")
+            .into_inner();
+        if status.committed_size == committed {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("the upload {name} never reached {committed} bytes");
 }
 
 /// A tmpfs mounted for one test (root only), unmounted on drop: a filesystem whose
