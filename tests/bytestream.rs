@@ -861,10 +861,14 @@ async fn large_blobs_stream_through_bounded_memory() {
         .cache_capabilities
         .map(|cache| cache.max_cas_blob_size_bytes as u64)
         .expect("cache capabilities");
+    // The blob limit follows the disk the test runs on (a budget the disk cannot hold
+    // is lowered to what it can); a path holding the blob whole grows by at least the
+    // blob's size, so a blob half again the bound is enough to tell the two apart.
     let pieces = (limit >> 20).min(384);
     assert!(
-        pieces << 20 >= 2 * GROWTH_BOUND,
-        "the node's blob limit ({limit} bytes) is too small for this test"
+        pieces << 20 >= GROWTH_BOUND * 3 / 2,
+        "the node's blob limit ({limit} bytes) is too small for this test: the disk \
+         holding the temporary directory has under 3 GiB free"
     );
     let size = pieces << 20;
     let mut hasher = DigestFunction::Sha256.hasher();
