@@ -15,12 +15,16 @@
 #   exec-cold URL             new salt; --remote_executor=URL: every action runs remotely
 #   exec-warm URL             fresh output base: every action is a remote cache hit
 #   exec URL                  exec-cold URL, then exec-warm URL
+#   refused URL REGEX         new salt; --remote_cache=URL: passes when Bazel's output
+#                             has a line matching the extended regex REGEX, whatever
+#                             Bazel's exit code (a refusal seen through the client)
 #   cache-all GRPC_URL HTTP_URL
 #                             cold-warm GRPC_URL, warm-minimal GRPC_URL,
 #                             cold-warm HTTP_URL, warm-minimal HTTP_URL
 #   clean                     delete the state directory
 #
-# URL is grpc://HOST:PORT or http://HOST:PORT; disk:///ABS/PATH uses Bazel's
+# URL is grpc://HOST:PORT or http://HOST:PORT (grpcs:// and https:// for TLS, with
+# --tls_certificate and friends in BAZEL_E2E_FLAGS); disk:///ABS/PATH uses Bazel's
 # --disk_cache instead (same cache-hit code path in Bazel, no server needed:
 # it checks this script itself). warm* reuse the salt of the last cold* run
 # against the same URL (or the last cold* run at all), so
@@ -33,6 +37,10 @@
 #   BAZEL_E2E_XMX      Bazel server heap (default 1g)
 #   BAZEL_E2E_TIMEOUT  seconds per Bazel invocation before it is killed (default 900)
 #   BAZEL_E2E_FLAGS    extra build flags, e.g. "--remote_instance_name=main"
+#   BAZEL_E2E_STARTUP_FLAGS
+#                      extra startup options (before `build`), e.g.
+#                      "--bazelrc=FILE" for flags whose values hold spaces, or
+#                      "--host_jvm_args=-Djava.library.path=DIR" (TLS, see README)
 #   BAZEL_E2E_EXEC_CACHE
 #                      exec phases only: a separate cache (--remote_cache=URL next
 #                      to --remote_executor), for an executor that does not serve
@@ -53,6 +61,7 @@ TIMEOUT="${BAZEL_E2E_TIMEOUT:-900}"
 GRPC_LOG_MODE="${BAZEL_E2E_GRPC_LOG:-failure}"
 BAZEL="${BAZEL:-bazel}"
 read -r -a EXTRA_FLAGS <<<"${BAZEL_E2E_FLAGS:-}"
+read -r -a STARTUP_FLAGS <<<"${BAZEL_E2E_STARTUP_FLAGS:-}"
 FORCED_SALT=""
 
 log() { printf '[bazel-e2e %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
@@ -245,6 +254,7 @@ run_bazel() {
   ( cd "$WS" && exec timeout --kill-after=20 "$TIMEOUT" "$BAZEL" \
       --nohome_rc --batch --output_base="$LAST_OB" \
       --host_jvm_args=-Xmx"$XMX" --host_jvm_args=-Xms64m \
+      ${STARTUP_FLAGS[@]+"${STARTUP_FLAGS[@]}"} \
       build --curses=no --color=no --show_progress_rate_limit=10 \
       --jobs="$JOBS" --verbose_failures --remote_timeout=120 \
       "$@" ${EXTRA_FLAGS[@]+"${EXTRA_FLAGS[@]}"} //... ) >"$LAST_LOG" 2>&1 &
@@ -428,6 +438,22 @@ phase_exec_warm() { # url
   done_with_ob
 }
 
+phase_refused() { # url regex
+  local url=$1 regex=$2 salt rc=0 line
+  salt=$(new_salt)
+  workspace "$salt"
+  remote_flags cache "$url"
+  log "refused: bazel build //... ${REMOTE_FLAGS[*]} (salt $salt), expecting a line matching /$regex/"
+  run_bazel refused ${REMOTE_FLAGS[@]+"${REMOTE_FLAGS[@]}"} || rc=$?
+  done_with_ob
+  if ! line=$(grep -m1 -E -- "$regex" "$LAST_LOG"); then
+    show_failure "refused: no line matching /$regex/ in Bazel's output (exit $rc after ${LAST_SECS}s)"
+    die "refused: Bazel's output does not show the refusal"
+  fi
+  log "refused: Bazel exited with $rc after ${LAST_SECS}s: $line"
+  record_salt "$url" "$salt"
+}
+
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//' >&2; exit 2; }
 
 need_bazel() {
@@ -457,6 +483,7 @@ main() {
     exec-cold) need_bazel; phase_exec_cold "${1:?URL}" ;;
     exec-warm) need_bazel; phase_exec_warm "${1:?URL}" ;;
     exec) need_bazel; phase_exec_cold "${1:?URL}"; phase_exec_warm "$1" ;;
+    refused) need_bazel; phase_refused "${1:?URL}" "${2:?REGEX}" ;;
     cache-all)
       need_bazel
       local g=${1:?GRPC_URL} h=${2:?HTTP_URL}
