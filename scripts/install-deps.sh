@@ -20,7 +20,12 @@ set -euo pipefail
 # ca-certificates      cargo fetching from crates.io over TLS
 # python3-pip          installs moto (below) where python3 has no pip of its own
 # systemd              systemd-analyze verify for the units in config/systemd
-# openssl              makes the CAs and certificates of tests/tls.rs
+# openssl              makes the CAs and certificates of tests/tls.rs and
+#                      scripts/e2e-bazel-secure.sh
+# libnetty-tcnative-jni OpenSSL for Bazel's netty: Bazel 4.2.3's own TLS has no ALPN
+#                      and fails every grpcs:// build without it
+# apache2-utils        htpasswd, the bcrypt hash of scripts/e2e-bazel-secure.sh's
+#                      basic-auth principal
 PACKAGES=(
   bazel-bootstrap
   default-jdk-headless
@@ -35,6 +40,8 @@ PACKAGES=(
   python3-pip
   systemd
   openssl
+  libnetty-tcnative-jni
+  apache2-utils
 )
 
 # From PyPI, not Debian:

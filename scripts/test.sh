@@ -40,3 +40,6 @@ step "Bazel end-to-end (real Bazel 4.2.3 against real cairn processes)"
 # integration tests; a separate `cargo build --bins` resolves features without the
 # dev-dependencies and rebuilt some 50 crates (4 minutes on 2 cores) for nothing.
 scripts/e2e-bazel.sh target/debug/cairn
+
+step "Bazel end-to-end over TLS, mutual TLS, bearer tokens and basic auth"
+scripts/e2e-bazel-secure.sh target/debug/cairn

@@ -1,0 +1,193 @@
+#!/usr/bin/env bash
+# Bazel end-to-end over TLS, mutual TLS, bearer tokens and basic auth: a real Bazel
+# 4.2.3 against a real cairn node on loopback, with certificates made by the openssl
+# CLI for this run.
+#
+#   scripts/e2e-bazel-secure.sh [PATH_TO_CAIRN]
+#
+# One node and one data directory, restarted with the flags of each mode:
+#   1. TLS (--tls-cert/--tls-key): grpcs:// with --tls_certificate; cold then warm
+#      (every action a remote cache hit after Bazel's local state is wiped); a
+#      plaintext grpc:// client on the TLS port is refused.
+#   2. Mutual TLS (+ --tls-client-ca, an auth file whose `cert` principal may read
+#      and write): --tls_client_certificate/--tls_client_key; cold then warm; a client
+#      without a certificate is refused.
+#   3. Bearer token (TLS + the auth file): --remote_header=authorization=Bearer;
+#      a wrong token is refused; a read-only principal's build is refused every
+#      upload and stores nothing: on its salt, the writing token's cold build has
+#      no hit at all, then its warm build is all hits.
+#   4. HTTP cache over https://user:pass@ (TLS on the HTTP listener, a `basic`
+#      principal): cold then warm. (A wrong password costs a whole local build in
+#      Bazel, for a warning only; tests/auth.rs checks the 401.)
+# Bazel's TLS needs netty-tcnative's OpenSSL binding (scripts/install-deps.sh
+# installs libnetty-tcnative-jni): a copy named libnetty_tcnative.so goes into this
+# run's temporary directory, handed to Bazel's JVM as java.library.path. Bazel
+# 4.2.3's HTTP cache client ignores --tls_certificate and trusts only the JVM's trust
+# store, so for https:// the CA goes into a PKCS#12 trust store (keytool) named by
+# -Djavax.net.ssl.trustStore.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+CAIRN="${1:-target/debug/cairn}"
+[ -x "$CAIRN" ] || { echo "e2e-bazel-secure: $CAIRN not built (cargo build --bins)" >&2; exit 1; }
+TCNATIVE=/usr/lib/x86_64-linux-gnu/jni/libnetty-tcnative.so
+[ -f "$TCNATIVE" ] || { echo "e2e-bazel-secure: $TCNATIVE missing: run scripts/install-deps.sh" >&2; exit 1; }
+for tool in openssl keytool htpasswd curl python3; do
+  command -v "$tool" >/dev/null 2>&1 || { echo "e2e-bazel-secure: $tool missing: run scripts/install-deps.sh" >&2; exit 1; }
+done
+
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/cairn-e2e-secure.XXXXXX")"
+export BAZEL_E2E_DIR="$WORK/bazel"
+CERTS="$WORK/certs"
+PID=""
+PASSED=0
+T0=$SECONDS
+
+log() { printf '[e2e-bazel-secure %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+
+stop_cairn() {
+  if [ -n "$PID" ] && kill -0 "$PID" 2>/dev/null; then
+    kill -TERM "$PID" 2>/dev/null || true
+    wait "$PID" 2>/dev/null || true
+  fi
+  PID=""
+}
+cleanup() {
+  stop_cairn
+  chmod -R u+w "$WORK" 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+GRPC_PORT="$(free_port)"
+HTTP_PORT="$(free_port)"
+
+# ---------------------------------------------------------------------------
+# Certificates: a CA, a server certificate for 127.0.0.1 and localhost, a client
+# certificate (CN ci-client). EC P-256 keys; OpenSSL 3 writes them as PKCS#8
+# ("BEGIN PRIVATE KEY"), the only form Bazel's --tls_client_key takes.
+mkdir -p "$CERTS"
+quiet_openssl() {
+  local out
+  out=$(cd "$CERTS" && openssl "$@" 2>&1) || { printf '%s\n' "$out" >&2; log "FAIL: openssl $*"; exit 1; }
+}
+quiet_openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+  -subj /CN=cairn-e2e-ca -addext basicConstraints=critical,CA:TRUE \
+  -addext keyUsage=critical,keyCertSign,cRLSign -keyout ca.key -out ca.pem
+make_cert() { # name cn extensions
+  printf '%b' "$3" >"$CERTS/$1.ext"
+  quiet_openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+    -subj "/CN=$2" -keyout "$1.key" -out "$1.csr"
+  quiet_openssl x509 -req -in "$1.csr" -CA ca.pem -CAkey ca.key -CAcreateserial \
+    -days 2 -extfile "$1.ext" -out "$1.pem"
+}
+make_cert server localhost 'subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n'
+make_cert client ci-client 'extendedKeyUsage=clientAuth\n'
+grep -q 'BEGIN PRIVATE KEY' "$CERTS/client.key" || { log "FAIL: client.key is not PKCS#8"; exit 1; }
+keytool -importcert -noprompt -alias cairn-e2e-ca -file "$CERTS/ca.pem" -storetype PKCS12 \
+  -keystore "$CERTS/truststore.p12" -storepass cairn-e2e >/dev/null 2>&1 ||
+  { log "FAIL: keytool could not make the trust store"; exit 1; }
+
+# ---------------------------------------------------------------------------
+# Secrets of this run and the auth file: the node stores hashes only.
+secret() { python3 -c 'import secrets; print(secrets.token_hex(16))'; }
+sha256_hex() { printf %s "$1" | sha256sum | cut -d' ' -f1; }
+CI_TOKEN="$(secret)"
+READER_TOKEN="$(secret)"
+WRONG_TOKEN="$(secret)"
+PASSWORD="$(secret)"
+# Cost 4, bcrypt's lowest: the node checks it on every HTTP request of the build.
+BCRYPT="$(htpasswd -nbB -C 4 alice "$PASSWORD" | cut -d: -f2-)"
+AUTH="$WORK/auth.json5"
+cat >"$AUTH" <<EOF
+{
+  principals: [
+    { name: "ci", token_sha256: "$(sha256_hex "$CI_TOKEN")", permissions: ["read", "write", "write_ac"] },
+    { name: "reader", token_sha256: "$(sha256_hex "$READER_TOKEN")", permissions: ["read"] },
+    { name: "builder", cert: "ci-client", permissions: ["read", "write", "write_ac"] },
+    { name: "alice", basic: { user: "alice", hash: "$BCRYPT" }, permissions: ["read", "write", "write_ac"] },
+  ],
+}
+EOF
+
+# ---------------------------------------------------------------------------
+# Bazel's side: netty-tcnative for its TLS, one bazelrc per client identity
+# (a bazelrc line can quote the space in "Bearer TOKEN"; BAZEL_E2E_FLAGS cannot).
+mkdir -p "$WORK/jni"
+cp "$TCNATIVE" "$WORK/jni/libnetty_tcnative.so"
+rc_file() { # name lines...
+  local name=$1; shift
+  printf '%s\n' "$@" >"$WORK/$name.bazelrc"
+}
+rc_file tls "build --tls_certificate=$CERTS/ca.pem"
+rc_file mtls "build --tls_certificate=$CERTS/ca.pem" \
+  "build --tls_client_certificate=$CERTS/client.pem --tls_client_key=$CERTS/client.key"
+rc_file ci "build --tls_certificate=$CERTS/ca.pem" "build \"--remote_header=authorization=Bearer $CI_TOKEN\""
+rc_file reader "build --tls_certificate=$CERTS/ca.pem" "build \"--remote_header=authorization=Bearer $READER_TOKEN\""
+rc_file wrong "build --tls_certificate=$CERTS/ca.pem" "build \"--remote_header=authorization=Bearer $WRONG_TOKEN\""
+rc_file https "startup --host_jvm_args=-Djavax.net.ssl.trustStore=$CERTS/truststore.p12" \
+  "startup --host_jvm_args=-Djavax.net.ssl.trustStorePassword=cairn-e2e"
+
+# e2e RC ARGS...: scripts/bazel-e2e.sh ARGS with the bazelrc RC and tcnative.
+e2e() {
+  local rc=$1; shift
+  BAZEL_E2E_STARTUP_FLAGS="--host_jvm_args=-Djava.library.path=$WORK/jni --bazelrc=$WORK/$rc.bazelrc" \
+    scripts/bazel-e2e.sh "$@"
+  PASSED=$((PASSED + 1))
+}
+
+# ---------------------------------------------------------------------------
+# The node: the same data directory and ports each time, with the mode's flags.
+start_cairn() { # extra flags...
+  stop_cairn
+  "$CAIRN" --listen "127.0.0.1:$GRPC_PORT" --http-listen "127.0.0.1:$HTTP_PORT" \
+    --data-dir "$WORK/data" --max-size 4GiB --no-execution \
+    --tls-cert "$CERTS/server.pem" --tls-key "$CERTS/server.key" "$@" >>"$WORK/cairn.log" 2>&1 &
+  PID=$!
+  # Ready when /healthz answers over TLS (it needs no credentials; the client
+  # certificate is presented for the mutual-TLS mode); bounded by attempts.
+  for _ in $(seq 1 600); do
+    if curl -fsS --cacert "$CERTS/ca.pem" --cert "$CERTS/client.pem" --key "$CERTS/client.key" \
+        "https://127.0.0.1:$HTTP_PORT/healthz" >/dev/null 2>&1; then
+      log "cairn $PID ready on grpcs :$GRPC_PORT, https :$HTTP_PORT ($*)"
+      return 0
+    fi
+    kill -0 "$PID" 2>/dev/null || { tail -n 40 "$WORK/cairn.log" >&2; log "FAIL: cairn exited"; exit 1; }
+    sleep 0.1
+  done
+  tail -n 40 "$WORK/cairn.log" >&2
+  log "FAIL: cairn did not become ready"
+  exit 1
+}
+
+GRPCS="grpcs://127.0.0.1:$GRPC_PORT"
+
+log "1. TLS"
+start_cairn
+e2e tls cold-warm "$GRPCS"
+e2e tls refused "grpc://127.0.0.1:$GRPC_PORT" 'Failed to query remote execution capabilities'
+
+log "2. mutual TLS, the client certificate's principal"
+start_cairn --tls-client-ca "$CERTS/ca.pem" --auth "$AUTH"
+e2e mtls cold-warm "$GRPCS"
+e2e tls refused "$GRPCS" 'Failed to query remote execution capabilities: .*certificate required'
+
+log "3. bearer tokens over TLS"
+start_cairn --auth "$AUTH"
+e2e wrong refused "$GRPCS" 'UNAUTHENTICATED: unknown credentials'
+RO_SALT="$(python3 -c 'import secrets; print(secrets.token_hex(6))')"
+e2e reader --salt "$RO_SALT" refused "$GRPCS" 'PERMISSION_DENIED: reader lacks the .write. permission'
+# Nothing of the read-only build was stored: on the same salt the writing token's
+# cold build finds no hit at all (the cold phase asserts 0 hits), then its warm
+# build is all hits.
+e2e ci --salt "$RO_SALT" cold-warm "$GRPCS"
+
+log "4. HTTP cache over https:// with basic auth"
+e2e https cold-warm "https://alice:$PASSWORD@127.0.0.1:$HTTP_PORT"
+
+stop_cairn
+log "all secure Bazel end-to-end phases passed in $((SECONDS - T0))s"
+echo "bazel-e2e-secure: $PASSED passed, 0 failed"
