@@ -16,7 +16,9 @@ use serde::{Deserialize, Deserializer};
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::service::Interceptor;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
+
+use crate::client_tls::ClientTls;
 
 use crate::error::{Error, ErrorKind, Result};
 
@@ -135,11 +137,10 @@ pub fn from_proto_duration(duration: &prost_types::Duration) -> Option<Duration>
 }
 
 /// A channel to `url` that connects on first use and reconnects after failures, so a
-/// program can start before the service it talks to.
-pub fn lazy_channel(url: &str) -> Result<Channel> {
-    let endpoint = Endpoint::from_shared(url.to_string())
-        .map_err(|error| Error::invalid_argument(format!("bad URL `{url}`: {error}")))?;
-    Ok(endpoint
+/// program can start before the service it talks to; TLS per `tls` for `https://`.
+pub fn lazy_channel(url: &str, tls: &ClientTls) -> Result<Channel> {
+    Ok(tls
+        .endpoint(url)?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
         .connect_lazy())
@@ -152,6 +153,22 @@ pub type CacheChannel = InterceptedService<Channel, BearerToken>;
 /// Adds `authorization: Bearer <token>` to every call, when there is a token.
 #[derive(Clone)]
 pub struct BearerToken(Option<MetadataValue<Ascii>>);
+
+impl BearerToken {
+    /// Presents `token`, or nothing when `None`.
+    pub fn new(token: Option<&str>) -> Result<Self> {
+        let header = token
+            .map(|token| {
+                MetadataValue::try_from(format!("Bearer {token}")).map_err(|_| {
+                    Error::invalid_argument(
+                        "the token must be visible ASCII characters without spaces",
+                    )
+                })
+            })
+            .transpose()?;
+        Ok(BearerToken(header))
+    }
+}
 
 impl Interceptor for BearerToken {
     fn call(
@@ -169,17 +186,10 @@ impl Interceptor for BearerToken {
 
 /// A lazily connecting channel (see [`lazy_channel`]) to the cache node at `url`,
 /// presenting `token` if given.
-pub fn cache_channel(url: &str, token: Option<&str>) -> Result<CacheChannel> {
-    let header = token
-        .map(|token| {
-            MetadataValue::try_from(format!("Bearer {token}")).map_err(|_| {
-                Error::invalid_argument("the token must be visible ASCII characters without spaces")
-            })
-        })
-        .transpose()?;
+pub fn cache_channel(url: &str, token: Option<&str>, tls: &ClientTls) -> Result<CacheChannel> {
     Ok(InterceptedService::new(
-        lazy_channel(url)?,
-        BearerToken(header),
+        lazy_channel(url, tls)?,
+        BearerToken::new(token)?,
     ))
 }
 

@@ -75,7 +75,7 @@ impl Forwarder {
             })?;
         let scheduler = {
             let _entered = runtime.enter();
-            lazy_channel(url)?
+            lazy_channel(url, &crate::client_tls::ClientTls::default())?
         };
         let forwarder = Forwarder {
             runtime: runtime.handle().clone(),

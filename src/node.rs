@@ -59,6 +59,7 @@ pub fn run(config: Config) -> Result<()> {
     let metrics = Arc::new(Metrics::new()?);
     let (access, internal_token) = access_policy(&config, &metrics)?;
     let tls = tls_acceptors(&config)?;
+    crate::reload::reload_on_sighup()?;
     let shards = config.shards.unwrap_or_else(runtime::available_cores);
     if shards == 0 {
         return Err(Error::invalid_argument("shards must be at least 1"));
@@ -259,10 +260,10 @@ fn access_policy(config: &Config, metrics: &Metrics) -> Result<(Access, Option<S
 
 /// The TLS settings of `config`, read now so that unusable files stop the node
 /// before anything binds, and reloaded when the files change.
-fn tls_acceptors(config: &Config) -> Result<Option<runtime::Tls>> {
+fn tls_acceptors(config: &Config) -> Result<Option<crate::tls::Tls>> {
     match (&config.tls_cert, &config.tls_key) {
         (Some(cert), Some(key)) => {
-            let acceptors = runtime::Tls::start(cert, key, config.tls_client_ca.as_deref())?;
+            let acceptors = crate::tls::Tls::start(cert, key, config.tls_client_ca.as_deref())?;
             tracing::info!(
                 "TLS on every listener{}",
                 if config.tls_client_ca.is_some() {

@@ -16,7 +16,7 @@
 //! verified user and password is remembered, by a SHA-256 of both, until the file
 //! changes.
 //!
-//! The file is polled ([`RELOAD_POLL`]) and a changed file replaces the policy in
+//! The file is polled ([`RELOAD_POLL`], and at once on SIGHUP) and a changed file replaces the policy in
 //! force for the requests that follow; one that does not parse is logged and the
 //! previous policy stays, so a broken edit never opens or closes the node by accident.
 //!
@@ -125,8 +125,17 @@ impl Credentials {
     pub fn of_grpc<T>(request: &tonic::Request<T>) -> Self {
         let authorization = request.metadata().get("authorization");
         let credentials = Self::from_authorization(authorization.map(|value| value.as_bytes()));
-        match request.extensions().get::<PeerNames>() {
-            Some(PeerNames(names)) => credentials.with_cert_names(names.to_vec()),
+        if let Some(PeerNames(names)) = request.extensions().get::<PeerNames>() {
+            return credentials.with_cert_names(names.to_vec());
+        }
+        // tonic's own TLS listener (the scheduler's) keeps the verified chain instead.
+        match request.peer_certs() {
+            Some(chain) => match chain.first() {
+                Some(certificate) => {
+                    credentials.with_cert_names(crate::tls::peer_names(certificate).0.to_vec())
+                }
+                None => credentials,
+            },
             None => credentials,
         }
     }
@@ -235,7 +244,7 @@ impl Access {
             .spawn(move || {
                 let mut refused: Option<[u8; 32]> = None;
                 loop {
-                    std::thread::sleep(RELOAD_POLL);
+                    crate::reload::wait(RELOAD_POLL);
                     let Some(inner) = weak.upgrade() else {
                         return;
                     };

@@ -36,10 +36,41 @@ struct Args {
     #[arg(long, value_name = "URL")]
     cache: Option<String>,
 
-    /// File holding the bearer token presented to the cache node, when its `--auth`
+    /// File holding the bearer token presented to the cache node, when its --auth
     /// requires one [default: none].
     #[arg(long, value_name = "FILE")]
     token_file: Option<PathBuf>,
+
+    /// PEM certificate chain for TLS on the listener (ALPN h2), reloaded when the file
+    /// changes or on SIGHUP; also presented to a cache node that asks for a client
+    /// certificate [default: none, plaintext].
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert [default: none].
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+
+    /// PEM CA certificates client certificates must chain to: clients without one are
+    /// refused (mutual TLS) [default: none].
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+
+    /// PEM CA certificates trusted for an https:// --cache [default: the system's
+    /// trust store].
+    #[arg(long, value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+
+    /// Auth file (JSON5 principals, as the cache node's): Execute and Operations need
+    /// `execute`, workers need `write_ac`; reloaded when it changes or on SIGHUP
+    /// [default: none, everyone may do everything].
+    #[arg(long, value_name = "FILE")]
+    auth: Option<PathBuf>,
+
+    /// Listen on a non-loopback address without --auth, letting anyone who reaches the
+    /// port run commands on the workers [default: refuse to start].
+    #[arg(long)]
+    allow_unauthenticated_execution: bool,
 
     /// Once listening, write the bound address (IP:PORT) to this file.
     #[arg(long, value_name = "FILE")]
@@ -62,6 +93,22 @@ fn main() -> ExitCode {
         }
         if let Some(token_file) = args.token_file {
             config.token_file = Some(token_file);
+        }
+        if args.tls_cert.is_some() {
+            config.tls_cert = args.tls_cert;
+            config.tls_key = args.tls_key;
+        }
+        if args.tls_client_ca.is_some() {
+            config.tls_client_ca = args.tls_client_ca;
+        }
+        if args.tls_ca.is_some() {
+            config.tls_ca = args.tls_ca;
+        }
+        if args.auth.is_some() {
+            config.auth = args.auth;
+        }
+        if args.allow_unauthenticated_execution {
+            config.allow_unauthenticated_execution = true;
         }
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .enable_all()

@@ -36,10 +36,25 @@ struct Args {
     #[arg(long, value_name = "URL")]
     cache: Option<String>,
 
-    /// File holding the bearer token presented to the cache node, when its `--auth`
-    /// requires one [default: none].
+    /// File holding the bearer token presented to the cache node and the scheduler,
+    /// when their --auth requires one (the scheduler asks for `write_ac`)
+    /// [default: none].
     #[arg(long, value_name = "FILE")]
     token_file: Option<PathBuf>,
+
+    /// PEM CA certificates trusted for https:// scheduler and cache URLs [default: the
+    /// system's trust store].
+    #[arg(long, value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+
+    /// PEM certificate chain presented to servers that ask for a client certificate
+    /// (mutual TLS) [default: none].
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert [default: none].
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 
     /// Worker id at the scheduler [default: HOSTNAME-PID].
     #[arg(long, value_name = "ID")]
@@ -76,6 +91,13 @@ fn apply(args: Args, mut config: WorkerConfig) -> cairn::Result<(WorkerConfig, O
     }
     if let Some(token_file) = args.token_file {
         config.token_file = Some(token_file);
+    }
+    if args.tls_ca.is_some() {
+        config.tls_ca = args.tls_ca;
+    }
+    if args.tls_cert.is_some() {
+        config.tls_cert = args.tls_cert;
+        config.tls_key = args.tls_key;
     }
     if let Some(id) = args.id {
         config.id = Some(id);

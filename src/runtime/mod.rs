@@ -25,9 +25,9 @@ mod shard;
 mod timeouts;
 mod tls;
 
+use crate::tls::Tls;
 pub use inbound::ReceiveBudget;
 pub use timeouts::Timeouts;
-pub use tls::Tls;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};

@@ -16,9 +16,10 @@ use super::balance::{Balancer, Handoff, Protocol, Slot};
 use super::connections::Connections;
 use super::hyper_glue;
 use super::listener::Listeners;
-use super::tls::{Stream, Tls, WithPeer};
+use super::tls::{Stream, WithPeer};
 use crate::error::{Error, Result};
 use crate::http_cache::HttpFront;
+use crate::tls::Tls;
 
 /// What all shards share.
 pub(super) struct Shared {

@@ -52,6 +52,28 @@ pub struct SchedulerConfig {
     /// A file holding the bearer token presented to the cache node (its `--auth`
     /// principals). Default: none, calls carry no credentials.
     pub token_file: Option<std::path::PathBuf>,
+    /// PEM certificate chain served on the listener (TLS 1.2/1.3, ALPN `h2`), reloaded
+    /// when the file changes or on SIGHUP; also presented as the client certificate
+    /// when the cache node asks for one. Default: none, plaintext.
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// PEM private key of `tls_cert`. Default: none.
+    pub tls_key: Option<std::path::PathBuf>,
+    /// PEM CA certificates a client certificate must chain to; with it, clients without
+    /// one are refused (mutual TLS). Default: none.
+    pub tls_client_ca: Option<std::path::PathBuf>,
+    /// PEM CA certificates trusted for an `https://` cache URL. Default: none, the
+    /// system's trust store.
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// The auth file (the cache node's format): Execute, WaitExecution and Operations
+    /// need `execute`, workers need `write_ac` to register, ListWorkers needs
+    /// `metrics`. Reloaded when it changes or on SIGHUP. Default: none, every caller
+    /// is allowed everything, which is only safe on loopback (see
+    /// `allow_unauthenticated_execution`).
+    pub auth: Option<std::path::PathBuf>,
+    /// Listen on a non-loopback address without `auth`, so that anyone who reaches the
+    /// port can run commands on the workers. Default `false`: such a scheduler refuses
+    /// to start.
+    pub allow_unauthenticated_execution: bool,
     /// Rules for platform property names. Default: none, so every property follows
     /// `default_property_rule`.
     pub platform_properties: BTreeMap<String, PropertyRule>,
@@ -94,6 +116,12 @@ impl Default for SchedulerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 50061)),
             cache: "http://127.0.0.1:50051".to_string(),
             token_file: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
+            tls_ca: None,
+            auth: None,
+            allow_unauthenticated_execution: false,
             platform_properties: BTreeMap::new(),
             default_property_rule: PropertyRule::Exact,
             worker_selection: WorkerSelection::Lru,
@@ -109,6 +137,26 @@ impl Default for SchedulerConfig {
 }
 
 impl SchedulerConfig {
+    /// Refuses a listener off loopback without `auth` (unless
+    /// `allow_unauthenticated_execution`): it would run any command for whoever
+    /// connects. Runs before anything binds.
+    pub fn check_security(&self) -> crate::Result<()> {
+        if self.auth.is_some()
+            || self.allow_unauthenticated_execution
+            || self.listen.ip().is_loopback()
+        {
+            return Ok(());
+        }
+        Err(crate::Error::invalid_argument(format!(
+            "refusing to serve remote execution on {}, which is not a loopback address, \
+             without authentication: anyone who reaches it could run any command on the \
+             workers. Give --auth FILE (principals with the `execute` permission, and \
+             `write_ac` for workers), or accept the risk with \
+             --allow-unauthenticated-execution",
+            self.listen
+        )))
+    }
+
     /// The rule for property `name`.
     pub fn rule(&self, name: &str) -> PropertyRule {
         self.platform_properties
@@ -144,6 +192,25 @@ mod tests {
         assert_eq!(config.rule("x"), PropertyRule::Ignore);
         assert_eq!(config.worker_selection, WorkerSelection::Mru);
         assert_eq!(config.keepalive_timeout, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn execution_off_loopback_needs_auth() {
+        let mut config: SchedulerConfig = parse_json5("{ listen: '0.0.0.0:50061' }").unwrap();
+        let refused = config.check_security().unwrap_err();
+        assert!(refused.message().contains("--auth"), "{refused}");
+        assert!(
+            refused
+                .message()
+                .contains("--allow-unauthenticated-execution"),
+            "{refused}"
+        );
+        config.allow_unauthenticated_execution = true;
+        assert!(config.check_security().is_ok());
+        config.allow_unauthenticated_execution = false;
+        config.auth = Some("auth.json5".into());
+        assert!(config.check_security().is_ok());
+        assert!(SchedulerConfig::default().check_security().is_ok());
     }
 
     #[test]

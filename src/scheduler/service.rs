@@ -37,8 +37,16 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::state::{Progress, Scheduler, Watch};
+use crate::auth::{Access, Need, Permission};
 use crate::error::Error;
 use crate::exec_common::{from_proto_duration, CacheChannel};
+
+/// What Execute, WaitExecution and the Operations service need.
+const EXECUTE: Need = Need::One(Permission::Execute);
+
+/// What a worker needs to register (or an operator to drain one): the results a worker
+/// reports become action-cache entries, so registering is trusted like writing them.
+const WORKER: Need = Need::One(Permission::WriteAc);
 
 type OperationStream = Pin<Box<dyn Stream<Item = Result<Operation, Status>> + Send>>;
 
@@ -104,12 +112,13 @@ fn operation_stream(watch: Watch) -> OperationStream {
 /// REAPI Execution.
 pub struct ExecutionService {
     scheduler: Arc<Scheduler>,
+    access: Access,
 }
 
 impl ExecutionService {
-    /// The service in front of `scheduler`.
-    pub fn new(scheduler: Arc<Scheduler>) -> Self {
-        Self { scheduler }
+    /// The service in front of `scheduler`, for the callers `access` allows.
+    pub fn new(scheduler: Arc<Scheduler>, access: Access) -> Self {
+        Self { scheduler, access }
     }
 }
 
@@ -122,6 +131,8 @@ impl Execution for ExecutionService {
         &self,
         request: Request<ExecuteRequest>,
     ) -> Result<Response<Self::ExecuteStream>, Status> {
+        let instance = request.get_ref().instance_name.clone();
+        self.access.check_grpc(&request, EXECUTE, Some(&instance))?;
         let watch = self.scheduler.execute(request.into_inner()).await?;
         Ok(Response::new(operation_stream(watch)))
     }
@@ -130,6 +141,7 @@ impl Execution for ExecutionService {
         &self,
         request: Request<WaitExecutionRequest>,
     ) -> Result<Response<Self::WaitExecutionStream>, Status> {
+        self.access.check_grpc(&request, EXECUTE, None)?;
         let watch = self.scheduler.watch(&request.into_inner().name)?;
         Ok(Response::new(operation_stream(watch)))
     }
@@ -138,12 +150,13 @@ impl Execution for ExecutionService {
 /// google.longrunning.Operations over the scheduler's operations.
 pub struct OperationsService {
     scheduler: Arc<Scheduler>,
+    access: Access,
 }
 
 impl OperationsService {
-    /// The service in front of `scheduler`.
-    pub fn new(scheduler: Arc<Scheduler>) -> Self {
-        Self { scheduler }
+    /// The service in front of `scheduler`, for the callers `access` allows.
+    pub fn new(scheduler: Arc<Scheduler>, access: Access) -> Self {
+        Self { scheduler, access }
     }
 }
 
@@ -153,6 +166,7 @@ impl Operations for OperationsService {
         &self,
         request: Request<ListOperationsRequest>,
     ) -> Result<Response<ListOperationsResponse>, Status> {
+        self.access.check_grpc(&request, EXECUTE, None)?;
         let request = request.into_inner();
         let all = self.scheduler.list();
         let start = if request.page_token.is_empty() {
@@ -188,6 +202,7 @@ impl Operations for OperationsService {
         &self,
         request: Request<GetOperationRequest>,
     ) -> Result<Response<Operation>, Status> {
+        self.access.check_grpc(&request, EXECUTE, None)?;
         let watch = self.scheduler.watch(&request.into_inner().name)?;
         let current = watch.progress.borrow().clone();
         Ok(Response::new(operation(
@@ -201,6 +216,7 @@ impl Operations for OperationsService {
         &self,
         request: Request<DeleteOperationRequest>,
     ) -> Result<Response<()>, Status> {
+        self.access.check_grpc(&request, EXECUTE, None)?;
         self.scheduler.delete(&request.into_inner().name)?;
         Ok(Response::new(()))
     }
@@ -209,6 +225,7 @@ impl Operations for OperationsService {
         &self,
         request: Request<CancelOperationRequest>,
     ) -> Result<Response<()>, Status> {
+        self.access.check_grpc(&request, EXECUTE, None)?;
         self.scheduler.cancel(&request.into_inner().name)?;
         Ok(Response::new(()))
     }
@@ -219,6 +236,7 @@ impl Operations for OperationsService {
         &self,
         request: Request<WaitOperationRequest>,
     ) -> Result<Response<Operation>, Status> {
+        self.access.check_grpc(&request, EXECUTE, None)?;
         let request = request.into_inner();
         let timeout = request
             .timeout
@@ -242,12 +260,14 @@ impl Operations for OperationsService {
 /// REAPI Capabilities: the cache node's cache capabilities plus execution.
 pub struct CapabilitiesService {
     cache: CacheChannel,
+    access: Access,
 }
 
 impl CapabilitiesService {
-    /// Asks the cache node behind `cache` for its part.
-    pub fn new(cache: CacheChannel) -> Self {
-        Self { cache }
+    /// Asks the cache node behind `cache` for its part; answers the callers `access`
+    /// knows.
+    pub fn new(cache: CacheChannel, access: Access) -> Self {
+        Self { cache, access }
     }
 }
 
@@ -257,6 +277,9 @@ impl Capabilities for CapabilitiesService {
         &self,
         request: Request<GetCapabilitiesRequest>,
     ) -> Result<Response<ServerCapabilities>, Status> {
+        let instance = request.get_ref().instance_name.clone();
+        self.access
+            .check_grpc(&request, Need::Authenticated, Some(&instance))?;
         let mut capabilities = CapabilitiesClient::new(self.cache.clone())
             .get_capabilities(request.into_inner())
             .await
@@ -284,12 +307,13 @@ impl Capabilities for CapabilitiesService {
 /// The worker protocol.
 pub struct WorkerService {
     scheduler: Arc<Scheduler>,
+    access: Access,
 }
 
 impl WorkerService {
-    /// The service in front of `scheduler`.
-    pub fn new(scheduler: Arc<Scheduler>) -> Self {
-        Self { scheduler }
+    /// The service in front of `scheduler`, for the callers `access` allows.
+    pub fn new(scheduler: Arc<Scheduler>, access: Access) -> Self {
+        Self { scheduler, access }
     }
 }
 
@@ -302,6 +326,7 @@ impl WorkerApi for WorkerService {
         &self,
         request: Request<Streaming<WorkerMessage>>,
     ) -> Result<Response<Self::ConnectStream>, Status> {
+        self.access.check_grpc(&request, WORKER, None)?;
         let mut inbound = request.into_inner();
         let register = match inbound.message().await? {
             Some(WorkerMessage {
@@ -338,14 +363,17 @@ impl WorkerApi for WorkerService {
         &self,
         request: Request<DrainWorkerRequest>,
     ) -> Result<Response<DrainWorkerResponse>, Status> {
+        self.access.check_grpc(&request, WORKER, None)?;
         self.scheduler.drain(&request.into_inner().worker_id)?;
         Ok(Response::new(DrainWorkerResponse {}))
     }
 
     async fn list_workers(
         &self,
-        _request: Request<ListWorkersRequest>,
+        request: Request<ListWorkersRequest>,
     ) -> Result<Response<ListWorkersResponse>, Status> {
+        self.access
+            .check_grpc(&request, Need::One(Permission::Metrics), None)?;
         Ok(Response::new(ListWorkersResponse {
             workers: self.scheduler.list_workers(),
         }))

@@ -36,9 +36,19 @@ pub struct WorkerConfig {
     /// URL of the cache node inputs are read from and outputs written to. Default
     /// `http://127.0.0.1:50051`.
     pub cache: String,
-    /// A file holding the bearer token presented to the cache node (its `--auth`
-    /// principals). Default: none, calls carry no credentials.
+    /// A file holding the bearer token presented to the cache node and the scheduler
+    /// (their `--auth` principals; the scheduler asks for `write_ac`). Default: none,
+    /// calls carry no credentials.
     pub token_file: Option<PathBuf>,
+    /// PEM CA certificates trusted for `https://` scheduler and cache URLs. Default:
+    /// none, the system's trust store.
+    pub tls_ca: Option<PathBuf>,
+    /// PEM certificate chain presented to a scheduler or cache node that asks for a
+    /// client certificate (mutual TLS); its extended key usage must allow
+    /// `clientAuth`. Default: none.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`. Default: none.
+    pub tls_key: Option<PathBuf>,
     /// The worker's id at the scheduler. Default: `HOSTNAME-PID`.
     pub id: Option<String>,
     /// Platform properties offered, e.g. `{ cpu_arch: "x86_64", cpu_count: 8 }`.
@@ -83,6 +93,9 @@ impl Default for WorkerConfig {
             scheduler: "http://127.0.0.1:50061".to_string(),
             cache: "http://127.0.0.1:50051".to_string(),
             token_file: None,
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
             id: None,
             properties: BTreeMap::new(),
             max_inflight_tasks: None,

@@ -22,17 +22,24 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Endpoint;
 use tonic::Code;
 
 use super::config::WorkerConfig;
 use super::file_cache::FileCache;
 use super::runner::Runner;
+use crate::client_tls::ClientTls;
 use crate::error::{Error, Result};
 use crate::exec_common::{
     cache_channel, error_from_status, from_proto_duration, read_token_file, rpc_status,
-    write_ready_file,
+    write_ready_file, BearerToken,
 };
+
+/// How the worker reaches its scheduler: the endpoint (with TLS for `https://`) and
+/// the token it presents.
+struct SchedulerLink {
+    endpoint: tonic::transport::Endpoint,
+    token: BearerToken,
+}
 
 /// How a session ended.
 enum SessionEnd {
@@ -58,8 +65,17 @@ pub async fn run(config: WorkerConfig, ready_file: Option<PathBuf>) -> Result<()
         .as_deref()
         .map(read_token_file)
         .transpose()?;
+    let tls = ClientTls::from_files(
+        config.tls_ca.as_ref(),
+        config.tls_cert.as_ref(),
+        config.tls_key.as_ref(),
+    )?;
+    let link = SchedulerLink {
+        endpoint: tls.endpoint(&config.scheduler)?,
+        token: BearerToken::new(token.as_deref())?,
+    };
     let runner = Arc::new(Runner {
-        cache_channel: cache_channel(&config.cache, token.as_deref())?,
+        cache_channel: cache_channel(&config.cache, token.as_deref(), &tls)?,
         worker_id: worker_id.clone(),
         file_cache,
         tasks_dir,
@@ -79,7 +95,7 @@ pub async fn run(config: WorkerConfig, ready_file: Option<PathBuf>) -> Result<()
             }
             continue;
         }
-        match session(&runner, &drain, &mut ready_file).await {
+        match session(&runner, &link, &drain, &mut ready_file).await {
             Ok(SessionEnd::Drained) => return Ok(()),
             Ok(SessionEnd::Unhealthy) => {}
             Err(error) => {
@@ -146,14 +162,14 @@ fn message(message: ToScheduler) -> WorkerMessage {
 
 async fn session(
     runner: &Arc<Runner>,
+    link: &SchedulerLink,
     drain: &CancellationToken,
     ready_file: &mut Option<PathBuf>,
 ) -> Result<SessionEnd> {
     let config = &runner.config;
-    let channel = Endpoint::from_shared(config.scheduler.clone())
-        .map_err(|error| {
-            Error::invalid_argument(format!("bad scheduler URL `{}`: {error}", config.scheduler))
-        })?
+    let channel = link
+        .endpoint
+        .clone()
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
         .connect()
@@ -184,7 +200,7 @@ async fn session(
         max_inflight_tasks: max_inflight,
     })))
     .await?;
-    let mut inbound = WorkerApiClient::new(channel)
+    let mut inbound = WorkerApiClient::with_interceptor(channel, link.token.clone())
         .max_decoding_message_size(64 << 20)
         .connect(ReceiverStream::new(outbound_stream))
         .await

@@ -192,7 +192,8 @@ impl Harness {
                 .add_service(ActionCacheServer::new(cache.clone()))
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
         );
-        let channel = cache_channel(&format!("http://{address}"), None).unwrap();
+        let channel =
+            cache_channel(&format!("http://{address}"), None, &Default::default()).unwrap();
         let scheduler = Scheduler::new(config, channel.clone());
         Self {
             cache,
