@@ -19,6 +19,12 @@
 #   4. HTTP cache over https://user:pass@ (TLS on the HTTP listener, a `basic`
 #      principal): cold then warm. (A wrong password costs a whole local build in
 #      Bazel, for a warning only; tests/auth.rs checks the 401.)
+#   5. Remote execution over TLS with tokens: that node, a cairn-scheduler serving
+#      TLS with the same auth file, one cairn-worker, both presenting the workers'
+#      token over https:// to the node (and the worker to the scheduler); Bazel
+#      with --remote_executor=grpcs://SCHEDULER --remote_cache=grpcs://NODE and a
+#      token that may execute but not write action results (the worker's principal
+#      writes them): exec-cold then exec-warm; a token without `execute` is refused.
 # Bazel's TLS needs netty-tcnative's OpenSSL binding (scripts/install-deps.sh
 # installs libnetty-tcnative-jni): a copy named libnetty_tcnative.so goes into this
 # run's temporary directory, handed to Bazel's JVM as java.library.path. Bazel
@@ -29,7 +35,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 CAIRN="${1:-target/debug/cairn}"
-[ -x "$CAIRN" ] || { echo "e2e-bazel-secure: $CAIRN not built (cargo build --bins)" >&2; exit 1; }
+BIN_DIR="$(dirname "$CAIRN")"
+for binary in "$CAIRN" "$BIN_DIR/cairn-scheduler" "$BIN_DIR/cairn-worker"; do
+  [ -x "$binary" ] || { echo "e2e-bazel-secure: $binary not built (cargo build --bins)" >&2; exit 1; }
+done
 TCNATIVE=/usr/lib/x86_64-linux-gnu/jni/libnetty-tcnative.so
 [ -f "$TCNATIVE" ] || { echo "e2e-bazel-secure: $TCNATIVE missing: run scripts/install-deps.sh" >&2; exit 1; }
 for tool in openssl keytool htpasswd curl python3; do
@@ -40,6 +49,8 @@ WORK="$(mktemp -d "${TMPDIR:-/tmp}/cairn-e2e-secure.XXXXXX")"
 export BAZEL_E2E_DIR="$WORK/bazel"
 CERTS="$WORK/certs"
 PID=""
+# The scheduler and the worker, stopped in this order: worker, scheduler.
+EXEC_PIDS=()
 PASSED=0
 T0=$SECONDS
 
@@ -52,7 +63,18 @@ stop_cairn() {
   fi
   PID=""
 }
+stop_exec() {
+  local pid
+  for pid in ${EXEC_PIDS[@]+"${EXEC_PIDS[@]}"}; do
+    if kill -0 "$pid" 2>/dev/null; then
+      kill -TERM "$pid" 2>/dev/null || true
+      wait "$pid" 2>/dev/null || true
+    fi
+  done
+  EXEC_PIDS=()
+}
 cleanup() {
+  stop_exec
   stop_cairn
   chmod -R u+w "$WORK" 2>/dev/null || true
   rm -rf "$WORK"
@@ -96,6 +118,8 @@ keytool -importcert -noprompt -alias cairn-e2e-ca -file "$CERTS/ca.pem" -storety
 secret() { python3 -c 'import secrets; print(secrets.token_hex(16))'; }
 sha256_hex() { printf %s "$1" | sha256sum | cut -d' ' -f1; }
 CI_TOKEN="$(secret)"
+REMOTE_TOKEN="$(secret)"
+WORKER_TOKEN="$(secret)"
 READER_TOKEN="$(secret)"
 WRONG_TOKEN="$(secret)"
 PASSWORD="$(secret)"
@@ -108,6 +132,8 @@ cat >"$AUTH" <<EOF
     { name: "ci", token_sha256: "$(sha256_hex "$CI_TOKEN")", permissions: ["read", "write", "write_ac"] },
     { name: "reader", token_sha256: "$(sha256_hex "$READER_TOKEN")", permissions: ["read"] },
     { name: "builder", cert: "ci-client", permissions: ["read", "write", "write_ac"] },
+    { name: "remote", token_sha256: "$(sha256_hex "$REMOTE_TOKEN")", permissions: ["read", "write", "execute"] },
+    { name: "workers", token_sha256: "$(sha256_hex "$WORKER_TOKEN")", permissions: ["read", "write", "write_ac"] },
     { name: "alice", basic: { user: "alice", hash: "$BCRYPT" }, permissions: ["read", "write", "write_ac"] },
   ],
 }
@@ -128,6 +154,7 @@ rc_file mtls "build --tls_certificate=$CERTS/ca.pem" \
 rc_file ci "build --tls_certificate=$CERTS/ca.pem" "build \"--remote_header=authorization=Bearer $CI_TOKEN\""
 rc_file reader "build --tls_certificate=$CERTS/ca.pem" "build \"--remote_header=authorization=Bearer $READER_TOKEN\""
 rc_file wrong "build --tls_certificate=$CERTS/ca.pem" "build \"--remote_header=authorization=Bearer $WRONG_TOKEN\""
+rc_file remote "build --tls_certificate=$CERTS/ca.pem" "build \"--remote_header=authorization=Bearer $REMOTE_TOKEN\""
 rc_file https "startup --host_jvm_args=-Djavax.net.ssl.trustStore=$CERTS/truststore.p12" \
   "startup --host_jvm_args=-Djavax.net.ssl.trustStorePassword=cairn-e2e"
 
@@ -187,6 +214,39 @@ e2e ci --salt "$RO_SALT" cold-warm "$GRPCS"
 
 log "4. HTTP cache over https:// with basic auth"
 e2e https cold-warm "https://alice:$PASSWORD@127.0.0.1:$HTTP_PORT"
+
+log "5. remote execution over TLS with tokens: node, cairn-scheduler, cairn-worker"
+# wait_file FILE PID NAME: until FILE exists; fails if PID exits first.
+wait_file() {
+  local file=$1 pid=$2 name=$3
+  for _ in $(seq 1 600); do
+    [ -s "$file" ] && return 0
+    kill -0 "$pid" 2>/dev/null || { tail -n 40 "$WORK/exec.log" >&2; log "FAIL: $name exited"; exit 1; }
+    sleep 0.1
+  done
+  tail -n 40 "$WORK/exec.log" >&2
+  log "FAIL: $name was not ready"
+  exit 1
+}
+(umask 077 && printf %s "$WORKER_TOKEN" >"$WORK/worker.token")
+NODE="https://127.0.0.1:$GRPC_PORT"
+"$BIN_DIR/cairn-scheduler" --listen 127.0.0.1:0 --cache "$NODE" \
+  --tls-cert "$CERTS/server.pem" --tls-key "$CERTS/server.key" --auth "$AUTH" \
+  --tls-ca "$CERTS/ca.pem" --token-file "$WORK/worker.token" \
+  --ready-file "$WORK/scheduler.addr" >>"$WORK/exec.log" 2>&1 &
+EXEC_PIDS=("$!")
+wait_file "$WORK/scheduler.addr" "${EXEC_PIDS[0]}" cairn-scheduler
+SCHEDULER="$(cat "$WORK/scheduler.addr")"
+"$BIN_DIR/cairn-worker" --scheduler "https://$SCHEDULER" --cache "$NODE" \
+  --tls-ca "$CERTS/ca.pem" --token-file "$WORK/worker.token" --work-dir "$WORK/worker" \
+  --ready-file "$WORK/worker.ready" >>"$WORK/exec.log" 2>&1 &
+EXEC_PIDS=("$!" "${EXEC_PIDS[@]}")
+wait_file "$WORK/worker.ready" "${EXEC_PIDS[0]}" cairn-worker
+log "scheduler $SCHEDULER and a worker ready, over TLS with the workers' token"
+BAZEL_E2E_FLAGS="--remote_executor=grpcs://$SCHEDULER" \
+  e2e ci refused "$GRPCS" 'PERMISSION_DENIED: ci lacks the .execute. permission'
+BAZEL_E2E_EXEC_CACHE="$GRPCS" e2e remote exec "grpcs://$SCHEDULER"
+stop_exec
 
 stop_cairn
 log "all secure Bazel end-to-end phases passed in $((SECONDS - T0))s"
