@@ -74,8 +74,17 @@ stop_exec() {
   EXEC_PIDS=()
 }
 cleanup() {
+  local rc=$? f
   stop_exec
   stop_cairn
+  # The servers' side of a failure, before their logs go with the directory.
+  if [ "$rc" -ne 0 ]; then
+    for f in cairn.log exec.log; do
+      [ -s "$WORK/$f" ] || continue
+      log "---- last 30 lines of $f ----"
+      tail -n 30 "$WORK/$f" >&2
+    done
+  fi
   chmod -R u+w "$WORK" 2>/dev/null || true
   rm -rf "$WORK"
 }
@@ -182,10 +191,9 @@ start_cairn() { # extra flags...
       log "cairn $PID ready on grpcs :$GRPC_PORT, https :$HTTP_PORT ($*)"
       return 0
     fi
-    kill -0 "$PID" 2>/dev/null || { tail -n 40 "$WORK/cairn.log" >&2; log "FAIL: cairn exited"; exit 1; }
+    kill -0 "$PID" 2>/dev/null || { log "FAIL: cairn exited"; exit 1; }
     sleep 0.1
   done
-  tail -n 40 "$WORK/cairn.log" >&2
   log "FAIL: cairn did not become ready"
   exit 1
 }
@@ -221,10 +229,9 @@ wait_file() {
   local file=$1 pid=$2 name=$3
   for _ in $(seq 1 600); do
     [ -s "$file" ] && return 0
-    kill -0 "$pid" 2>/dev/null || { tail -n 40 "$WORK/exec.log" >&2; log "FAIL: $name exited"; exit 1; }
+    kill -0 "$pid" 2>/dev/null || { log "FAIL: $name exited"; exit 1; }
     sleep 0.1
   done
-  tail -n 40 "$WORK/exec.log" >&2
   log "FAIL: $name was not ready"
   exit 1
 }
