@@ -66,7 +66,7 @@ pub async fn connect(options: &Options) -> Result<Vec<Channel>, String> {
         let mut endpoint = Endpoint::from_shared(uri.clone())
             .map_err(|error| format!("invalid address {}: {error}", options.addr))?;
         if uri.starts_with("https://") {
-            let config = tls.clone().unwrap_or_else(|| ClientTlsConfig::new());
+            let config = tls.clone().unwrap_or_default();
             endpoint = endpoint
                 .tls_config(config)
                 .map_err(|error| format!("TLS for {}: {error}", options.addr))?;
