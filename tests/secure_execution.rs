@@ -26,7 +26,7 @@ use common::certs::certificates;
 use common::{sha256, wire, Node};
 use prost::Message;
 use sha2::Digest as _;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 use tonic::{Code, Request};
 
 const SCHEDULER: &str = env!("CARGO_BIN_EXE_cairn-scheduler");
@@ -54,6 +54,7 @@ fn auth_file(dir: &Path) -> PathBuf {
     {{ name: 'scheduler', token_sha256: '{}', permissions: ['read'] }},
     {{ name: 'worker', token_sha256: '{}', permissions: ['read', 'write', 'write_ac'] }},
     {{ name: 'ops', token_sha256: '{}', permissions: ['metrics'] }},
+    {{ name: 'builder-cert', cert: 'ci-client', permissions: ['read', 'write', 'write_ac', 'metrics'] }},
 ] }}",
         token_hash(CI),
         token_hash(UPLOADER),
@@ -135,7 +136,12 @@ struct Secure {
 }
 
 impl Secure {
+    /// The node and a scheduler with `scheduler_args` added.
     fn start(dir: &Path) -> Secure {
+        Self::start_with(dir, &[])
+    }
+
+    fn start_with(dir: &Path, scheduler_args: &[&str]) -> Secure {
         certificates(dir);
         let auth = auth_file(dir);
         let cert = dir.join("server.pem");
@@ -164,7 +170,8 @@ impl Secure {
                 "--token-file",
                 arg(&token_file(dir, "scheduler", SCHEDULER_TOKEN)),
             ])
-            .args(["--ready-file", arg(&ready)]);
+            .args(["--ready-file", arg(&ready)])
+            .args(scheduler_args);
         let mut scheduler = Proc::start(command, dir.join("scheduler.log"));
         let address = scheduler.wait_for(&ready);
         let scheduler_port = address
@@ -184,13 +191,18 @@ impl Secure {
     /// A worker presenting `token`; its ready file is `<name>.ready`.
     fn worker(&self, name: &str, token: &str) -> Proc {
         let mut command = Process::new(WORKER);
+        command.args(["--token-file", arg(&token_file(&self.dir, name, token))]);
+        self.worker_with(name, command)
+    }
+
+    /// A worker started by `command` (its credentials already given).
+    fn worker_with(&self, name: &str, mut command: Process) -> Proc {
         command
             .arg("--scheduler")
             .arg(format!("https://localhost:{}", self.scheduler_port))
             .arg("--cache")
             .arg(format!("https://localhost:{}", self.node.grpc.port()))
             .args(["--tls-ca", arg(&self.dir.join("ca.pem"))])
-            .args(["--token-file", arg(&token_file(&self.dir, name, token))])
             .args(["--id", name, "--max-inflight-tasks", "2"])
             .arg("--work-dir")
             .arg(self.dir.join(name))
@@ -201,9 +213,15 @@ impl Secure {
 
     async fn channel(&self, port: u16) -> Channel {
         let ca = std::fs::read(self.dir.join("ca.pem")).expect("ca.pem");
+        let cert = std::fs::read(self.dir.join("client.pem")).expect("client.pem");
+        let key = std::fs::read(self.dir.join("client.key")).expect("client.key");
+        // The client certificate matters only to a scheduler that asks for one.
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(ca))
+            .identity(Identity::from_pem(cert, key));
         Channel::from_shared(format!("https://localhost:{port}"))
             .expect("endpoint")
-            .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)))
+            .tls_config(tls)
             .expect("TLS config")
             .connect()
             .await
@@ -396,6 +414,51 @@ async fn execution_over_tls_with_tokens_between_node_scheduler_and_worker() {
         "{}",
         secure.scheduler.log()
     );
+}
+
+/// Under mutual TLS on the scheduler, a worker is known by its client certificate: one
+/// presenting `client.pem` (CN `ci-client`, the `builder-cert` principal) registers with
+/// no token, and one without a certificate never completes the handshake.
+#[tokio::test]
+async fn a_worker_registers_by_its_client_certificate_under_mutual_tls() {
+    let temp = tempfile::tempdir().expect("temporary directory");
+    let dir = temp.path();
+    let ca = dir.join("ca.pem");
+    let secure = Secure::start_with(dir, &["--tls-client-ca", arg(&ca)]);
+
+    let anonymous = secure.worker_with("anonymous", Process::new(WORKER));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !anonymous.log().contains("session with the scheduler ended") {
+        assert!(
+            Instant::now() < deadline,
+            "the worker without a certificate was not turned away: {}",
+            anonymous.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!dir.join("anonymous.ready").exists());
+    drop(anonymous);
+
+    let mut command = Process::new(WORKER);
+    command.args([
+        "--tls-cert",
+        arg(&dir.join("client.pem")),
+        "--tls-key",
+        arg(&dir.join("client.key")),
+    ]);
+    let mut worker = secure.worker_with("by-cert", command);
+    worker.wait_for(&dir.join("by-cert.ready"));
+    let mut client = WorkerApiClient::new(secure.channel(secure.scheduler_port).await);
+    let listed: Vec<String> = client
+        .list_workers(ListWorkersRequest::default())
+        .await
+        .expect("ListWorkers as builder-cert, by certificate")
+        .into_inner()
+        .workers
+        .into_iter()
+        .map(|worker| worker.worker_id)
+        .collect();
+    assert_eq!(listed, vec!["by-cert".to_string()]);
 }
 
 #[test]
