@@ -9,7 +9,10 @@
 # its ratio to the sink's. Also reported: loopback TCP bandwidth (the ceiling of any
 # transfer), cairn's peak RSS (VmHWM) and its CPU seconds per GB moved, and, with
 # FIO=1, scripts/fio-compare.sh (the disk's ceiling). Needs python3 (see
-# scripts/install-deps.sh). Knobs (environment):
+# scripts/install-deps.sh). A second table measures TLS: bs-write, bs-read and
+# batch-small against a cairn serving TLS (a certificate made by `openssl` for the
+# run) next to the plaintext cairn figures, with the cost of TLS as a percentage.
+# Knobs (environment):
 #   DURATION=3s       per scenario and node (bazel-like: half cold, half warm)
 #   CONCURRENCY=8     operations in flight
 #   CONNECTIONS=2     HTTP/2 connections
@@ -41,6 +44,7 @@ command -v python3 >/dev/null || { echo "bench.sh: python3 is missing: run scrip
 CAIRN_PORT=${CAIRN_PORT:-$(free_port)}
 SINK_PORT=${SINK_PORT:-$(free_port)}
 DISCARD_PORT=${DISCARD_PORT:-$(free_port)}
+TLS_PORT=${TLS_PORT:-$(free_port)}
 
 if [[ "${BUILD:-1}" == 1 ]]; then
   echo "==> building ($PROFILE)" >&2
@@ -88,9 +92,23 @@ PIDS+=("$SINK_PID")
   --max-size 64MiB "${SHARD_ARGS[@]}" >"$WORK/discard.log" 2>&1 &
 DISCARD_PID=$!
 PIDS+=("$DISCARD_PID")
+# The TLS node: a CA and a certificate for 127.0.0.1 it signs (P-256, what a fleet's
+# CA issues most often), the same store settings as the plaintext cairn.
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 1 \
+  -subj /CN=bench-ca -keyout "$WORK/ca.key" -out "$WORK/ca.pem" 2>/dev/null
+openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj /CN=localhost \
+  -keyout "$WORK/tls.key" -out "$WORK/tls.csr" 2>/dev/null
+printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n' >"$WORK/tls.ext"
+openssl x509 -req -in "$WORK/tls.csr" -CA "$WORK/ca.pem" -CAkey "$WORK/ca.key" -CAcreateserial \
+  -days 1 -extfile "$WORK/tls.ext" -out "$WORK/tls.pem" 2>/dev/null
+"$BIN/cairn" --no-execution --listen "127.0.0.1:$TLS_PORT" --data-dir "$WORK/tls-data" --max-size 8GiB \
+  --tls-cert "$WORK/tls.pem" --tls-key "$WORK/tls.key" "${SHARD_ARGS[@]}" >"$WORK/tls.log" 2>&1 &
+TLS_PID=$!
+PIDS+=("$TLS_PID")
 wait_port "$CAIRN_PORT" "$CAIRN_PID"
 wait_port "$SINK_PORT" "$SINK_PID"
 wait_port "$DISCARD_PORT" "$DISCARD_PID"
+wait_port "$TLS_PORT" "$TLS_PID"
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
@@ -120,6 +138,15 @@ PY
 done
 PEAK_RSS_KB=$(awk '/VmHWM/ {print $2}' "/proc/$CAIRN_PID/status")
 
+TLS_RESULTS=$WORK/tls.jsonl
+: >"$TLS_RESULTS"
+for scenario in bs-write bs-read batch-small; do
+  echo "==> $scenario against cairn over TLS" >&2
+  "$BIN/cairn-bench" --addr "grpcs://127.0.0.1:$TLS_PORT" --tls-ca "$WORK/ca.pem" \
+    --scenario "$scenario" --duration "$DURATION" --concurrency "$CONCURRENCY" \
+    --connections "$CONNECTIONS" --blob-size "$BLOB_SIZE" --json >>"$TLS_RESULTS"
+done
+
 echo "==> loopback TCP bandwidth" >&2
 LOOPBACK=$(python3 - <<'PY'
 import socket, threading, time
@@ -147,9 +174,10 @@ if [[ "$FIO" == 1 ]]; then
   FIO_LINES=$(SIZE_MIB=${SIZE_MIB:-256} RUNTIME=${RUNTIME:-10} scripts/fio-compare.sh 2>&1 | grep '^RESULT' || true)
 fi
 
-python3 - "$RESULTS" "$PEAK_RSS_KB" "$LOOPBACK" "$FIO_LINES" <<'PY'
+python3 - "$RESULTS" "$PEAK_RSS_KB" "$LOOPBACK" "$FIO_LINES" "$TLS_RESULTS" <<'PY'
 import json, sys
 rows = [json.loads(line) for line in open(sys.argv[1])]
+tls_rows = [json.loads(line) for line in open(sys.argv[5])]
 peak_rss_mb = int(sys.argv[2]) / 1024
 loopback = float(sys.argv[3])
 fio = sys.argv[4]
@@ -183,6 +211,16 @@ print(f"- cairn peak RSS (VmHWM): {peak_rss_mb:.0f} MiB")
 print(f"- cairn CPU per GB moved, all scenarios: {cpu_total / moved_total:.2f} s/GB" if moved_total else "- cairn CPU: nothing moved")
 for line in fio.splitlines():
     print(f"- fio-compare: {line.removeprefix('RESULT ')}")
+print()
+print("| scenario | plaintext ops/s | TLS ops/s | plaintext MB/s | TLS MB/s | TLS cost | TLS p50 / p99 µs | errors+verify |")
+print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+for t in tls_rows:
+    c = by[("cairn", t["scenario"])]
+    cost = f"{(1 - t['ops_per_sec'] / c['ops_per_sec']) * 100:.0f}%" if c["ops_per_sec"] else "-"
+    bad = t["errors"] + t["verify_failures"]
+    failures += bad
+    print(f"| {t['scenario']} | {c['ops_per_sec']:.0f} | {t['ops_per_sec']:.0f} | {c['mb_per_sec']:.0f} "
+          f"| {t['mb_per_sec']:.0f} | {cost} | {t['p50_us']} / {t['p99_us']} | {bad} |")
 if failures:
     print(f"\nFAILED: {failures} errors or verification failures")
     sys.exit(1)

@@ -10,6 +10,7 @@ use std::process::Command as Process;
 
 use cairn_proto::reapi::action_cache_client::ActionCacheClient;
 use cairn_proto::reapi::{ActionResult, UpdateActionResultRequest};
+use common::certs::{certificates, make_cert};
 use common::free_port;
 use tonic::{Code, Request};
 
@@ -18,116 +19,6 @@ use cairn_proto::reapi::content_addressable_storage_client::ContentAddressableSt
 use cairn_proto::reapi::{BatchReadBlobsRequest, BatchUpdateBlobsRequest};
 use common::{blob, sha256, wire, Node};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
-
-/// Runs `openssl` with `args` in `dir`, failing the test on an error.
-fn openssl(dir: &Path, args: &[&str]) {
-    let output = Process::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("run openssl (scripts/install-deps.sh installs it)");
-    assert!(
-        output.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
-
-/// A CA named `name`: `name.pem` and `name.key` in `dir`.
-fn make_ca(dir: &Path, name: &str) {
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            &format!("/CN={name}"),
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign,cRLSign",
-            "-keyout",
-            &format!("{name}.key"),
-            "-out",
-            &format!("{name}.pem"),
-        ],
-    );
-}
-
-/// A certificate `name.pem` (key `name.key`) for subject `cn`, signed by CA `ca`,
-/// with the extensions `extensions` (an openssl extension file's lines), valid for two
-/// days.
-fn make_cert(dir: &Path, ca: &str, name: &str, cn: &str, extensions: &str) {
-    make_cert_for_days(dir, ca, name, cn, extensions, "2");
-}
-
-/// [`make_cert`] valid for `days` days from now; `-1` makes one that expired a day ago.
-fn make_cert_for_days(dir: &Path, ca: &str, name: &str, cn: &str, extensions: &str, days: &str) {
-    std::fs::write(dir.join(format!("{name}.ext")), extensions).expect("write extensions");
-    openssl(
-        dir,
-        &[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-subj",
-            &format!("/CN={cn}"),
-            "-keyout",
-            &format!("{name}.key"),
-            "-out",
-            &format!("{name}.csr"),
-        ],
-    );
-    openssl(
-        dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            &format!("{name}.csr"),
-            "-CA",
-            &format!("{ca}.pem"),
-            "-CAkey",
-            &format!("{ca}.key"),
-            "-CAcreateserial",
-            "-days",
-            days,
-            "-extfile",
-            &format!("{name}.ext"),
-            "-out",
-            &format!("{name}.pem"),
-        ],
-    );
-}
-
-/// Everything the tests need, in `dir`: CAs `ca` and `other-ca`, `server` for
-/// 127.0.0.1 and localhost, `client` of `ca`, `stranger` of `other-ca` and `expired`
-/// of `ca`, which expired yesterday.
-fn certificates(dir: &Path) {
-    make_ca(dir, "ca");
-    make_ca(dir, "other-ca");
-    make_cert(
-        dir,
-        "ca",
-        "server",
-        "localhost",
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
-    );
-    let client = "extendedKeyUsage=clientAuth\n";
-    make_cert(dir, "ca", "client", "ci-client", client);
-    make_cert(dir, "other-ca", "stranger", "ci-client", client);
-    make_cert_for_days(dir, "ca", "expired", "ci-client", client, "-1");
-}
 
 fn path(dir: &Path, file: &str) -> PathBuf {
     dir.join(file)
@@ -497,4 +388,55 @@ async fn a_rotated_certificate_serves_new_connections_and_keeps_established_ones
     round_trip(established, 14)
         .await
         .expect("after the rotation");
+}
+
+/// SIGHUP reads the TLS files again at once, even unchanged (so only the signal can
+/// cause the reload the log reports), and the node keeps serving: SIGHUP's default
+/// action would end the process, which is what an operator's `systemctl reload` or a
+/// certificate renewer's hook must never do.
+#[tokio::test]
+async fn sighup_reloads_the_tls_files_and_keeps_serving() {
+    let temp = tempfile::tempdir().expect("temporary directory");
+    let dir = temp.path();
+    certificates(dir);
+    let (grpc, http) = (free_port(), free_port());
+    let log = dir.join("node.log");
+    let mut command = Process::new(common::BINARY);
+    command
+        .args(["--listen", &grpc.to_string()])
+        .args(["--http-listen", &http.to_string()])
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .args(["--max-size", "1GiB", "--no-execution", "--tls-cert"])
+        .arg(path(dir, "server.pem"))
+        .arg("--tls-key")
+        .arg(path(dir, "server.key"))
+        .env("RUST_LOG", "info")
+        .stderr(std::fs::File::create(&log).expect("log file"));
+    let node = Node::spawn(command, grpc, http, dir.join("data"));
+    let before = tls_channel(&node, dir, None).await.expect("connect");
+    round_trip(before.clone(), 15).await.expect("before SIGHUP");
+
+    node.signal(libc::SIGHUP);
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !read_log().contains("TLS certificate reloaded") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no reload after SIGHUP: {}",
+            read_log()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(read_log().contains("SIGHUP"), "{}", read_log());
+    round_trip(before, 16)
+        .await
+        .expect("the same connection after SIGHUP");
+    let after = tls_channel(&node, dir, None)
+        .await
+        .expect("connect after SIGHUP");
+    round_trip(after, 17)
+        .await
+        .expect("a new connection after SIGHUP");
+    assert!(node.terminate().success(), "the node did not stop cleanly");
 }

@@ -8,6 +8,8 @@
 
 #![allow(dead_code)]
 
+pub mod certs;
+
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};

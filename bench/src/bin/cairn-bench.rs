@@ -18,9 +18,12 @@ use clap::Parser;
 #[derive(Parser, Debug)]
 #[command(name = "cairn-bench")]
 struct Args {
-    /// gRPC address of the node.
+    /// gRPC address of the node; `grpcs://` for TLS.
     #[arg(long, default_value = "grpc://127.0.0.1:50051")]
     addr: String,
+    /// PEM CA certificates trusted for a `grpcs://` address.
+    #[arg(long, value_name = "FILE")]
+    tls_ca: Option<std::path::PathBuf>,
     /// bs-write, bs-write-blake3, bs-read, batch-small, find-missing, ac, bazel-like, or all (each in
     /// turn, each with the whole --duration or --ops).
     #[arg(long)]
@@ -88,6 +91,7 @@ fn main() -> ExitCode {
     let args = Args::parse();
     let options = Options {
         addr: args.addr,
+        tls_ca: args.tls_ca,
         concurrency: args.concurrency,
         connections: args.connections,
         budget: match args.ops {

@@ -14,7 +14,7 @@ pub mod scenarios;
 
 use std::time::{Duration, Instant};
 
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 /// Largest gRPC message the clients accept.
 const MAX_MESSAGE: usize = 64 << 20;
@@ -31,8 +31,10 @@ pub enum Budget {
 /// Options shared by every scenario.
 #[derive(Debug, Clone)]
 pub struct Options {
-    /// gRPC address, e.g. `grpc://127.0.0.1:50051`.
+    /// gRPC address, e.g. `grpc://127.0.0.1:50051`; `grpcs://` for TLS.
     pub addr: String,
+    /// PEM CA certificates trusted for a `grpcs://` address.
+    pub tls_ca: Option<std::path::PathBuf>,
     /// Operations in flight.
     pub concurrency: usize,
     /// HTTP/2 connections the operations are spread over.
@@ -47,11 +49,29 @@ pub struct Options {
 
 /// Opens `options.connections` channels to the node.
 pub async fn connect(options: &Options) -> Result<Vec<Channel>, String> {
-    let uri = options.addr.replacen("grpc://", "http://", 1);
+    let uri = options
+        .addr
+        .replacen("grpcs://", "https://", 1)
+        .replacen("grpc://", "http://", 1);
+    let tls = match &options.tls_ca {
+        Some(path) => {
+            let ca = std::fs::read(path)
+                .map_err(|error| format!("cannot read {}: {error}", path.display()))?;
+            Some(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)))
+        }
+        None => None,
+    };
     let mut channels = Vec::with_capacity(options.connections);
     for _ in 0..options.connections.max(1) {
-        let endpoint = Endpoint::from_shared(uri.clone())
-            .map_err(|error| format!("invalid address {}: {error}", options.addr))?
+        let mut endpoint = Endpoint::from_shared(uri.clone())
+            .map_err(|error| format!("invalid address {}: {error}", options.addr))?;
+        if uri.starts_with("https://") {
+            let config = tls.clone().unwrap_or_default();
+            endpoint = endpoint
+                .tls_config(config)
+                .map_err(|error| format!("TLS for {}: {error}", options.addr))?;
+        }
+        let endpoint = endpoint
             .tcp_nodelay(true)
             .initial_stream_window_size(Some(8 << 20))
             .initial_connection_window_size(Some(32 << 20));

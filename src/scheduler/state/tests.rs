@@ -789,7 +789,7 @@ fn stage_of(operation: &cairn_proto::longrunning::Operation) -> Stage {
 async fn wait_execution_follows_an_operation_to_its_end() {
     let harness = Harness::start(config()).await;
     let scheduler = &harness.scheduler;
-    let service = ExecutionService::new(scheduler.clone());
+    let service = ExecutionService::new(scheduler.clone(), open_access());
     let watch = harness.execute(&harness.action("step")).await;
     let mut stream = service
         .wait_execution(Request::new(WaitExecutionRequest {
@@ -831,7 +831,7 @@ async fn wait_execution_follows_an_operation_to_its_end() {
 async fn operations_service_gets_lists_cancels_and_deletes() {
     let harness = Harness::start(config()).await;
     let scheduler = &harness.scheduler;
-    let service = OperationsService::new(scheduler.clone());
+    let service = OperationsService::new(scheduler.clone(), open_access());
     let mut worker = harness.connect("w", 1);
     let running = harness.execute(&harness.action("running")).await;
     let queued = harness.execute(&harness.action("queued")).await;
@@ -1014,4 +1014,14 @@ async fn a_worker_reconnecting_after_a_scheduler_restart_gets_work() {
     after.finish(&scheduler, &task, success(0));
     assert_eq!(code(&response(&next)), Code::Ok);
     assert_eq!(scheduler.list_workers().len(), 1);
+}
+
+/// A policy that allows everything, as a scheduler without `--auth` has.
+fn open_access() -> crate::auth::Access {
+    let failures = prometheus::IntCounterVec::new(
+        prometheus::Opts::new("test_auth_failures_total", "refusals"),
+        &["reason"],
+    )
+    .unwrap();
+    crate::auth::Access::open(false, failures)
 }
