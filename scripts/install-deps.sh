@@ -21,6 +21,7 @@ set -euo pipefail
 # python3-pip          installs moto (below) where python3 has no pip of its own
 # systemd              systemd-analyze verify for the units in config/systemd
 # openssl              makes the CAs and certificates of tests/tls.rs
+# chromium             headless browser loading the status page in tests/status_page.rs
 PACKAGES=(
   bazel-bootstrap
   default-jdk-headless
@@ -35,6 +36,7 @@ PACKAGES=(
   python3-pip
   systemd
   openssl
+  chromium
 )
 
 # From PyPI, not Debian:

@@ -28,6 +28,7 @@ pub mod grpc_cas;
 pub mod grpc_execution;
 pub mod http_cache;
 pub mod http_path;
+pub mod http_status;
 pub mod logging;
 pub mod metrics;
 pub mod node;
