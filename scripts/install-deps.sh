@@ -22,6 +22,7 @@ set -euo pipefail
 # systemd              systemd-analyze verify for the units in config/systemd
 # openssl              makes the CAs and certificates of tests/tls.rs
 # chromium             headless browser loading the status page in tests/status_page.rs
+# prometheus           promtool, checking config/prometheus/alerts.yml in tests/dashboards.rs
 PACKAGES=(
   bazel-bootstrap
   default-jdk-headless
@@ -37,6 +38,7 @@ PACKAGES=(
   systemd
   openssl
   chromium
+  prometheus
 )
 
 # From PyPI, not Debian:
