@@ -26,6 +26,8 @@ set -euo pipefail
 #                      and fails every grpcs:// build without it
 # apache2-utils        htpasswd, the bcrypt hash of scripts/e2e-bazel-secure.sh's
 #                      basic-auth principal
+# chromium             headless browser loading the status page in tests/status_page.rs
+# prometheus           promtool, checking config/prometheus/alerts.yml in tests/dashboards.rs
 PACKAGES=(
   bazel-bootstrap
   default-jdk-headless
@@ -42,6 +44,8 @@ PACKAGES=(
   openssl
   libnetty-tcnative-jni
   apache2-utils
+  chromium
+  prometheus
 )
 
 # From PyPI, not Debian:

@@ -8,7 +8,9 @@
 //! cache. The binaries are found next to the node's own executable.
 //!
 //! Both listen or connect on loopback only. The scheduler binds an ephemeral port and
-//! writes it to `<data_dir>/scheduler.addr`; the worker registers with it, offering as
+//! writes it to `<data_dir>/scheduler.addr`, and its HTTP listener (metrics and
+//! status, which the node's status page shows) likewise to `<data_dir>/scheduler.http`;
+//! the worker registers with it, offering as
 //! many concurrent tasks as the node has cores, works in `<data_dir>/worker` and writes
 //! `<data_dir>/worker.ready` once registered. Both use the node's gRPC listener as
 //! their cache. The node waits for both ready files before it starts serving, so an
@@ -45,6 +47,7 @@ pub struct Embedded {
     /// Children in the order they are stopped: the worker, then the scheduler.
     children: Vec<(&'static str, Child)>,
     scheduler: SocketAddr,
+    scheduler_http: SocketAddr,
     grace: Duration,
 }
 
@@ -67,8 +70,9 @@ impl Embedded {
         }
         let cache = format!("http://{}", loopback(listen));
         let scheduler_ready = data_dir.join("scheduler.addr");
+        let scheduler_http_ready = data_dir.join("scheduler.http");
         let worker_ready = data_dir.join("worker.ready");
-        for stale in [&scheduler_ready, &worker_ready] {
+        for stale in [&scheduler_ready, &scheduler_http_ready, &worker_ready] {
             match std::fs::remove_file(stale) {
                 Ok(()) => {}
                 Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
@@ -83,6 +87,7 @@ impl Embedded {
         let mut embedded = Embedded {
             children: Vec::with_capacity(2),
             scheduler: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            scheduler_http: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
             grace,
         };
         let token_file = match token {
@@ -97,6 +102,10 @@ impl Embedded {
             .arg(&cache)
             .arg("--ready-file")
             .arg(&scheduler_ready)
+            .arg("--http-listen")
+            .arg("127.0.0.1:0")
+            .arg("--http-ready-file")
+            .arg(&scheduler_http_ready)
             .env(crate::logging::ENV, crate::logging::chosen().name());
         if let Some(token_file) = &token_file {
             scheduler.arg("--token-file").arg(token_file);
@@ -112,6 +121,20 @@ impl Embedded {
                 scheduler_ready.display()
             ))
         })?;
+        // Written before scheduler.addr, so it is there now.
+        embedded.scheduler_http = std::fs::read_to_string(&scheduler_http_ready)
+            .map_err(|error| error.to_string())
+            .and_then(|text| {
+                text.trim()
+                    .parse::<SocketAddr>()
+                    .map_err(|error| error.to_string())
+            })
+            .map_err(|error| {
+                Error::internal(format!(
+                    "cairn-scheduler wrote no readable address to {}: {error}",
+                    scheduler_http_ready.display()
+                ))
+            })?;
         let max_inflight = settings
             .max_inflight_tasks
             .unwrap_or_else(|| u32::try_from(cores).unwrap_or(u32::MAX));
@@ -145,6 +168,11 @@ impl Embedded {
     /// The URL the node forwards Execution and Operations to.
     pub fn scheduler_url(&self) -> String {
         format!("http://{}", self.scheduler)
+    }
+
+    /// The scheduler's HTTP listener (metrics and status), on loopback.
+    pub fn scheduler_http(&self) -> SocketAddr {
+        self.scheduler_http
     }
 
     /// Stops the worker, then the scheduler: SIGTERM, and SIGKILL after the grace

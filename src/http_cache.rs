@@ -20,11 +20,13 @@
 //! `--remote_cache=https://user:pass@host`) or `Bearer`; a request without
 //! credentials nobody has gets 401 with `WWW-Authenticate: Basic`, so that browsers
 //! and curl ask for them, and a principal lacking the permission gets 403. `/healthz`
-//! stays open for load balancers; `/metrics` needs the `metrics` permission.
+//! stays open for load balancers; `/metrics` needs the `metrics` permission, and so
+//! does the status page (`/` and `/status`, see [`crate::http_status`]).
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use cairn_proto::reapi::ActionResult;
@@ -40,6 +42,7 @@ use crate::action_results::{self, Inline};
 use crate::auth::{Access, Credentials, Need, PeerNames, Permission};
 use crate::error::{Error, ErrorKind, Result};
 use crate::http_path::{self, HttpPath};
+use crate::http_status::StatusBoard;
 use crate::store::Store;
 
 /// A response body: a whole small buffer or a blob's stream.
@@ -52,6 +55,8 @@ pub struct HttpFront {
     access: Access,
     /// The names of the connection's client certificate, under mutual TLS.
     peer: Option<PeerNames>,
+    /// What the status page shows; without it, `/` and `/status` are not found.
+    status: Option<Arc<StatusBoard>>,
 }
 
 impl HttpFront {
@@ -61,7 +66,14 @@ impl HttpFront {
             store,
             access,
             peer: None,
+            status: None,
         }
+    }
+
+    /// This front serving the status page of `board`.
+    pub fn with_status(mut self, board: Arc<StatusBoard>) -> Self {
+        self.status = Some(board);
+        self
     }
 
     /// This front for a connection whose client certificate has `peer` names.
@@ -114,19 +126,29 @@ impl HttpFront {
         match (target, method) {
             (HttpPath::Health, &Method::GET) => {
                 let stats = self.store.engine().stats().await.map_err(Error::from)?;
-                let (status, disk) = disk_health(&stats, metrics.budget_clamped());
-                let rest = match self.store.slow_tier() {
-                    Some(slow_tier) => slow_tier.health(&stats),
-                    None => "ok\n".to_string(),
-                };
-                let body = if disk.is_empty() {
-                    rest
-                } else {
-                    // The first line is the verdict; "ok" under a disk verdict would
-                    // contradict it.
-                    disk + rest.strip_prefix("ok\n").unwrap_or(&rest)
-                };
+                let (status, body) = health(&self.store, &stats);
                 Ok(respond(status, Bytes::from(body)))
+            }
+            (page @ (HttpPath::StatusPage | HttpPath::Status), &Method::GET) => {
+                self.allow(&request, Need::One(Permission::Metrics), None)?;
+                let board = self
+                    .status
+                    .as_ref()
+                    .ok_or_else(|| Error::not_found("this listener serves no status page"))?;
+                let stats = self.store.engine().stats().await.map_err(Error::from)?;
+                let (health, body) = health(&self.store, &stats);
+                let status = board.status(&stats, health.as_u16(), &body);
+                let (content_type, body) = if page == HttpPath::Status {
+                    ("application/json", status.to_string())
+                } else {
+                    ("text/html; charset=utf-8", board.page(&status))
+                };
+                let mut response = respond(StatusCode::OK, Bytes::from(body));
+                response.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    header::HeaderValue::from_static(content_type),
+                );
+                Ok(response)
             }
             (HttpPath::Metrics, &Method::GET) => {
                 self.allow(&request, Need::One(Permission::Metrics), None)?;
@@ -285,6 +307,23 @@ fn sized(method: &Method, length: u64, body: Body) -> Response<Body> {
         .headers_mut()
         .insert(header::CONTENT_LENGTH, header::HeaderValue::from(length));
     response
+}
+
+/// The `/healthz` status and body: the verdict on the first line, then the disk's and
+/// the slow tier's lines.
+fn health(store: &Store, stats: &cairn_storage::Stats) -> (StatusCode, String) {
+    let (status, disk) = disk_health(stats, store.metrics().budget_clamped());
+    let rest = match store.slow_tier() {
+        Some(slow_tier) => slow_tier.health(stats),
+        None => "ok\n".to_string(),
+    };
+    let body = if disk.is_empty() {
+        rest
+    } else {
+        // The first line is the verdict; "ok" under a disk verdict would contradict it.
+        disk + rest.strip_prefix("ok\n").unwrap_or(&rest)
+    };
+    (status, body)
 }
 
 /// `/healthz` on the disk: 503 while a partition cannot create a segment even after

@@ -3,7 +3,7 @@
 //! Bazel's HTTP cache protocol names entries `/ac/{sha256}` and `/cas/{sha256}`,
 //! optionally below a prefix that this node treats as the instance name (so
 //! `--remote_cache=http://host:port/team-a` keeps team A's action results apart).
-//! `/metrics` and `/healthz` sit beside them. A pure function over the path, so every
+//! `/metrics`, `/healthz` and the status page (`/` and `/status`) sit beside them. A pure function over the path, so every
 //! malformed path is a clear `InvalidArgument`, never a panic (a fuzz target checks).
 
 use crate::error::{Error, Result};
@@ -15,6 +15,10 @@ pub enum HttpPath<'a> {
     Health,
     /// `/metrics`.
     Metrics,
+    /// `/`: the status page.
+    StatusPage,
+    /// `/status`: the status page's data, as JSON.
+    Status,
     /// `{instance}/ac/{hash}`: an action-cache entry.
     ActionCache {
         /// The prefix before `/ac/`, without slashes at either end.
@@ -36,6 +40,8 @@ pub fn parse(path: &str) -> Result<HttpPath<'_>> {
     match path {
         "/healthz" => return Ok(HttpPath::Health),
         "/metrics" => return Ok(HttpPath::Metrics),
+        "/" => return Ok(HttpPath::StatusPage),
+        "/status" => return Ok(HttpPath::Status),
         _ => {}
     }
     let invalid = |why: &str| Error::invalid_argument(format!("invalid path `{path}`: {why}"));
@@ -74,6 +80,8 @@ mod tests {
     fn plain_and_prefixed_paths() {
         assert_eq!(parse("/healthz").unwrap(), HttpPath::Health);
         assert_eq!(parse("/metrics").unwrap(), HttpPath::Metrics);
+        assert_eq!(parse("/").unwrap(), HttpPath::StatusPage);
+        assert_eq!(parse("/status").unwrap(), HttpPath::Status);
         assert_eq!(
             parse(&format!("/ac/{HASH}")).unwrap(),
             HttpPath::ActionCache {
@@ -94,7 +102,6 @@ mod tests {
     fn malformed_paths() {
         for path in [
             "",
-            "/",
             "ac/x",
             "/ac",
             "/ac/",

@@ -4,7 +4,8 @@
 //! This crate is the cache node's network front. Requests arrive on per-core glommio
 //! executors (the `runtime` module), are decoded by tonic-generated gRPC services — one module
 //! per protocol: [`grpc_capabilities`], [`grpc_cas`], [`grpc_ac`], [`grpc_bytestream`]
-//! — or by the HTTP cache protocol ([`http_cache`]), and are served from the storage
+//! — or by the HTTP cache protocol ([`http_cache`], which also serves the status page
+//! of [`http_status`]), and are served from the storage
 //! engine (`cairn-storage`) through [`store`], which holds the rules every protocol
 //! shares. Every request is first weighed by [`auth`] (which principal its credential
 //! names, and what that principal may do). [`node`] assembles all of it from a
@@ -29,6 +30,7 @@ pub mod grpc_cas;
 pub mod grpc_execution;
 pub mod http_cache;
 pub mod http_path;
+pub mod http_status;
 pub mod logging;
 pub mod metrics;
 pub mod node;

@@ -6,6 +6,7 @@
 //! they cost nothing between scrapes and are never stale.
 
 use cairn_storage::Stats;
+use prometheus::core::Collector;
 use prometheus::{
     Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
@@ -376,4 +377,54 @@ impl Metrics {
             .map_err(|error| Error::internal(error.to_string()))?;
         String::from_utf8(text).map_err(|error| Error::internal(error.to_string()))
     }
+
+    /// The request, lookup and byte counters as they stand, for the status page's
+    /// samples (src/http_status.rs): a few dozen label sets, read without the
+    /// registry's text encoding.
+    pub fn counters(&self) -> Counters {
+        let mut counters = Counters {
+            received_bytes: self.received.get(),
+            sent_bytes: self.sent.get(),
+            ..Counters::default()
+        };
+        for family in self.requests.collect() {
+            for metric in family.get_metric() {
+                let service = metric
+                    .get_label()
+                    .iter()
+                    .find(|label| label.name() == "service")
+                    .map(|label| label.value().to_string())
+                    .unwrap_or_default();
+                *counters.requests.entry(service).or_default() +=
+                    metric.get_counter().get_value() as u64;
+            }
+        }
+        for (store, hits, misses) in [
+            ("cas", &mut counters.cas_hits, &mut counters.cas_misses),
+            ("ac", &mut counters.ac_hits, &mut counters.ac_misses),
+        ] {
+            *hits = self.lookups.with_label_values(&[store, "hit"]).get();
+            *misses = self.lookups.with_label_values(&[store, "miss"]).get();
+        }
+        counters
+    }
+}
+
+/// The node's monotonic traffic counters at one moment.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Requests served, by service (`cas`, `ac`, `bytestream`, `http`, ...).
+    pub requests: std::collections::BTreeMap<String, u64>,
+    /// CAS lookups that found the blob.
+    pub cas_hits: u64,
+    /// CAS lookups that did not.
+    pub cas_misses: u64,
+    /// Action-cache lookups that found a result.
+    pub ac_hits: u64,
+    /// Action-cache lookups that did not.
+    pub ac_misses: u64,
+    /// Blob bytes received from clients.
+    pub received_bytes: u64,
+    /// Blob bytes sent to clients.
+    pub sent_bytes: u64,
 }

@@ -35,6 +35,7 @@ use crate::grpc_capabilities::CapabilitiesService;
 use crate::grpc_cas::CasService;
 use crate::grpc_execution::{ExecutionService, Forwarder, OperationsService};
 use crate::http_cache::HttpFront;
+use crate::http_status::Sampler;
 use crate::metrics::Metrics;
 use crate::runtime::ReceiveBudget;
 use crate::sink::Sink;
@@ -140,6 +141,7 @@ pub fn run(config: Config) -> Result<()> {
     let (stop, _) = watch::channel(false);
     let mut routes = grpc_routes(&store, pending, limits, config.execution.is_some(), &access);
     let mut execution = None;
+    let mut scheduler_http = None;
     if let Some(settings) = &config.execution {
         let embedded = Embedded::start(
             config.listen,
@@ -149,6 +151,7 @@ pub fn run(config: Config) -> Result<()> {
             config.shutdown_grace(),
             internal_token.as_deref(),
         )?;
+        scheduler_http = Some(embedded.scheduler_http());
         let (forwarder, forwarding) = Forwarder::start(&embedded.scheduler_url())?;
         routes = routes
             .add_service(ExecutionServer::new(ExecutionService::new(
@@ -175,11 +178,12 @@ pub fn run(config: Config) -> Result<()> {
         fd_limit.now
     );
     metrics.set_limits(max_connections, fd_limit.now);
+    let status = Sampler::start(store.clone(), scheduler_http)?;
     let serve = runtime::Serve {
         grpc_addr: config.listen,
         http_addr: config.http_listen,
         grpc: routes,
-        http: HttpFront::new(store, access),
+        http: HttpFront::new(store, access).with_status(status.board()),
         tls,
         engine,
         grace: config.shutdown_grace(),

@@ -1,5 +1,6 @@
 //! What an operator installs next to the binaries: the systemd units in
-//! `config/systemd/`, `--version` on every binary, and logs a shipper can read.
+//! `config/systemd/`, the Docker image's seccomp profile, `--version` on every binary,
+//! and logs a shipper can read.
 
 mod common;
 
@@ -108,5 +109,42 @@ fn json_logs_are_one_object_a_line_from_all_three_processes() {
             targets.contains(process),
             "no JSON line from the {process} (targets seen: {targets:?})"
         );
+    }
+}
+
+/// The seccomp profile the Dockerfile tells operators to run the node with is one
+/// Docker reads (a default action and rules by name), lets the io_uring calls through
+/// (Docker's default profile blocks them and the node cannot start), and still refuses
+/// the calls that administer the host.
+#[test]
+fn the_docker_seccomp_profile_allows_io_uring_and_refuses_host_administration() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dockerfile = std::fs::read_to_string(root.join("Dockerfile")).unwrap();
+    assert!(dockerfile.contains("--security-opt seccomp=config/docker/seccomp-io-uring.json"));
+    assert!(dockerfile.contains("--ulimit memlock=-1:-1"));
+    assert!(dockerfile.contains("cargo build --release --bins"));
+    let text = std::fs::read_to_string(root.join("config/docker/seccomp-io-uring.json")).unwrap();
+    let profile: serde_json::Value = serde_json::from_str(&text).expect("valid JSON");
+    assert_eq!(profile["defaultAction"], "SCMP_ACT_ALLOW");
+    let mut refused = Vec::new();
+    for rule in profile["syscalls"].as_array().expect("syscalls") {
+        assert_eq!(rule["action"], "SCMP_ACT_ERRNO");
+        for name in rule["names"].as_array().expect("names") {
+            refused.push(name.as_str().expect("a name").to_string());
+        }
+    }
+    assert!(
+        !refused.iter().any(|name| name.starts_with("io_uring")),
+        "{refused:?}"
+    );
+    for call in [
+        "mount",
+        "ptrace",
+        "kexec_load",
+        "init_module",
+        "bpf",
+        "setns",
+    ] {
+        assert!(refused.iter().any(|name| name == call), "{call} is allowed");
     }
 }

@@ -461,6 +461,56 @@ async fn a_worker_registers_by_its_client_certificate_under_mutual_tls() {
     assert_eq!(listed, vec!["by-cert".to_string()]);
 }
 
+/// With `--auth`, the scheduler's HTTP listener serves metrics and status only to
+/// principals with `metrics`; `/healthz` stays open for load balancers.
+#[tokio::test]
+async fn the_schedulers_metrics_and_status_need_the_metrics_permission() {
+    let temp = tempfile::tempdir().expect("temporary directory");
+    let dir = temp.path();
+    let http_ready = dir.join("scheduler.http");
+    let secure = Secure::start_with(
+        dir,
+        &[
+            "--http-listen",
+            "127.0.0.1:0",
+            "--http-ready-file",
+            arg(&http_ready),
+        ],
+    );
+    let address: std::net::SocketAddr = std::fs::read_to_string(&http_ready)
+        .expect("the HTTP ready file is written before the gRPC one")
+        .trim()
+        .parse()
+        .expect("IP:PORT");
+    let get = |path: &str, token: Option<&str>| {
+        let header = token.map(|token| format!("Bearer {token}"));
+        let headers: Vec<(&str, &str)> = header
+            .as_deref()
+            .map(|value| vec![("authorization", value)])
+            .unwrap_or_default();
+        common::http_with_headers(address, "GET", path, &headers, b"")
+    };
+    for path in ["/metrics", "/status", "/"] {
+        let (code, head, _) = get(path, None);
+        assert_eq!(code, 401, "{path} without credentials");
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("www-authenticate: basic"),
+            "{head}"
+        );
+        assert_eq!(get(path, Some(WORKER_TOKEN)).0, 403, "{path} as a worker");
+        assert_eq!(get(path, Some(OPS)).0, 200, "{path} as ops");
+    }
+    let (code, _, body) = get("/metrics", Some(OPS));
+    assert_eq!(code, 200);
+    assert!(
+        String::from_utf8_lossy(&body).contains("cairn_scheduler_"),
+        "no scheduler metrics"
+    );
+    assert_eq!(get("/healthz", None).0, 200);
+    drop(secure);
+}
+
 #[test]
 fn a_scheduler_off_loopback_without_auth_refuses_to_start() {
     // 192.0.2.1 (TEST-NET-1) belongs to no interface: a scheduler that failed to refuse

@@ -75,6 +75,15 @@ struct Args {
     /// Once listening, write the bound address (IP:PORT) to this file.
     #[arg(long, value_name = "FILE")]
     ready_file: Option<PathBuf>,
+
+    /// Address of the HTTP listener for /metrics, /healthz and the status page
+    /// [default: none]; port 0 picks one. It has no access control: keep it private.
+    #[arg(long, value_name = "ADDR")]
+    http_listen: Option<SocketAddr>,
+
+    /// Once the HTTP listener is bound, write its address (IP:PORT) to this file.
+    #[arg(long, value_name = "FILE")]
+    http_ready_file: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -110,6 +119,9 @@ fn main() -> ExitCode {
         if args.allow_unauthenticated_execution {
             config.allow_unauthenticated_execution = true;
         }
+        if let Some(http_listen) = args.http_listen {
+            config.http_listen = Some(http_listen);
+        }
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()?;
@@ -123,7 +135,7 @@ fn main() -> ExitCode {
                 }
                 tracing::info!("stopping");
             };
-            cairn::scheduler::serve(config, args.ready_file, shutdown).await
+            cairn::scheduler::serve(config, args.ready_file, args.http_ready_file, shutdown).await
         })
     });
     match outcome {

@@ -46,6 +46,10 @@ pub struct SchedulerConfig {
     /// the worker protocol. Default `127.0.0.1:50061`. Port 0 picks a free port (see
     /// the `--ready-file` flag for learning it).
     pub listen: SocketAddr,
+    /// Address of the HTTP listener serving `/metrics`, `/healthz` and the status page
+    /// (`/`, `/status`); with `auth`, all but `/healthz` need `metrics`. Plaintext, so
+    /// keep it on a private address. Default: none, no HTTP listener.
+    pub http_listen: Option<SocketAddr>,
     /// URL of the cache node, for action-cache lookups and reading Actions. Default
     /// `http://127.0.0.1:50051`.
     pub cache: String,
@@ -114,6 +118,7 @@ impl Default for SchedulerConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 50061)),
+            http_listen: None,
             cache: "http://127.0.0.1:50051".to_string(),
             token_file: None,
             tls_cert: None,
@@ -175,6 +180,7 @@ mod tests {
     fn empty_is_the_defaults() {
         let config: SchedulerConfig = parse_json5("{}").unwrap();
         assert_eq!(config.listen.port(), 50061);
+        assert_eq!(config.http_listen, None);
         assert_eq!(config.worker_selection, WorkerSelection::Lru);
         assert_eq!(config.rule("anything"), PropertyRule::Exact);
         assert_eq!(config.keepalive_timeout, Duration::from_secs(30));
@@ -184,7 +190,7 @@ mod tests {
     fn rules_and_durations() {
         let config: SchedulerConfig = parse_json5(
             "{ platform_properties: { cpu_count: 'minimum', pool: 'priority', x: 'ignore' },
-               worker_selection: 'mru', keepalive_timeout: '2s', }",
+               worker_selection: 'mru', keepalive_timeout: '2s', http_listen: '127.0.0.1:9461' }",
         )
         .unwrap();
         assert_eq!(config.rule("cpu_count"), PropertyRule::Minimum);
@@ -192,6 +198,10 @@ mod tests {
         assert_eq!(config.rule("x"), PropertyRule::Ignore);
         assert_eq!(config.worker_selection, WorkerSelection::Mru);
         assert_eq!(config.keepalive_timeout, Duration::from_secs(2));
+        assert_eq!(
+            config.http_listen,
+            Some(SocketAddr::from(([127, 0, 0, 1], 9461)))
+        );
     }
 
     #[test]

@@ -10,10 +10,13 @@
 //! The scheduler is a tokio program on tonic's transport. It never starts glommio or
 //! the storage engine, so it runs on hosts without io_uring. The modules: [`config`]
 //! (settings), [`matching`] (platform properties), [`state`] (operations, jobs,
-//! queue and workers) and [`service`] (the gRPC front).
+//! queue and workers), [`service`] (the gRPC front), and [`http`] and [`metrics`]
+//! (`/metrics` and the status page on `--http-listen`).
 
 pub mod config;
+pub mod http;
 pub mod matching;
+pub mod metrics;
 pub mod service;
 pub mod state;
 
@@ -38,10 +41,11 @@ use state::{Scheduler, TICK};
 /// Serves until `shutdown` resolves. Once the listener is bound, logs
 /// `cairn-scheduler listening on ADDR` and, if `ready_file` is given, writes the
 /// bound address (`IP:PORT`) into it, which is how a parent process that passed port
-/// 0 learns the port.
+/// 0 learns the port; `http_ready_file` gets the HTTP listener's, before `ready_file`.
 pub async fn serve(
     config: SchedulerConfig,
     ready_file: Option<PathBuf>,
+    http_ready_file: Option<PathBuf>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     config.check_security()?;
@@ -68,7 +72,15 @@ pub async fn serve(
             )
         })?;
     let address = listener.local_addr()?;
+    let http_listen = config.http_listen;
     let scheduler = Scheduler::new(config, cache.clone());
+    let _status = http::start(
+        http_listen,
+        &scheduler,
+        access.clone(),
+        http_ready_file.as_deref(),
+    )
+    .await?;
     let ticker = {
         let scheduler = scheduler.clone();
         tokio::spawn(async move {

@@ -40,6 +40,7 @@ use tonic::Code;
 
 use super::config::{SchedulerConfig, WorkerSelection};
 use super::matching::{self, Requirements};
+use super::metrics::Activity;
 use crate::cas_client::{CasClient, TransferLimits};
 use crate::digests;
 use crate::error::{Error, Result};
@@ -143,6 +144,7 @@ struct State {
     workers: HashMap<String, Worker>,
     next_id: u64,
     assignments: u64,
+    activity: Activity,
 }
 
 impl State {
@@ -387,8 +389,11 @@ impl Scheduler {
 
     fn finished(&self, action_digest: Digest, response: ExecuteResponse) -> Watch {
         let name = random_name();
+        let recent = snapshot::answered(&action_digest, &response);
         let (updates, progress) = watch::channel(Progress::Completed(Arc::new(response)));
-        self.lock().operations.insert(
+        let mut state = self.lock();
+        state.activity.completed(recent);
+        state.operations.insert(
             name.clone(),
             Operation {
                 action_digest: action_digest.clone(),
@@ -637,6 +642,9 @@ impl Scheduler {
         job.unrunnable_since = None;
         let entry = job.queue_entry(job_id);
         let names = job.operations.clone();
+        if counted {
+            state.activity.requeues += 1;
+        }
         state.queue.insert(entry);
         set_progress(state, &names, Progress::Queued);
     }
@@ -718,6 +726,7 @@ impl Scheduler {
                 continue;
             };
             job.dispatches += 1;
+            let waited = job.queued_at.elapsed().unwrap_or_default();
             let task_id = format!("{job_id}.{}", job.dispatches);
             job.task = Some(Task {
                 id: task_id.clone(),
@@ -742,6 +751,7 @@ impl Scheduler {
                     message: Some(ToWorker::Start(start)),
                 }));
             }
+            state.activity.dispatched(waited);
             set_progress(state, &names, Progress::Executing);
         }
     }
@@ -895,6 +905,9 @@ fn complete_job(state: &mut State, job_id: u64, response: ExecuteResponse, now: 
             state.in_flight.remove(key);
         }
     }
+    state
+        .activity
+        .completed(snapshot::executed(&job, &response, now));
     let response = Arc::new(response);
     for name in &job.operations {
         if let Some(operation) = state.operations.get_mut(name) {
@@ -903,5 +916,6 @@ fn complete_job(state: &mut State, job_id: u64, response: ExecuteResponse, now: 
     }
 }
 
+pub mod snapshot;
 #[cfg(test)]
 mod tests;

@@ -73,6 +73,17 @@ struct Tier {
     fetches: Mutex<HashMap<Digest, Fetch>>,
 }
 
+/// How S3 is doing.
+#[derive(Debug, Clone)]
+pub struct TierState {
+    /// Why the last exchange with S3 failed; `None` while it succeeds.
+    pub failing: Option<String>,
+    /// Blobs the node knows the bucket holds.
+    pub index_objects: usize,
+    /// Whether a listing of the whole bucket has completed.
+    pub listed: bool,
+}
+
 /// Owns the slow tier's runtime; dropping it stops the uploader and the listings.
 pub struct SlowTierRuntime {
     runtime: Option<Runtime>,
@@ -158,6 +169,15 @@ impl SlowTier {
     /// The `/healthz` body.
     pub fn health(&self, stats: &Stats) -> String {
         self.tier.status.health(stats)
+    }
+
+    /// How S3 is doing, for the status page.
+    pub fn state(&self) -> TierState {
+        TierState {
+            failing: self.tier.status.degraded(),
+            index_objects: self.tier.index.len(),
+            listed: self.tier.index.listed(),
+        }
     }
 
     /// The slow tier's metrics in Prometheus text format.
