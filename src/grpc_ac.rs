@@ -42,6 +42,7 @@ impl ActionCache for ActionCacheService {
         let request = request.into_inner();
         let function = function_of_request(request.digest_function)?;
         let action = digests::required(function, request.action_digest.as_ref(), "action_digest")?;
+        crate::traces::record_digest(&request.instance_name, &action);
         let inline = Inline {
             stdout: request.inline_stdout,
             stderr: request.inline_stderr,
@@ -50,7 +51,9 @@ impl ActionCache for ActionCacheService {
         let budget = self.store.limits().max_batch_total_size;
         let result =
             action_results::load(&self.store, &request.instance_name, action, &inline, budget)
-                .await?;
+                .await;
+        crate::traces::record("hit", result.is_ok());
+        let result = result?;
         Ok(Response::new(result))
     }
 

@@ -85,10 +85,12 @@ impl ByteStream for ByteStreamService {
             }
             limit => Some(limit as u64),
         };
+        crate::traces::record_digest(name.instance, &name.digest);
         let stream = match name.compression {
             Compression::Identity => {
-                let blob = self.store.get(name.digest, offset, limit).await?;
-                rechunk(blob)
+                let blob = self.store.get(name.digest, offset, limit).await;
+                crate::traces::record("hit", blob.is_ok());
+                rechunk(blob?)
             }
             Compression::Zstd => {
                 if limit.is_some() {
@@ -97,8 +99,9 @@ impl ByteStream for ByteStreamService {
                     )
                     .into());
                 }
-                let blob = self.store.get(name.digest, offset, None).await?;
-                compress(blob)?
+                let blob = self.store.get(name.digest, offset, None).await;
+                crate::traces::record("hit", blob.is_ok());
+                compress(blob?)?
             }
         };
         Ok(Response::new(stream))

@@ -89,7 +89,10 @@ impl ContentAddressableStorage for CasService {
             .iter()
             .map(|digest| digests::from_proto(function, digest))
             .collect::<Result<Vec<_>>>()?;
+        crate::traces::record("instance", request.instance_name.as_str());
+        crate::traces::record("requested", wanted.len());
         let missing = self.store.find_missing(wanted).await?;
+        crate::traces::record("missing", missing.len());
         Ok(Response::new(FindMissingBlobsResponse {
             missing_blob_digests: missing.iter().map(digests::to_proto).collect(),
         }))

@@ -163,10 +163,17 @@ impl Execution for ExecutionService {
         self.access
             .check_grpc(&request, Need::One(Permission::Execute), instance)?;
         let mut client = self.forwarder.execution();
-        let message = request.into_inner();
+        let mut forwarded = Request::new(request.into_inner());
+        if let Some(digest) = &forwarded.get_ref().action_digest {
+            crate::traces::record("instance", forwarded.get_ref().instance_name.as_str());
+            crate::traces::record("digest.hash", digest.hash.as_str());
+            crate::traces::record("digest.size", digest.size_bytes);
+        }
+        // The scheduler's spans for this action continue this request's trace.
+        crate::traces::into_metadata(&crate::traces::inject_current(), forwarded.metadata_mut());
         let stream = self
             .forwarder
-            .call(async move { client.execute(message).await.map(Response::into_inner) })
+            .call(async move { client.execute(forwarded).await.map(Response::into_inner) })
             .await?;
         Ok(Response::new(self.forwarder.relay(stream)))
     }

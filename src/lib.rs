@@ -11,7 +11,8 @@
 //! names, and what that principal may do). [`node`] assembles all of it from a
 //! [`config::Config`]; a single node also starts a scheduler and a worker of its own ([`embedded`]) and forwards Execution to
 //! them ([`grpc_execution`]). The [`scheduler`] and [`worker`] modules are the
-//! `cairn-scheduler` and `cairn-worker` programs.
+//! `cairn-scheduler` and `cairn-worker` programs; all three log through [`logging`]
+//! and, when asked to, export OpenTelemetry traces through [`traces`].
 
 pub mod action_results;
 pub mod auth;
@@ -43,6 +44,7 @@ pub mod sink;
 pub mod slow_tier;
 pub mod store;
 pub mod tls;
+pub mod traces;
 pub mod tree_walk;
 pub mod uploads;
 pub mod worker;

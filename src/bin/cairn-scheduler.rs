@@ -88,7 +88,7 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    cairn::logging::init(args.log_format);
+    let _traces = cairn::logging::init(args.log_format, "cairn-scheduler");
     let config = match &args.config {
         Some(path) => load_json5::<SchedulerConfig>(path),
         None => Ok(SchedulerConfig::default()),

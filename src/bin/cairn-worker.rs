@@ -138,7 +138,7 @@ fn apply(args: Args, mut config: WorkerConfig) -> cairn::Result<(WorkerConfig, O
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    cairn::logging::init(args.log_format);
+    let _traces = cairn::logging::init(args.log_format, "cairn-worker");
     let config = match &args.config {
         Some(path) => load_json5::<WorkerConfig>(path),
         None => Ok(WorkerConfig::default()),

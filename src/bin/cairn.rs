@@ -133,7 +133,7 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    cairn::logging::init(args.log_format);
+    let _traces = cairn::logging::init(args.log_format, "cairn");
     if let Err(error) = tikv_jemalloc_ctl::background_thread::write(true) {
         tracing::warn!("cannot start the allocator's purging thread: {error}");
     }

@@ -23,6 +23,7 @@ use super::timeouts::{
 };
 use super::tls::{Stream, WithPeer};
 use crate::http_cache::HttpFront;
+use crate::traces::Traced;
 
 type Io = TokioIo<Watched<Lent<Stream>>>;
 
@@ -41,7 +42,7 @@ where
 
 /// An HTTP/2 connection serving the gRPC routes.
 pub(super) type GrpcConnection =
-    http2::Connection<Io, Counted<Metered<TowerToHyperService<GrpcService>>>, LocalSpawner>;
+    http2::Connection<Io, Counted<Metered<TowerToHyperService<Traced<GrpcService>>>>, LocalSpawner>;
 
 /// The gRPC routes, with the connection's client-certificate names.
 pub(super) type GrpcService = WithPeer<tonic::service::Routes>;
@@ -98,7 +99,7 @@ pub(super) fn serve_http2(
             TokioIo::new(Watched::new(socket, Arc::clone(&activity))),
             Counted::new(
                 Metered::new(
-                    TowerToHyperService::new(routes),
+                    TowerToHyperService::new(Traced(routes)),
                     Arc::clone(&settings.receiving),
                 ),
                 Arc::clone(&activity),

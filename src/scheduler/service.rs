@@ -35,6 +35,7 @@ use futures::Stream;
 use prost::Message;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
 
 use super::state::{Progress, Scheduler, Watch};
 use crate::auth::{Access, Need, Permission};
@@ -133,7 +134,13 @@ impl Execution for ExecutionService {
     ) -> Result<Response<Self::ExecuteStream>, Status> {
         let instance = request.get_ref().instance_name.clone();
         self.access.check_grpc(&request, EXECUTE, Some(&instance))?;
-        let watch = self.scheduler.execute(request.into_inner()).await?;
+        let span = crate::traces::stage("Execute");
+        crate::traces::child_of(&span, &crate::traces::from_metadata(request.metadata()));
+        let watch = self
+            .scheduler
+            .execute(request.into_inner())
+            .instrument(span)
+            .await?;
         Ok(Response::new(operation_stream(watch)))
     }
 

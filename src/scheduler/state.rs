@@ -115,6 +115,9 @@ struct Job {
     task: Option<Task>,
     operations: Vec<String>,
     unrunnable_since: Option<Instant>,
+    /// The W3C trace context of the Execute that queued the job, handed to the worker
+    /// (empty when traces are off).
+    trace_context: HashMap<String, String>,
 }
 
 impl Job {
@@ -360,6 +363,7 @@ impl Scheduler {
                     task: None,
                     operations: vec![name.clone()],
                     unrunnable_since: None,
+                    trace_context: crate::traces::inject_current(),
                 };
                 state.queue.insert(job.queue_entry(job_id));
                 state.jobs.insert(job_id, job);
@@ -742,6 +746,7 @@ impl Scheduler {
                 timeout: Some(proto_duration(job.timeout)),
                 queued_timestamp: Some(timestamp(job.queued_at)),
                 properties: job.requirements.passed_through.clone(),
+                trace_context: job.trace_context.clone(),
             };
             let names = job.operations.clone();
             if let Some(worker) = state.workers.get_mut(&worker_id) {

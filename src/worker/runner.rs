@@ -30,6 +30,7 @@ use cairn_proto::worker::StartTask;
 use prost::Message;
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
+use tracing::Instrument;
 
 use super::config::WorkerConfig;
 use super::file_cache::FileCache;
@@ -71,8 +72,15 @@ impl Runner {
         cancel: CancellationToken,
     ) -> Option<ExecuteResponse> {
         let directory = self.tasks_dir.join(random_name());
+        // The action's span, continuing the trace of the scheduler's Execute.
+        let span = crate::traces::stage("Execute");
+        crate::traces::child_of(&span, &task.trace_context);
         let outcome = match std::fs::create_dir(&directory) {
-            Ok(()) => self.run_in(&task, &directory, &cancel).await,
+            Ok(()) => {
+                self.run_in(&task, &directory, &cancel)
+                    .instrument(span)
+                    .await
+            }
             Err(error) => Err(error.into()),
         };
         if self.config.keep_failed_tasks && failed(&outcome) {
@@ -163,7 +171,11 @@ impl Runner {
         let wanted = outputs::wanted(&command)?;
         let directory_format = outputs::directory_format(&command);
 
-        let tree = match inputs::fetch_tree(&cas, &root_digest).await? {
+        let fetching = crate::traces::stage("fetch inputs");
+        let tree = match inputs::fetch_tree(&cas, &root_digest)
+            .instrument(fetching.clone())
+            .await?
+        {
             Fetched::Ready(tree) => tree,
             Fetched::Missing(digests) => return Ok(Some(missing(digests))),
         };
@@ -177,6 +189,7 @@ impl Runner {
             &self.file_cache,
             self.config.transfer_concurrency,
         )
+        .instrument(fetching)
         .await?
         {
             return Ok(Some(missing(digests)));
@@ -206,6 +219,7 @@ impl Runner {
             timeout,
             cancel,
         )
+        .instrument(crate::traces::stage("run command"))
         .await?;
         metadata.execution_completed_timestamp = Some(timestamp(SystemTime::now()));
         let exit_code = match ending {
@@ -239,6 +253,7 @@ impl Runner {
             Ok(())
         })?;
         cas.upload(&blobs.memory, &blobs.files, &blobs.digests)
+            .instrument(crate::traces::stage("upload outputs"))
             .await?;
         metadata.output_upload_completed_timestamp = Some(timestamp(SystemTime::now()));
         metadata.worker_completed_timestamp = Some(timestamp(SystemTime::now()));
