@@ -11,7 +11,10 @@
 # a cache hit once Bazel's local state is wiped) against that same cairn, which was
 # started with no execution-related flags and so runs its own scheduler and worker,
 # and against the distributed example layout of config/distributed/: one cache
-# node, one cairn-scheduler, two cairn-workers, all on loopback.
+# node, one cairn-scheduler, two cairn-workers, all on loopback. The restarted single
+# node exports traces to an OTLP receiver (`examples/otlp-receiver.rs`, which
+# `cargo test` builds): the remote execution build must produce traces whose spans
+# connect node → scheduler → worker and carry Bazel's RequestMetadata.
 #
 # cairn-scheduler and cairn-worker are taken from the directory of PATH_TO_CAIRN
 # (`cargo test` and `cargo build --bins` both put all three there).
@@ -23,10 +26,13 @@ BIN_DIR="$(dirname "$CAIRN")"
 for binary in "$CAIRN" "$BIN_DIR/cairn-scheduler" "$BIN_DIR/cairn-worker"; do
   [ -x "$binary" ] || { echo "e2e-bazel: $binary not built (cargo build --bins)" >&2; exit 1; }
 done
+RECEIVER="$BIN_DIR/examples/otlp-receiver"
+[ -x "$RECEIVER" ] || { echo "e2e-bazel: $RECEIVER not built (cargo build --example otlp-receiver)" >&2; exit 1; }
 
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/cairn-e2e.XXXXXX")"
 export BAZEL_E2E_DIR="$WORK/bazel"
 PID=""
+RECEIVER_PID=""
 # The distributed layout's processes, stopped in this order: workers, scheduler, node.
 DIST_PIDS=()
 
@@ -58,6 +64,7 @@ stop_distributed() {
 cleanup() {
   stop_distributed
   stop_cairn
+  if [ -n "$RECEIVER_PID" ]; then kill "$RECEIVER_PID" 2>/dev/null || true; wait "$RECEIVER_PID" 2>/dev/null || true; fi
   chmod -R u+w "$WORK" 2>/dev/null || true
   rm -rf "$WORK"
 }
@@ -89,16 +96,46 @@ scripts/bazel-e2e.sh cold-warm "$GRPC"
 scripts/bazel-e2e.sh warm-minimal "$GRPC"
 scripts/bazel-e2e.sh cold-warm "$HTTP"
 
-log "SIGKILL cairn $PID and restart it on the same data directory"
+log "SIGKILL cairn $PID and restart it on the same data directory, exporting traces"
 kill -KILL "$PID"
 wait "$PID" 2>/dev/null || true
 PID=""
-start_cairn
+"$RECEIVER" "$WORK/otlp.addr" "$WORK/spans.jsonl" >>"$WORK/otlp.log" 2>&1 &
+RECEIVER_PID=$!
+for _ in $(seq 1 600); do
+  [ -s "$WORK/otlp.addr" ] && break
+  kill -0 "$RECEIVER_PID" 2>/dev/null || { cat "$WORK/otlp.log" >&2; log "FAIL: otlp-receiver exited"; exit 1; }
+  sleep 0.1
+done
+OTEL_EXPORTER_OTLP_ENDPOINT="http://$(cat "$WORK/otlp.addr")" OTEL_BSP_SCHEDULE_DELAY=200 start_cairn
 scripts/bazel-e2e.sh warm "$GRPC"
 
 log "remote execution on the single node (no execution-related flags)"
 scripts/bazel-e2e.sh exec "$GRPC"
+# A clean stop flushes the spans the three processes still buffer.
 stop_cairn
+python3 - "$WORK/spans.jsonl" <<'PY'
+import json, sys
+spans = [json.loads(line) for line in open(sys.argv[1])]
+by_id = {(s["trace_id"], s["span_id"]): s for s in spans}
+connected = 0
+for worker in (s for s in spans if s["service"] == "cairn-worker" and s["name"] == "Execute"):
+    scheduler = by_id.get((worker["trace_id"], worker["parent_span_id"]))
+    if not scheduler or scheduler["service"] != "cairn-scheduler":
+        continue
+    node = by_id.get((scheduler["trace_id"], scheduler["parent_span_id"]))
+    if not node or node["service"] != "cairn" or not node["name"].endswith("Execution/Execute"):
+        continue
+    attributes = node["attributes"]
+    if attributes.get("bazel.tool_invocation_id") and attributes.get("bazel.action_mnemonic"):
+        connected += 1
+print(f"[e2e-bazel] {connected} remote actions traced node -> scheduler -> worker "
+      f"({len(spans)} spans)", file=sys.stderr)
+sys.exit(0 if connected > 0 else 1)
+PY
+kill "$RECEIVER_PID" 2>/dev/null || true
+wait "$RECEIVER_PID" 2>/dev/null || true
+RECEIVER_PID=""
 
 # wait_file FILE PID NAME: until FILE exists; fails if PID exits first.
 wait_file() {
