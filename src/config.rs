@@ -128,8 +128,9 @@ pub struct Config {
     /// `false`: such a node refuses to start.
     pub allow_unauthenticated_execution: bool,
     /// How long a Remote Asset FetchBlob may spend downloading (all its URLs together)
-    /// when the request gives no `timeout`, in seconds. Default `600`. A request's own
-    /// `timeout` is honoured up to an hour (see `docs/asset.md`).
+    /// when the request gives no `timeout`, in seconds. Default `600`; at least 1, and
+    /// values over 3600 are lowered to it. A request's own `timeout` is honoured up to
+    /// an hour too (see `docs/asset.md`).
     pub asset_fetch_timeout_seconds: u64,
     /// PEM certificate chain for TLS (1.2 and 1.3, rustls) on the gRPC listener (ALPN
     /// `h2`) and the HTTP listener; needs `tls_key`. It, the key and the client CA are
