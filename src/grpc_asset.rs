@@ -71,10 +71,11 @@ use sha2::Digest as _;
 use tokio::io::AsyncReadExt;
 use tonic::{Request, Response, Status};
 
-use crate::asset_fetch::{Downloader, DownloaderRuntime, FetchFailure, Spooled, Sri};
+use crate::asset_fetch::{Downloader, DownloaderRuntime, FetchFailure, Spooled};
 use crate::auth::{Access, Credentials, Need, Permission};
 use crate::digests::{self, function_of_request, function_to_proto};
 use crate::error::{Error, ErrorKind, Result};
+use crate::sri::Sri;
 use crate::store::{is_empty, Store};
 
 /// Longest a download may take, whatever `timeout` a request asks for.

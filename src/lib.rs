@@ -39,6 +39,7 @@ pub mod scheduler;
 mod signals;
 pub mod sink;
 pub mod slow_tier;
+pub mod sri;
 pub mod store;
 pub mod tree_walk;
 pub mod uploads;
