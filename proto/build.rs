@@ -7,6 +7,7 @@ use std::path::Path;
 
 const PROTOS: &[&str] = &[
     "build/bazel/remote/execution/v2/remote_execution.proto",
+    "build/bazel/remote/asset/v1/remote_asset.proto",
     "google/bytestream/bytestream.proto",
     "google/longrunning/operations.proto",
     "google/rpc/status.proto",

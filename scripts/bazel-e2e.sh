@@ -21,6 +21,12 @@
 #   cache-all GRPC_URL HTTP_URL
 #                             cold-warm GRPC_URL, warm-minimal GRPC_URL,
 #                             cold-warm HTTP_URL, warm-minimal HTTP_URL
+#   assets GRPC_URL           Remote Asset API: a small workspace with an http_archive
+#                             and an http_file served by a local HTTP server, built
+#                             with --experimental_remote_downloader=GRPC_URL; then the
+#                             HTTP server stops, the repository cache and output base
+#                             are wiped, and the build must still succeed, served by
+#                             the remote downloader
 #   clean                     delete the state directory
 #
 # URL is grpc://HOST:PORT or http://HOST:PORT (grpcs:// and https:// for TLS, with
@@ -280,8 +286,17 @@ stop_bazel() {
   for i in $kids; do kill -KILL "$i" 2>/dev/null || true; done
   BZ_PID=""
 }
+# The assets phase's HTTP server, stopped by PID.
+ORIGIN_PID=""
+stop_origin() {
+  [ -n "$ORIGIN_PID" ] || return 0
+  kill -TERM "$ORIGIN_PID" 2>/dev/null || true
+  wait "$ORIGIN_PID" 2>/dev/null || true
+  ORIGIN_PID=""
+}
 cleanup() {
   stop_bazel
+  stop_origin
   if [ -n "$LAST_OB" ]; then done_with_ob; fi
 }
 trap 'cleanup' EXIT
@@ -454,6 +469,49 @@ phase_refused() { # url regex
   record_salt "$url" "$salt"
 }
 
+phase_assets() { # grpc url
+  local url=$1 salt port origin repo_cache
+  case $url in grpc://*) ;; *) die "assets needs a grpc:// URL (the Remote Asset API is gRPC)" ;; esac
+  salt=$(new_salt)
+  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  origin="http://127.0.0.1:$port"
+  WS="$STATE/assets-$salt"
+  python3 "$GEN" "$WS" --salt "$salt" --assets-url "$origin" >&2
+  EXPECTED=$(cat "$WS/EXPECTED_ACTIONS")
+  mkdir -p "$STATE/logs"
+  local origin_log="$STATE/logs/assets-origin-$salt.log"
+  ( cd "$WS/served" && exec python3 -m http.server "$port" --bind 127.0.0.1 ) >"$origin_log" 2>&1 &
+  ORIGIN_PID=$!
+  local i
+  for i in $(seq 1 100); do
+    curl -fsS -o /dev/null "$origin/" 2>/dev/null && break
+    kill -0 "$ORIGIN_PID" 2>/dev/null || die "assets: the HTTP server exited: $(cat "$origin_log")"
+    sleep 0.1
+  done
+  curl -fsS -o /dev/null "$origin/" || die "assets: the HTTP server on $origin did not answer"
+  repo_cache="$STATE/repository-cache-$salt"
+  rm_tree "$repo_cache"
+  local flags=(--experimental_remote_downloader="$url" --repository_cache="$repo_cache")
+  local want
+  want=$(cat "$WS/EXPECTED_ASSETS_SUM")
+
+  build_and_expect assets-online cache "$url" local "${flags[@]}"
+  [ "$(cat "$(bin_dir)/assets.sha256")" = "$want" ] || die "assets-online: wrong output from the fetched files"
+  done_with_ob
+  local gets
+  gets=$(grep -cE '"GET /(dep|tool)-' "$origin_log" || true)
+  [ "$gets" -ge 2 ] || die "assets-online: the HTTP server saw $gets downloads, want both files"
+  log "assets-online: the remote downloader fetched both files ($gets GETs at the origin)"
+
+  stop_origin
+  if curl -fsS -o /dev/null "$origin/" 2>/dev/null; then die "assets: the HTTP server still answers"; fi
+  rm_tree "$repo_cache"
+  build_and_expect assets-offline cache "$url" hits "${flags[@]}"
+  [ "$(cat "$(bin_dir)/assets.sha256")" = "$want" ] || die "assets-offline: wrong output from the cached files"
+  done_with_ob
+  log "assets-offline: with the origin down and Bazel's caches wiped, both files came from the remote downloader"
+}
+
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//' >&2; exit 2; }
 
 need_bazel() {
@@ -489,6 +547,7 @@ main() {
       local g=${1:?GRPC_URL} h=${2:?HTTP_URL}
       phase_cold "$g"; phase_warm "$g"; phase_warm "$g" minimal
       phase_cold "$h"; phase_warm "$h"; phase_warm "$h" minimal ;;
+    assets) need_bazel; phase_assets "${1:?GRPC_URL}" ;;
     *) usage ;;
   esac
   log "$phase: PASS in $((SECONDS - t0))s"

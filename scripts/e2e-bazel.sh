@@ -6,7 +6,9 @@
 # Phases: cold then warm build over gRPC (every action a remote cache hit after
 # Bazel's local state is wiped), a warm build with --remote_download_minimal, the
 # same cold/warm over the HTTP cache protocol, then SIGKILL cairn, restart it on the
-# same data directory, and the warm build is still all hits. Then remote execution:
+# same data directory, and the warm build is still all hits. The Remote Asset API:
+# `bazel-e2e.sh assets` (an http_archive and an http_file fetched through cairn, then
+# built again with the HTTP server stopped and Bazel's caches wiped). Then remote execution:
 # `bazel-e2e.sh exec` (every action runs remotely on the cold build, every action is
 # a cache hit once Bazel's local state is wiped) against that same cairn, which was
 # started with no execution-related flags and so runs its own scheduler and worker,
@@ -94,6 +96,7 @@ HTTP="http://127.0.0.1:$HTTP_PORT"
 start_cairn
 scripts/bazel-e2e.sh cold-warm "$GRPC"
 scripts/bazel-e2e.sh warm-minimal "$GRPC"
+scripts/bazel-e2e.sh assets "$GRPC"
 scripts/bazel-e2e.sh cold-warm "$HTTP"
 
 log "SIGKILL cairn $PID and restart it on the same data directory, exporting traces"
@@ -179,4 +182,4 @@ BAZEL_E2E_EXEC_CACHE="grpc://127.0.0.1:$CACHE_PORT" scripts/bazel-e2e.sh exec "g
 stop_distributed
 
 log "all Bazel end-to-end phases passed"
-echo "bazel-e2e: 7 passed, 0 failed"
+echo "bazel-e2e: 8 passed, 0 failed"

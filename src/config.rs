@@ -127,6 +127,11 @@ pub struct Config {
     /// so that anyone who reaches it can run commands on the worker's host. Default
     /// `false`: such a node refuses to start.
     pub allow_unauthenticated_execution: bool,
+    /// How long a Remote Asset FetchBlob may spend downloading (all its URLs together)
+    /// when the request gives no `timeout`, in seconds. Default `600`; at least 1, and
+    /// values over 3600 are lowered to it. A request's own `timeout` is honoured up to
+    /// an hour too (see `docs/asset.md`).
+    pub asset_fetch_timeout_seconds: u64,
     /// PEM certificate chain for TLS (1.2 and 1.3, rustls) on the gRPC listener (ALPN
     /// `h2`) and the HTTP listener; needs `tls_key`. It, the key and the client CA are
     /// read again when they change (polled every second), for new connections.
@@ -194,6 +199,7 @@ impl Default for Config {
             auth: None,
             read_only: false,
             allow_unauthenticated_execution: false,
+            asset_fetch_timeout_seconds: 600,
             tls_cert: None,
             tls_key: None,
             tls_client_ca: None,
@@ -263,6 +269,16 @@ impl Config {
     /// The upload resumption window.
     pub fn upload_resume(&self) -> Duration {
         Duration::from_secs(self.upload_resume_seconds)
+    }
+
+    /// The download timeout of a FetchBlob that gives none; at least a second.
+    pub fn asset_fetch_timeout(&self) -> Result<Duration> {
+        if self.asset_fetch_timeout_seconds == 0 {
+            return Err(Error::invalid_argument(
+                "asset_fetch_timeout_seconds must be at least 1",
+            ));
+        }
+        Ok(Duration::from_secs(self.asset_fetch_timeout_seconds))
     }
 
     /// The shutdown grace period.

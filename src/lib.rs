@@ -3,9 +3,10 @@
 //!
 //! This crate is the cache node's network front. Requests arrive on per-core glommio
 //! executors (the `runtime` module), are decoded by tonic-generated gRPC services — one module
-//! per protocol: [`grpc_capabilities`], [`grpc_cas`], [`grpc_ac`], [`grpc_bytestream`]
-//! — or by the HTTP cache protocol ([`http_cache`], which also serves the status page
-//! of [`http_status`]), and are served from the storage
+//! per protocol: [`grpc_capabilities`], [`grpc_cas`], [`grpc_ac`], [`grpc_bytestream`],
+//! [`grpc_asset`] (the Remote Asset API, downloading through [`asset_fetch`]) — or by
+//! the HTTP cache protocol ([`http_cache`], which also serves the status page of
+//! [`http_status`]), and are served from the storage
 //! engine (`cairn-storage`) through [`store`], which holds the rules every protocol
 //! shares. Every request is first weighed by [`auth`] (which principal its credential
 //! names, and what that principal may do). [`node`] assembles all of it from a
@@ -15,6 +16,7 @@
 //! and, when asked to, export OpenTelemetry traces through [`traces`].
 
 pub mod action_results;
+pub mod asset_fetch;
 pub mod auth;
 pub mod byte_size;
 pub mod cas_client;
@@ -25,6 +27,7 @@ pub mod embedded;
 pub mod error;
 pub mod exec_common;
 pub mod grpc_ac;
+pub mod grpc_asset;
 pub mod grpc_bytestream;
 pub mod grpc_capabilities;
 pub mod grpc_cas;
@@ -42,6 +45,7 @@ pub mod scheduler;
 mod signals;
 pub mod sink;
 pub mod slow_tier;
+pub mod sri;
 pub mod store;
 pub mod tls;
 pub mod traces;

@@ -47,6 +47,8 @@ pub struct Metrics {
     disk_full_reclaims: IntGauge,
     disk_full_refusing: IntGauge,
     upload_overflow_bytes: IntGauge,
+    asset_fetches: IntCounterVec,
+    asset_downloaded: IntCounter,
 }
 
 impl Metrics {
@@ -233,6 +235,18 @@ impl Metrics {
                 "upload_overflow_bytes",
                 "Bytes of the node-wide overflow pool (1/8 of the budget) borrowed by partitions whose uploads in flight outgrew their own budget",
             )?,
+            asset_fetches: counter_vec(
+                "asset_fetches_total",
+                "Remote Asset FetchBlob requests, by outcome: answered from a known \
+                 mapping or the CAS (hit), by a download, alone or shared with concurrent \
+                 requests (downloaded), refused for not matching checksum.sri \
+                 (checksum_mismatch), or failed otherwise (failed)",
+                &["outcome"],
+            )?,
+            asset_downloaded: counter(
+                "asset_downloaded_bytes_total",
+                "Bytes downloaded from origins by Remote Asset fetches",
+            )?,
             registry,
         })
     }
@@ -326,6 +340,17 @@ impl Metrics {
     /// Counts directories read by a GetTree walk.
     pub fn tree_directories_read(&self, count: u64) {
         self.tree_reads.inc_by(count);
+    }
+
+    /// Counts one FetchBlob request by its outcome (`hit`, `downloaded`,
+    /// `checksum_mismatch`, `failed`).
+    pub fn asset_fetch(&self, outcome: &str) {
+        self.asset_fetches.with_label_values(&[outcome]).inc();
+    }
+
+    /// Counts bytes downloaded from an origin.
+    pub fn asset_bytes_downloaded(&self, bytes: u64) {
+        self.asset_downloaded.inc_by(bytes);
     }
 
     /// Counts blob bytes sent.

@@ -15,6 +15,8 @@
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
+use cairn_proto::asset::fetch_server::FetchServer;
+use cairn_proto::asset::push_server::PushServer;
 use cairn_proto::bytestream::byte_stream_server::ByteStreamServer;
 use cairn_proto::longrunning::operations_server::OperationsServer;
 use cairn_proto::reapi::action_cache_server::ActionCacheServer;
@@ -30,6 +32,7 @@ use crate::embedded::Embedded;
 use crate::error::{Error, Result};
 use crate::exec_common::random_name;
 use crate::grpc_ac::ActionCacheService;
+use crate::grpc_asset::AssetService;
 use crate::grpc_bytestream::ByteStreamService;
 use crate::grpc_capabilities::CapabilitiesService;
 use crate::grpc_cas::CasService;
@@ -140,6 +143,17 @@ pub fn run(config: Config) -> Result<()> {
         .map_err(|error| Error::internal(format!("cannot start the upload sweeper: {error}")))?;
     let (stop, _) = watch::channel(false);
     let mut routes = grpc_routes(&store, pending, limits, config.execution.is_some(), &access);
+    // Downloads spool under the data directory: a body can be as large as the largest
+    // blob, more than memory or a tmpfs `/tmp` should hold.
+    let (assets, assets_runtime) = AssetService::start(
+        store.clone(),
+        access.clone(),
+        config.data_dir.join("asset-downloads"),
+        config.asset_fetch_timeout()?,
+    )?;
+    routes = routes
+        .add_service(FetchServer::new(assets.clone()))
+        .add_service(PushServer::new(assets));
     let mut execution = None;
     let mut scheduler_http = None;
     if let Some(settings) = &config.execution {
@@ -214,6 +228,7 @@ pub fn run(config: Config) -> Result<()> {
     if sweeper.join().is_err() {
         tracing::error!("the upload sweeper panicked");
     }
+    drop(assets_runtime);
     drop(slow_tier_runtime);
     served?;
     tracing::info!("stopped cleanly");

@@ -82,6 +82,11 @@ impl Store {
         &self.metrics
     }
 
+    /// The metrics, for work that outlives a request (downloads).
+    pub fn metrics_handle(&self) -> Arc<Metrics> {
+        Arc::clone(&self.metrics)
+    }
+
     /// The engine itself, for statistics.
     pub fn engine(&self) -> &Engine {
         &self.engine
@@ -232,6 +237,18 @@ impl Store {
     /// Stores the action-cache entry of `action` in `instance`.
     pub async fn ac_put(&self, instance: &str, action: Digest, value: Bytes) -> Result<()> {
         self.ac_write(instance, ac_key(action), value).await
+    }
+
+    /// The Remote Asset mapping stored under `key` in `instance` (see
+    /// [`crate::grpc_asset`]); kept beside action results, so it is replicated and
+    /// fetched from the slow tier like them.
+    pub async fn asset_get(&self, instance: &str, key: [u8; 32]) -> Result<Bytes> {
+        self.ac_read(instance, asset_key(key)).await
+    }
+
+    /// Stores the Remote Asset mapping `value` under `key` in `instance`.
+    pub async fn asset_put(&self, instance: &str, key: [u8; 32], value: Bytes) -> Result<()> {
+        self.ac_write(instance, asset_key(key), value).await
     }
 }
 
@@ -414,6 +431,18 @@ fn not_found(digest: &Digest) -> Error {
 /// Whether `digest` is the empty blob of its function.
 pub fn is_empty(digest: &Digest) -> bool {
     digest.size == 0 && *digest == Digest::empty(digest.function)
+}
+
+/// The action-cache key of a Remote Asset mapping. Its size, 2^63, is one no action
+/// key has: [`ac_key`] makes every action's size 0, and a wire digest's size is at
+/// most `i64::MAX` anyway; so no action result and no mapping ever share a key,
+/// whatever hashes a client sends.
+fn asset_key(hash: [u8; 32]) -> Digest {
+    Digest {
+        function: DigestFunction::Sha256,
+        hash,
+        size: 1 << 63,
+    }
 }
 
 /// The action-cache key: the action's hash without its size, so that an action named

@@ -134,6 +134,11 @@ def main():
     write("auth_header", "basic-no-colon", b"basic aHVudGVyMg==")
     write("auth_header", "unknown-scheme", b"Digest username=x")
     write("auth_header", "tabs-and-case", b"\tBEARER\t\ttok ")
+    write("sri", "bazel-sha256", b"sha256-47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=")
+    write("sri", "several-with-options",
+          b"sha256-47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU= "
+          b"sha384-OLBgp1GsljhM2TJ+sbHjaiH9txEUvgdDTAzHv2P24donTt6/529l+9Ua0vFImLlb?ct=x md5-abc")
+    write("sri", "short-hash", b"sha512-AAAA")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,11 @@ pub mod build {
             tonic::include_proto!("build.bazel.semver");
         }
         pub mod remote {
+            pub mod asset {
+                pub mod v1 {
+                    tonic::include_proto!("build.bazel.remote.asset.v1");
+                }
+            }
             pub mod execution {
                 pub mod v2 {
                     tonic::include_proto!("build.bazel.remote.execution.v2");
@@ -49,6 +54,8 @@ pub mod google {
     }
 }
 
+/// The Remote Asset API (Fetch and Push), served beside REAPI by the cache node.
+pub use build::bazel::remote::asset::v1 as asset;
 /// REAPI v2, the package every service of the cache node is defined in.
 pub use build::bazel::remote::execution::v2 as reapi;
 pub use cairn::worker::v1 as worker;
