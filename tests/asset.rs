@@ -19,12 +19,12 @@ use cairn_proto::asset::{
     PushDirectoryRequest, Qualifier,
 };
 use cairn_proto::reapi::FindMissingBlobsRequest;
-use common::{blob, http, sha256, wire, Node};
+use common::{bearer, blob, http, sha256, token_hash, wire, Node};
 use sha2::Digest as _;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tonic::{Code, Request};
+use tonic::Code;
 
 /// What the origin does for a path.
 #[derive(Clone)]
@@ -546,19 +546,9 @@ async fn malformed_requests_are_invalid_arguments() {
 const READER: &str = "asset-reader-1";
 const UPLOADER: &str = "asset-uploader-2";
 
-fn bearer<T>(message: T, token: &str) -> Request<T> {
-    let mut request = Request::new(message);
-    request.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {token}").parse().expect("metadata value"),
-    );
-    request
-}
-
 #[tokio::test]
 async fn downloads_and_pushes_need_write() {
     let temp = tempfile::tempdir().expect("temporary directory");
-    let hash = |token: &str| hex::encode(sha2::Sha256::digest(token.as_bytes()));
     let auth = temp.path().join("auth.json5");
     std::fs::write(
         &auth,
@@ -567,8 +557,8 @@ async fn downloads_and_pushes_need_write() {
   {{ name: 'reader', token_sha256: '{}', permissions: ['read'] }},
   {{ name: 'uploader', token_sha256: '{}', permissions: ['read', 'write'] }},
 ] }}",
-            hash(READER),
-            hash(UPLOADER)
+            token_hash(READER),
+            token_hash(UPLOADER)
         ),
     )
     .expect("auth file");

@@ -19,9 +19,11 @@ use cairn_proto::reapi::{
     ExecuteRequest, ExecuteResponse, FindMissingBlobsRequest, GetActionResultRequest,
     GetCapabilitiesRequest, UpdateActionResultRequest,
 };
-use common::{blob, http_with_headers as http, sha256, upload_name, wire, write_requests, Node};
+use common::{
+    bearer, blob, http_with_headers as http, sha256, token_hash, upload_name, wire, write_requests,
+    Node,
+};
 use prost::Message;
-use sha2::Digest as _;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 
@@ -31,10 +33,6 @@ const UPLOADER: &str = "uploader-token-c0de";
 const TEAM_A: &str = "team-a-token-5e11";
 const OPS: &str = "ops-token-0a0a";
 const PASSWORD: &str = "correct horse";
-
-fn token_hash(token: &str) -> String {
-    hex::encode(sha2::Sha256::digest(token.as_bytes()))
-}
 
 /// The test's auth file: one principal per role.
 fn auth_file(dir: &Path) -> PathBuf {
@@ -70,16 +68,6 @@ fn node_with_auth(temp: &tempfile::TempDir) -> Node {
         &dir,
         &["--no-execution", "--auth", auth.to_str().expect("path")],
     )
-}
-
-/// `message` with `authorization: Bearer token`.
-fn bearer<T>(message: T, token: &str) -> Request<T> {
-    let mut request = Request::new(message);
-    request.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {token}").parse().expect("metadata value"),
-    );
-    request
 }
 
 async fn cas(node: &Node) -> ContentAddressableStorageClient<Channel> {

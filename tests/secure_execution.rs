@@ -23,11 +23,10 @@ use cairn_proto::reapi::{
 use cairn_proto::worker::worker_api_client::WorkerApiClient;
 use cairn_proto::worker::ListWorkersRequest;
 use common::certs::certificates;
-use common::{sha256, wire, Node};
+use common::{bearer, sha256, token_hash, wire, Node};
 use prost::Message;
-use sha2::Digest as _;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
-use tonic::{Code, Request};
+use tonic::Code;
 
 const SCHEDULER: &str = env!("CARGO_BIN_EXE_cairn-scheduler");
 const WORKER: &str = env!("CARGO_BIN_EXE_cairn-worker");
@@ -38,10 +37,6 @@ const TEAM_A: &str = "team-a-token-3";
 const SCHEDULER_TOKEN: &str = "scheduler-token-4";
 const WORKER_TOKEN: &str = "worker-token-5";
 const OPS: &str = "ops-token-6";
-
-fn token_hash(token: &str) -> String {
-    hex::encode(sha2::Sha256::digest(token.as_bytes()))
-}
 
 /// One auth file for the node and the scheduler: clients, the scheduler (reads actions
 /// and the action cache), workers (upload outputs, write results, register).
@@ -309,15 +304,6 @@ impl Secure {
             other => panic!("no response: {other:?}"),
         }
     }
-}
-
-fn bearer<T>(message: T, token: &str) -> Request<T> {
-    let mut request = Request::new(message);
-    request.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {token}").parse().expect("metadata value"),
-    );
-    request
 }
 
 fn assert_refused<T: std::fmt::Debug>(result: Result<T, tonic::Status>, code: Code, part: &str) {

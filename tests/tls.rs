@@ -12,12 +12,12 @@ use cairn_proto::reapi::action_cache_client::ActionCacheClient;
 use cairn_proto::reapi::{ActionResult, UpdateActionResultRequest};
 use common::certs::{certificates, make_cert};
 use common::free_port;
-use tonic::{Code, Request};
+use tonic::Code;
 
 use cairn_proto::reapi::batch_update_blobs_request::Request as UpdateRequest;
 use cairn_proto::reapi::content_addressable_storage_client::ContentAddressableStorageClient;
 use cairn_proto::reapi::{BatchReadBlobsRequest, BatchUpdateBlobsRequest};
-use common::{blob, sha256, wire, Node};
+use common::{bearer, blob, sha256, wire, Node};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 fn path(dir: &Path, file: &str) -> PathBuf {
@@ -178,16 +178,6 @@ async fn mutual_tls_needs_a_client_certificate_of_the_ca() {
     );
     let with_cert = ["--cert", "client.pem", "--key", "client.key"];
     assert_eq!(curl(&node, dir, "https", "/healthz", &with_cert), 200);
-}
-
-/// `message` with `authorization: Bearer token`.
-fn bearer<T>(message: T, token: &str) -> Request<T> {
-    let mut request = Request::new(message);
-    request.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {token}").parse().expect("metadata value"),
-    );
-    request
 }
 
 #[tokio::test]

@@ -467,3 +467,19 @@ fn proc_status_bytes(pid: i32, field: &str) -> u64 {
         .unwrap_or_else(|| panic!("{field} in /proc/{pid}/status"));
     kib << 10
 }
+
+/// `message` with `authorization: Bearer token`, as a client of an `--auth` node sends it.
+pub fn bearer<T>(message: T, token: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {token}").parse().expect("metadata value"),
+    );
+    request
+}
+
+/// The hex SHA-256 of `token`: what an auth file's `token_sha256` holds.
+pub fn token_hash(token: &str) -> String {
+    use sha2::Digest as _;
+    hex::encode(sha2::Sha256::digest(token.as_bytes()))
+}
