@@ -227,6 +227,7 @@ fn request_span<B>(request: &http::Request<B>) -> Span {
         otel.kind = "server",
         rpc.system = "grpc",
         rpc.method = method,
+        shard = Empty,
         instance = Empty,
         digest.hash = Empty,
         digest.size = Empty,
@@ -239,6 +240,16 @@ fn request_span<B>(request: &http::Request<B>) -> Span {
         bazel.action_mnemonic = Empty,
         bazel.target_id = Empty,
     );
+    // Shard N's executor is named `shard-N` (runtime/mod.rs) and glommio names its
+    // thread `shard-N-<executor id>`; a connection stays on the shard that accepted it.
+    if let Some(shard) = std::thread::current()
+        .name()
+        .and_then(|name| name.strip_prefix("shard-"))
+        .and_then(|rest| rest.split('-').next())
+        .and_then(|index| index.parse::<u64>().ok())
+    {
+        span.record("shard", shard);
+    }
     for (name, value) in [
         ("bazel.tool_invocation_id", &metadata.tool_invocation_id),
         (

@@ -306,6 +306,13 @@ async fn one_remote_action_is_one_trace_across_node_scheduler_and_worker() {
         Some(64),
         "{node_span:?}"
     );
+    assert!(
+        node_span
+            .attributes
+            .get("shard")
+            .is_some_and(|shard| shard.parse::<u64>().is_ok()),
+        "no shard on {node_span:?}"
+    );
 
     // The node's other RPCs have spans too, with what they found.
     let spans = receiver.spans();
