@@ -198,6 +198,7 @@ async fn session(
         worker_id: runner.worker_id.clone(),
         properties: config.platform(),
         max_inflight_tasks: max_inflight,
+        running_task_ids: Vec::new(),
     })))
     .await?;
     let mut inbound = WorkerApiClient::with_interceptor(channel, link.token.clone())

@@ -306,6 +306,7 @@ impl FakeWorker {
                 worker_id: id.to_string(),
                 properties: Vec::new(),
                 max_inflight_tasks: max_inflight,
+                running_task_ids: Vec::new(),
             })
             .unwrap();
         let mut worker = Self {
