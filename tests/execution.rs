@@ -244,11 +244,18 @@ impl Cluster {
 
     /// Starts a worker with `args` and waits until it has registered.
     fn worker(&mut self, id: &str, args: &[&str]) {
+        let scheduler = format!("http://{}", self.address);
+        self.worker_of(id, &[scheduler.as_str()], args);
+    }
+
+    /// Starts a worker given the scheduler URLs `schedulers`, in that order.
+    fn worker_of(&mut self, id: &str, schedulers: &[&str], args: &[&str]) {
         let ready = self.dir.path().join(format!("{id}.ready"));
         let mut command = Process::new(WORKER);
+        for scheduler in schedulers {
+            command.arg("--scheduler").arg(scheduler);
+        }
         command
-            .arg("--scheduler")
-            .arg(format!("http://{}", self.address))
             .arg("--cache")
             .arg(format!("http://{}", self.node.grpc))
             .arg("--id")
@@ -632,6 +639,23 @@ async fn a_killed_worker_is_retried_on_another() {
     assert_ne!(metadata.worker, busy);
     assert_eq!(output_file(&cluster, &response, "out").await, b"done\n");
     assert_eq!(lines(&marker), 2);
+}
+
+#[tokio::test]
+async fn a_worker_registers_with_the_next_scheduler_when_the_first_is_unreachable() {
+    let mut cluster = Cluster::start(SchedulerConfig::Default, false);
+    let unreachable = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        format!("http://{}", listener.local_addr().expect("address"))
+    };
+    let reachable = format!("http://{}", cluster.address);
+    cluster.worker_of("w1", &[unreachable.as_str(), reachable.as_str()], &[]);
+    let action = cluster
+        .action(Spec::script("echo ran > out").outputs(&["out"]))
+        .await;
+    let (_, response) = cluster.execute(&action, false).await;
+    assert_eq!(code_of(&response), Code::Ok, "{response:?}");
+    assert_eq!(output_file(&cluster, &response, "out").await, b"ran\n");
 }
 
 #[tokio::test]

@@ -28,9 +28,11 @@ struct Args {
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
 
-    /// URL of the scheduler [default: http://127.0.0.1:50061].
+    /// URL of the scheduler [default: http://127.0.0.1:50061]. Give it several times
+    /// for schedulers that share their state (--redis): the worker moves to the next
+    /// when its session breaks, keeping its running tasks.
     #[arg(long, value_name = "URL")]
-    scheduler: Option<String>,
+    scheduler: Vec<String>,
 
     /// URL of the cache node [default: http://127.0.0.1:50051].
     #[arg(long, value_name = "URL")]
@@ -83,8 +85,8 @@ struct Args {
 }
 
 fn apply(args: Args, mut config: WorkerConfig) -> cairn::Result<(WorkerConfig, Option<PathBuf>)> {
-    if let Some(scheduler) = args.scheduler {
-        config.scheduler = scheduler;
+    if !args.scheduler.is_empty() {
+        config.scheduler = args.scheduler;
     }
     if let Some(cache) = args.cache {
         config.cache = cache;

@@ -496,14 +496,23 @@ impl Scheduler {
         Ok(())
     }
 
-    /// Opens a session for a worker; a previous session of the same worker ends and
-    /// its tasks are requeued.
+    /// Opens a session for a worker. A previous session of the same worker ends: the
+    /// tasks the worker says it still runs (`running_task_ids`) move to the new
+    /// session, the old session's other tasks are requeued, and a running task this
+    /// scheduler does not hold (lost with a restart, or already requeued) is cancelled.
     pub fn register(&self, register: Register) -> Result<(u64, WorkerOutbox)> {
         if register.worker_id.is_empty() {
             return Err(Error::invalid_argument("worker_id is empty"));
         }
         let mut state = self.lock();
-        if let Some(old) = state.workers.get(&register.worker_id) {
+        let session = state.next();
+        let mut adopted = HashMap::new();
+        if let Some(old) = state.workers.get_mut(&register.worker_id) {
+            for task_id in &register.running_task_ids {
+                if let Some(job_id) = old.running.remove(task_id) {
+                    adopted.insert(task_id.clone(), job_id);
+                }
+            }
             let session = old.session;
             self.remove_worker(
                 &mut state,
@@ -515,7 +524,13 @@ impl Scheduler {
                 ),
             );
         }
-        let session = state.next();
+        adopted.retain(|task_id, job_id| is_current(&state, *job_id, task_id));
+        for (task_id, job_id) in &adopted {
+            if let Some(task) = state.jobs.get_mut(job_id).and_then(|job| job.task.as_mut()) {
+                task.session = session;
+            }
+            tracing::info!(worker = %register.worker_id, task = %task_id, "task adopted by the worker's new session");
+        }
         let (sender, outbox) = mpsc::unbounded_channel();
         let registered = SchedulerMessage {
             message: Some(ToWorker::Registered(Registered {
@@ -523,6 +538,15 @@ impl Scheduler {
             })),
         };
         let _ = sender.send(Ok(registered));
+        for task_id in &register.running_task_ids {
+            if !adopted.contains_key(task_id) {
+                let _ = sender.send(Ok(SchedulerMessage {
+                    message: Some(ToWorker::Cancel(CancelTask {
+                        task_id: task_id.clone(),
+                    })),
+                }));
+            }
+        }
         tracing::info!(
             worker = %register.worker_id,
             max_inflight_tasks = register.max_inflight_tasks,
@@ -534,7 +558,7 @@ impl Scheduler {
                 session,
                 properties: register.properties,
                 max_inflight: register.max_inflight_tasks.max(1),
-                running: HashMap::new(),
+                running: adopted,
                 draining: false,
                 last_seen: self.now(),
                 last_assigned: 0,

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use cairn_proto::reapi::platform::Property;
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
 
 use crate::byte_size::ByteSize;
 use crate::exec_common::deserialize_duration;
@@ -27,12 +27,34 @@ pub enum PropertyValue {
     List(Vec<String>),
 }
 
+/// A string or a non-empty list of strings.
+fn one_or_more<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMore {
+        One(String),
+        More(Vec<String>),
+    }
+    match OneOrMore::deserialize(deserializer)? {
+        OneOrMore::One(one) => Ok(vec![one]),
+        OneOrMore::More(more) if more.is_empty() => {
+            Err(serde::de::Error::custom("the list of schedulers is empty"))
+        }
+        OneOrMore::More(more) => Ok(more),
+    }
+}
+
 /// The worker's settings.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WorkerConfig {
-    /// URL of the scheduler. Default `http://127.0.0.1:50061`.
-    pub scheduler: String,
+    /// URL of the scheduler, or a list of URLs (or one load balancer's). The worker
+    /// registers with the first it reaches; when its session breaks it tries the next,
+    /// keeping its running tasks and reporting them there, so the schedulers of a list
+    /// should share their state (`cairn-scheduler --redis`). Default
+    /// `http://127.0.0.1:50061`.
+    #[serde(deserialize_with = "one_or_more")]
+    pub scheduler: Vec<String>,
     /// URL of the cache node inputs are read from and outputs written to. Default
     /// `http://127.0.0.1:50051`.
     pub cache: String,
@@ -90,7 +112,7 @@ pub struct WorkerConfig {
 impl Default for WorkerConfig {
     fn default() -> Self {
         Self {
-            scheduler: "http://127.0.0.1:50061".to_string(),
+            scheduler: vec!["http://127.0.0.1:50061".to_string()],
             cache: "http://127.0.0.1:50051".to_string(),
             token_file: None,
             tls_ca: None,
@@ -191,6 +213,16 @@ mod tests {
         );
         assert_eq!(config.max_inflight(), 2);
         assert_eq!(config.worker_id(), "w1");
+    }
+
+    #[test]
+    fn scheduler_is_one_url_or_a_list() {
+        let config: WorkerConfig = parse_json5("{ scheduler: 'http://a:1' }").unwrap();
+        assert_eq!(config.scheduler, vec!["http://a:1".to_string()]);
+        let config: WorkerConfig =
+            parse_json5("{ scheduler: ['http://a:1', 'http://b:2'] }").unwrap();
+        assert_eq!(config.scheduler.len(), 2);
+        assert!(parse_json5::<WorkerConfig>("{ scheduler: [] }").is_err());
     }
 
     #[test]

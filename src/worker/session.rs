@@ -5,8 +5,17 @@
 //! scheduler's messages, the results of finished tasks, the keepalive timer and the
 //! drain request, so every message to the scheduler leaves from one place and in
 //! order. Tasks run as separate tokio tasks with a cancellation token each.
+//!
+//! Tasks outlive sessions. A scheduler that goes away (a deploy, a crash, SIGKILL)
+//! does not stop the commands it started: the worker moves on to the next scheduler
+//! of its list (schedulers sharing their state through Redis), registers with the ids
+//! of the tasks it still runs, and the new scheduler adopts them or cancels those it
+//! no longer wants. Results cannot be acknowledged by the protocol, so those sent
+//! shortly before a session broke may have been lost in flight; the worker keeps the
+//! last [`RESENT_RESULTS`] it sent and sends them again on the next session, which is
+//! harmless because a scheduler ignores a result for a task that is no longer current.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,11 +43,67 @@ use crate::exec_common::{
     write_ready_file, BearerToken,
 };
 
-/// How the worker reaches its scheduler: the endpoint (with TLS for `https://`) and
-/// the token it presents.
+/// How many of the last results sent are sent again after a session breaks. A result
+/// is a few hundred bytes to a few KiB (digests, not outputs), and the ones at risk
+/// are those sent in the moments before the break: the window is far larger than the
+/// results a worker finishes between two keepalives.
+const RESENT_RESULTS: usize = 64;
+
+/// How the worker reaches one scheduler: its URL, the endpoint (with TLS for
+/// `https://`) and the token it presents.
 struct SchedulerLink {
+    url: String,
     endpoint: tonic::transport::Endpoint,
     token: BearerToken,
+}
+
+/// The worker's tasks, which live across sessions.
+struct Tasks {
+    /// Running tasks by id, with the token that cancels each.
+    running: HashMap<String, CancellationToken>,
+    /// Where a finished task leaves its report.
+    finished: mpsc::UnboundedSender<(String, WorkerMessage)>,
+    finished_results: mpsc::UnboundedReceiver<(String, WorkerMessage)>,
+    /// Reports to send right after the next Registered.
+    undelivered: Vec<WorkerMessage>,
+    /// The last reports sent in this session, newest last.
+    recent: VecDeque<WorkerMessage>,
+}
+
+impl Tasks {
+    fn new() -> Self {
+        let (finished, finished_results) = mpsc::unbounded_channel();
+        Self {
+            running: HashMap::new(),
+            finished,
+            finished_results,
+            undelivered: Vec::new(),
+            recent: VecDeque::new(),
+        }
+    }
+
+    /// Remembers a report about to be sent, in case the session breaks.
+    fn sending(&mut self, report: &WorkerMessage) {
+        if self.recent.len() == RESENT_RESULTS {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(report.clone());
+    }
+
+    /// After a session broke: what it may have lost goes out on the next one.
+    fn session_broke(&mut self) {
+        let recent = std::mem::take(&mut self.recent);
+        let mut resend: Vec<WorkerMessage> = recent.into_iter().collect();
+        resend.append(&mut self.undelivered);
+        self.undelivered = resend;
+    }
+
+    /// The ids of the running tasks, for Register.
+    fn running_ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self.running.keys().cloned().collect();
+        ids.sort();
+        ids
+    }
 }
 
 /// How a session ended.
@@ -70,10 +135,20 @@ pub async fn run(config: WorkerConfig, ready_file: Option<PathBuf>) -> Result<()
         config.tls_cert.as_ref(),
         config.tls_key.as_ref(),
     )?;
-    let link = SchedulerLink {
-        endpoint: tls.endpoint(&config.scheduler)?,
-        token: BearerToken::new(token.as_deref())?,
-    };
+    let links = config
+        .scheduler
+        .iter()
+        .map(|url| {
+            Ok(SchedulerLink {
+                url: url.clone(),
+                endpoint: tls.endpoint(url)?,
+                token: BearerToken::new(token.as_deref())?,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    if links.is_empty() {
+        return Err(Error::invalid_argument("no scheduler is configured"));
+    }
     let runner = Arc::new(Runner {
         cache_channel: cache_channel(&config.cache, token.as_deref(), &tls)?,
         worker_id: worker_id.clone(),
@@ -84,26 +159,39 @@ pub async fn run(config: WorkerConfig, ready_file: Option<PathBuf>) -> Result<()
     let drain = CancellationToken::new();
     watch_signals(drain.clone())?;
     let mut ready_file = ready_file;
+    let mut tasks = Tasks::new();
+    // The link to try next, and how many have failed in a row: the worker pauses
+    // `retry_delay` only once every scheduler of the list has failed, so losing one
+    // moves it to the next at once.
+    let mut next = 0;
+    let mut failures = 0;
     loop {
-        if drain.is_cancelled() {
+        if drain.is_cancelled() && tasks.running.is_empty() && tasks.undelivered.is_empty() {
             return Ok(());
         }
-        if !precondition_ok(&runner.config).await {
+        if failures >= links.len() || !precondition_ok(&runner.config).await {
+            failures = 0;
             tokio::select! {
                 () = tokio::time::sleep(runner.config.retry_delay) => {}
-                () = drain.cancelled() => {}
+                () = drain.cancelled(), if !drain.is_cancelled() => {}
             }
-            continue;
+            if !precondition_ok(&runner.config).await {
+                continue;
+            }
         }
-        match session(&runner, &link, &drain, &mut ready_file).await {
+        let link = &links[next];
+        match session(&runner, link, &mut tasks, &drain, &mut ready_file).await {
             Ok(SessionEnd::Drained) => return Ok(()),
-            Ok(SessionEnd::Unhealthy) => {}
-            Err(error) => {
-                tracing::warn!("session with the scheduler ended: {error}");
-                tokio::select! {
-                    () = tokio::time::sleep(runner.config.retry_delay) => {}
-                    () = drain.cancelled() => {}
-                }
+            Ok(SessionEnd::Unhealthy) => failures = 0,
+            Err((registered, error)) => {
+                tasks.session_broke();
+                tracing::warn!(
+                    "session with the scheduler at {} ended: {error}; {} task(s) keep running",
+                    link.url,
+                    tasks.running.len()
+                );
+                failures = if registered { 1 } else { failures + 1 };
+                next = (next + 1) % links.len();
             }
         }
     }
@@ -160,11 +248,28 @@ fn message(message: ToScheduler) -> WorkerMessage {
     }
 }
 
+/// One session with the scheduler at `link`. An error comes with whether the session
+/// got as far as Registered.
 async fn session(
     runner: &Arc<Runner>,
     link: &SchedulerLink,
+    tasks: &mut Tasks,
     drain: &CancellationToken,
     ready_file: &mut Option<PathBuf>,
+) -> std::result::Result<SessionEnd, (bool, Error)> {
+    let mut registered = false;
+    serve(runner, link, tasks, drain, ready_file, &mut registered)
+        .await
+        .map_err(|error| (registered, error))
+}
+
+async fn serve(
+    runner: &Arc<Runner>,
+    link: &SchedulerLink,
+    tasks: &mut Tasks,
+    drain: &CancellationToken,
+    ready_file: &mut Option<PathBuf>,
+    registered: &mut bool,
 ) -> Result<SessionEnd> {
     let config = &runner.config;
     let channel = link
@@ -177,10 +282,7 @@ async fn session(
         .map_err(|error| {
             Error::new(
                 crate::ErrorKind::Unavailable,
-                format!(
-                    "cannot reach the scheduler at {}: {error}",
-                    config.scheduler
-                ),
+                format!("cannot reach the scheduler at {}: {error}", link.url),
             )
         })?;
     let max_inflight = config.max_inflight();
@@ -198,7 +300,7 @@ async fn session(
         worker_id: runner.worker_id.clone(),
         properties: config.platform(),
         max_inflight_tasks: max_inflight,
-        running_task_ids: Vec::new(),
+        running_task_ids: tasks.running_ids(),
     })))
     .await?;
     let mut inbound = WorkerApiClient::with_interceptor(channel, link.token.clone())
@@ -208,8 +310,6 @@ async fn session(
         .map_err(|status| error_from_status("WorkerApi.Connect", &status))?
         .into_inner();
 
-    let (finished, mut finished_results) = mpsc::unbounded_channel::<(String, WorkerMessage)>();
-    let mut running: HashMap<String, CancellationToken> = HashMap::new();
     let mut keepalive = tokio::time::interval(Duration::from_secs(5));
     let mut draining = false;
     let mut unhealthy = false;
@@ -220,11 +320,6 @@ async fn session(
             SessionEnd::Drained
         }
     };
-    let abandon = |running: &HashMap<String, CancellationToken>| {
-        for token in running.values() {
-            token.cancel();
-        }
-    };
     let outcome = loop {
         tokio::select! {
             received = inbound.message() => {
@@ -232,30 +327,37 @@ async fn session(
                     Ok(Some(SchedulerMessage { message: Some(received) })) => received,
                     Ok(Some(SchedulerMessage { message: None })) => continue,
                     Ok(None) => {
-                        abandon(&running);
                         return Err(Error::new(crate::ErrorKind::Unavailable, "the scheduler closed the session"));
                     }
                     Err(status) => {
-                        abandon(&running);
                         return Err(error_from_status("the scheduler session failed", &status));
                     }
                 };
                 match received {
-                    FromScheduler::Registered(registered) => {
-                        let interval = registered
+                    FromScheduler::Registered(answer) => {
+                        let interval = answer
                             .keepalive_interval
                             .as_ref()
                             .and_then(from_proto_duration)
                             .unwrap_or(Duration::from_secs(5));
                         keepalive = tokio::time::interval(interval);
-                        tracing::info!("cairn-worker registered as {}", runner.worker_id);
+                        *registered = true;
+                        tracing::info!(
+                            "cairn-worker registered as {} with the scheduler at {}",
+                            runner.worker_id,
+                            link.url
+                        );
                         if let Some(path) = ready_file.take() {
                             write_ready_file(&path, &runner.worker_id)?;
+                        }
+                        for report in std::mem::take(&mut tasks.undelivered) {
+                            tasks.sending(&report);
+                            send(report).await?;
                         }
                     }
                     FromScheduler::Start(task) => {
                         let task_id = task.task_id.clone();
-                        if draining || running.len() >= max_inflight as usize {
+                        if draining || tasks.running.len() >= max_inflight as usize {
                             let reason = if draining { "draining" } else { "no free task slot" };
                             send(message(ToScheduler::Rejected(TaskRejected {
                                 task_id,
@@ -265,9 +367,9 @@ async fn session(
                             continue;
                         }
                         let token = CancellationToken::new();
-                        running.insert(task_id.clone(), token.clone());
+                        tasks.running.insert(task_id.clone(), token.clone());
                         let runner = runner.clone();
-                        let finished = finished.clone();
+                        let finished = tasks.finished.clone();
                         tokio::spawn(async move {
                             let report = if precondition_ok(&runner.config).await {
                                 let response = runner.clone().run(task, token).await;
@@ -289,7 +391,7 @@ async fn session(
                         });
                     }
                     FromScheduler::Cancel(cancel) => {
-                        if let Some(token) = running.get(&cancel.task_id) {
+                        if let Some(token) = tasks.running.get(&cancel.task_id) {
                             token.cancel();
                         }
                     }
@@ -299,25 +401,26 @@ async fn session(
                     }
                 }
             }
-            Some((task_id, report)) = finished_results.recv() => {
-                running.remove(&task_id);
+            Some((task_id, report)) = tasks.finished_results.recv() => {
+                tasks.running.remove(&task_id);
                 if matches!(report.message, Some(ToScheduler::Rejected(_))) && !draining {
                     unhealthy = true;
                     draining = true;
                     send(message(ToScheduler::Draining(Draining {}))).await?;
                 }
+                tasks.sending(&report);
                 send(report).await?;
-                if draining && running.is_empty() {
+                if draining && tasks.running.is_empty() {
                     break end(unhealthy);
                 }
             }
             _ = keepalive.tick() => {
                 send(message(ToScheduler::Keepalive(Keepalive {}))).await?;
             }
-            () = drain.cancelled(), if !draining => {
+            () = drain.cancelled(), if !draining && tasks.undelivered.is_empty() => {
                 draining = true;
                 send(message(ToScheduler::Draining(Draining {}))).await?;
-                if running.is_empty() {
+                if tasks.running.is_empty() {
                     break end(unhealthy);
                 }
             }

@@ -301,12 +301,17 @@ struct FakeWorker {
 
 impl FakeWorker {
     fn connect(scheduler: &Scheduler, id: &str, max_inflight: u32) -> Self {
+        Self::reconnect(scheduler, id, max_inflight, &[])
+    }
+
+    /// A session of a worker that still runs `running` from an earlier one.
+    fn reconnect(scheduler: &Scheduler, id: &str, max_inflight: u32, running: &[&str]) -> Self {
         let (session, outbox) = scheduler
             .register(Register {
                 worker_id: id.to_string(),
                 properties: Vec::new(),
                 max_inflight_tasks: max_inflight,
-                running_task_ids: Vec::new(),
+                running_task_ids: running.iter().map(|id| id.to_string()).collect(),
             })
             .unwrap();
         let mut worker = Self {
@@ -986,6 +991,37 @@ async fn a_worker_registering_again_gets_back_the_work_its_old_session_held() {
     );
     new.finish(scheduler, &task, success(0));
     assert_eq!(response(&watch).result.as_ref().unwrap().exit_code, 0);
+}
+
+#[tokio::test]
+async fn a_worker_reconnecting_with_its_running_task_keeps_it_and_runs_it_once() {
+    let harness = Harness::start(config()).await;
+    let scheduler = &harness.scheduler;
+    let mut old = harness.connect("w", 1);
+    let watch = harness.execute(&harness.action("step")).await;
+    let running = old.start();
+    let mut new = FakeWorker::reconnect(scheduler, "w", 1, &[running.task_id.as_str()]);
+    assert!(old.ended());
+    new.idle();
+    assert_eq!(stage(&watch), "executing");
+    new.finish(scheduler, &running, success(0));
+    assert_eq!(code(&response(&watch)), Code::Ok);
+}
+
+#[tokio::test]
+async fn a_running_task_the_scheduler_does_not_hold_is_cancelled_on_register() {
+    let mut harness = Harness::start(config()).await;
+    let action = harness.action("step");
+    let mut before = harness.connect("w", 1);
+    harness.execute(&action).await;
+    let lost = before.start();
+    harness.restart();
+    let mut after = FakeWorker::reconnect(&harness.scheduler, "w", 1, &[lost.task_id.as_str()]);
+    match after.next() {
+        Some(ToWorker::Cancel(cancel)) => assert_eq!(cancel.task_id, lost.task_id),
+        other => panic!("expected the unknown task to be cancelled, got {other:?}"),
+    }
+    after.idle();
 }
 
 #[tokio::test]
