@@ -26,6 +26,12 @@ cargo fmt --all -- --check
 step "cargo clippy -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
 
+step "cairn-scheduler and cairn-worker do not depend on the storage engine"
+if cargo tree -p cairn-exec -e normal --prefix none | grep -E '^(cairn-storage|glommio) '; then
+  echo "cairn-exec depends on the storage engine or glommio (above)" >&2
+  exit 1
+fi
+
 step "cargo test"
 cargo test --workspace
 

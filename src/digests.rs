@@ -78,12 +78,3 @@ pub fn to_proto(digest: &Digest) -> reapi::Digest {
         size_bytes: digest.size as i64,
     }
 }
-
-/// A wire digest's identity as a map key: its hash and size, as the client wrote them
-/// (not validated).
-pub type BlobKey = (String, i64);
-
-/// The map key of `digest`.
-pub fn key(digest: &reapi::Digest) -> BlobKey {
-    (digest.hash.clone(), digest.size_bytes)
-}

@@ -42,7 +42,7 @@ impl ActionCache for ActionCacheService {
         let request = request.into_inner();
         let function = function_of_request(request.digest_function)?;
         let action = digests::required(function, request.action_digest.as_ref(), "action_digest")?;
-        crate::traces::record_digest(&request.instance_name, &action);
+        crate::traces::record_digest(&request.instance_name, || (action.hash_hex(), action.size));
         let inline = Inline {
             stdout: request.inline_stdout,
             stderr: request.inline_stderr,

@@ -74,6 +74,7 @@ use tonic::{Request, Response, Status};
 use crate::asset_fetch::{Downloader, DownloaderRuntime, FetchFailure, Spooled};
 use crate::auth::{Access, Credentials, Need, Permission};
 use crate::digests::{self, function_of_request, function_to_proto};
+use crate::engine_errors::engine_error;
 use crate::error::{Error, ErrorKind, Result};
 use crate::sri::Sri;
 use crate::store::{is_empty, Store};
@@ -445,9 +446,9 @@ impl Assets {
             if chunk.is_empty() {
                 break;
             }
-            upload.write(chunk.freeze()).await?;
+            upload.write(chunk.freeze()).await.map_err(engine_error)?;
         }
-        upload.finish().await?;
+        upload.finish().await.map_err(engine_error)?;
         Ok(())
     }
 }

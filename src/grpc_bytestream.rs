@@ -26,6 +26,7 @@ use futures::stream::{self, BoxStream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::auth::{Access, Credentials, Need, Permission};
+use crate::engine_errors::engine_error;
 use crate::error::{Error, Result};
 use crate::resource_name::{parse_read, parse_write, Compression};
 use crate::store::{Store, Upload};
@@ -85,7 +86,7 @@ impl ByteStream for ByteStreamService {
             }
             limit => Some(limit as u64),
         };
-        crate::traces::record_digest(name.instance, &name.digest);
+        crate::traces::record_digest(name.instance, || (name.digest.hash_hex(), name.digest.size));
         let stream = match name.compression {
             Compression::Identity => {
                 let blob = self.store.get(name.digest, offset, limit).await;
@@ -209,11 +210,11 @@ impl ByteStreamService {
                 self.store
                     .metrics()
                     .bytes_received(message.data.len() as u64);
-                upload.write(message.data).await.map_err(Error::from)?;
+                upload.write(message.data).await.map_err(engine_error)?;
                 progress.set(upload.committed());
             }
             if finish {
-                upload.finish().await.map_err(Error::from)?;
+                upload.finish().await.map_err(engine_error)?;
                 return Ok(digest.size);
             }
             message = match stream.message().await {
@@ -332,7 +333,7 @@ async fn write_compressed(
                 ))
                 .into());
             }
-            upload.write(piece).await.map_err(Error::from)?;
+            upload.write(piece).await.map_err(engine_error)?;
         }
         if message.finish_write {
             decompressor.finish()?;
@@ -344,7 +345,7 @@ async fn write_compressed(
                 ))
                 .into());
             }
-            upload.finish().await.map_err(Error::from)?;
+            upload.finish().await.map_err(engine_error)?;
             return Ok(received);
         }
         message = stream.message().await?.ok_or_else(|| {

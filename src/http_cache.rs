@@ -40,6 +40,7 @@ use prost::Message;
 
 use crate::action_results::{self, Inline};
 use crate::auth::{Access, Credentials, Need, PeerNames, Permission};
+use crate::engine_errors::engine_error;
 use crate::error::{Error, ErrorKind, Result};
 use crate::http_path::{self, HttpPath};
 use crate::http_status::StatusBoard;
@@ -125,7 +126,7 @@ impl HttpFront {
         let metrics = self.store.metrics();
         match (target, method) {
             (HttpPath::Health, &Method::GET) => {
-                let stats = self.store.engine().stats().await.map_err(Error::from)?;
+                let stats = self.store.engine().stats().await.map_err(engine_error)?;
                 let (status, body) = health(&self.store, &stats);
                 Ok(respond(status, Bytes::from(body)))
             }
@@ -135,7 +136,7 @@ impl HttpFront {
                     .status
                     .as_ref()
                     .ok_or_else(|| Error::not_found("this listener serves no status page"))?;
-                let stats = self.store.engine().stats().await.map_err(Error::from)?;
+                let stats = self.store.engine().stats().await.map_err(engine_error)?;
                 let (health, body) = health(&self.store, &stats);
                 let status = board.status(&stats, health.as_u16(), &body);
                 let (content_type, body) = if page == HttpPath::Status {
@@ -152,7 +153,7 @@ impl HttpFront {
             }
             (HttpPath::Metrics, &Method::GET) => {
                 self.allow(&request, Need::One(Permission::Metrics), None)?;
-                let stats = self.store.engine().stats().await.map_err(Error::from)?;
+                let stats = self.store.engine().stats().await.map_err(engine_error)?;
                 let mut text = metrics.render(&stats)?;
                 if let Some(slow_tier) = self.store.slow_tier() {
                     text.push_str(&slow_tier.render_metrics(&stats)?);
@@ -262,11 +263,11 @@ impl HttpFront {
             }
             self.store.metrics().bytes_received(data.len() as u64);
             if let Some(upload) = upload.as_mut() {
-                upload.write(data).await?;
+                upload.write(data).await.map_err(engine_error)?;
             }
         }
         if let Some(upload) = upload {
-            upload.finish().await?;
+            upload.finish().await.map_err(engine_error)?;
         }
         Ok(())
     }

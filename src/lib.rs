@@ -10,22 +10,20 @@
 //! engine (`cairn-storage`) through [`store`], which holds the rules every protocol
 //! shares. Every request is first weighed by [`auth`] (which principal its credential
 //! names, and what that principal may do). [`node`] assembles all of it from a
-//! [`config::Config`]; a single node also starts a scheduler and a worker of its own ([`embedded`]) and forwards Execution to
-//! them ([`grpc_execution`]). The [`scheduler`] and [`worker`] modules are the
-//! `cairn-scheduler` and `cairn-worker` programs; all three log through [`logging`]
-//! and, when asked to, export OpenTelemetry traces through [`traces`].
+//! [`config::Config`]; a single node also starts a scheduler and a worker of its own
+//! ([`embedded`]) and forwards Execution to them ([`grpc_execution`]). Those are the
+//! `cairn-scheduler` and `cairn-worker` programs of the `cairn-exec` crate, which does
+//! not depend on the engine; what all three programs share (errors, [`auth`], TLS,
+//! [`logging`], OpenTelemetry [`traces`]) is the `cairn-common` crate, re-exported
+//! here under the paths the node's modules use. The engine's errors become the
+//! node's through [`engine_errors`].
 
 pub mod action_results;
 pub mod asset_fetch;
-pub mod auth;
-pub mod byte_size;
-pub mod cas_client;
-pub mod client_tls;
 pub mod config;
 pub mod digests;
 pub mod embedded;
-pub mod error;
-pub mod exec_common;
+pub mod engine_errors;
 pub mod grpc_ac;
 pub mod grpc_asset;
 pub mod grpc_bytestream;
@@ -35,32 +33,20 @@ pub mod grpc_execution;
 pub mod http_cache;
 pub mod http_path;
 pub mod http_status;
-pub mod logging;
 pub mod metrics;
 pub mod node;
-pub mod reload;
 pub mod resource_name;
 mod runtime;
-pub mod scheduler;
 mod signals;
 pub mod sink;
 pub mod slow_tier;
 pub mod sri;
 pub mod store;
-pub mod tls;
-pub mod traces;
 pub mod tree_walk;
 pub mod uploads;
-pub mod worker;
 pub mod zstd_stream;
 
-/// What `--version` prints after a binary's name: the crate version and the commit the
-/// build came from (recorded by build.rs; `unknown` outside a git checkout).
-pub const VERSION: &str = concat!(
-    env!("CARGO_PKG_VERSION"),
-    " (commit ",
-    env!("CAIRN_COMMIT"),
-    ")"
-);
-
-pub use error::{Error, ErrorKind, Result};
+pub use cairn_common::{
+    auth, byte_size, client_tls, error, exec_common, logging, reload, status_html, tls, traces,
+    Error, ErrorKind, Result, VERSION,
+};

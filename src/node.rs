@@ -29,6 +29,7 @@ use tokio::sync::watch;
 use crate::auth::Access;
 use crate::config::Config;
 use crate::embedded::Embedded;
+use crate::engine_errors::engine_error;
 use crate::error::{Error, Result};
 use crate::exec_common::random_name;
 use crate::grpc_ac::ActionCacheService;
@@ -105,7 +106,8 @@ pub fn run(config: Config) -> Result<()> {
         replicate: config.s3.is_some(),
         durability: config.durability.into(),
         ..EngineConfig::default()
-    })?;
+    })
+    .map_err(engine_error)?;
     let mut max_cas_blob_size = config.max_cas_blob_size.0;
     if !config.sink && engine.max_blob_size() < max_cas_blob_size {
         // Advertising more than the engine takes would let clients start uploads that

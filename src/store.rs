@@ -16,6 +16,7 @@ use bytes::Bytes;
 use cairn_storage::{BlobStream, Digest, DigestFunction, Engine, ErrorKind};
 use futures::stream::{self, BoxStream, StreamExt, TryStreamExt};
 
+use crate::engine_errors::engine_error;
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::sink::{Sink, SinkUpload};
@@ -112,7 +113,10 @@ impl Store {
         }
         let found = match &self.sink {
             Some(sink) => sink.contains(digest),
-            None => self.engine.contains(digest).await? || self.in_slow_tier(&digest),
+            None => {
+                self.engine.contains(digest).await.map_err(engine_error)?
+                    || self.in_slow_tier(&digest)
+            }
         };
         self.metrics.lookup("cas", found);
         Ok(found)
@@ -127,7 +131,10 @@ impl Store {
         } else if let Some(sink) = &self.sink {
             sink.find_missing(asked)
         } else {
-            self.engine.find_missing(asked).await?
+            self.engine
+                .find_missing(asked)
+                .await
+                .map_err(engine_error)?
         };
         missing.retain(|digest| !self.in_slow_tier(digest));
         self.metrics
@@ -140,7 +147,9 @@ impl Store {
         self.check_blob_size(&digest)?;
         let upload = match &self.sink {
             Some(sink) => Upload(UploadTo::Sink(sink.begin_put(digest))),
-            None => Upload(UploadTo::Engine(self.engine.begin_put(digest).await?)),
+            None => Upload(UploadTo::Engine(
+                self.engine.begin_put(digest).await.map_err(engine_error)?,
+            )),
         };
         Ok(upload)
     }
@@ -167,7 +176,7 @@ impl Store {
                     sink.put(digest, vec![data]);
                 }
             }
-            None => self.engine.put(digest, data).await?,
+            None => self.engine.put(digest, data).await.map_err(engine_error)?,
         }
         self.metrics.bytes_received(size);
         Ok(())
@@ -281,7 +290,7 @@ impl Store {
         function: DigestFunction,
         hash: &str,
     ) -> Result<(Digest, Option<ByteStream>)> {
-        let named = Digest::from_hex(function, hash, 0)?;
+        let named = Digest::from_hex(function, hash, 0).map_err(engine_error)?;
         if is_empty(&named) {
             return Ok((named, Some(stream::empty().boxed())));
         }
@@ -306,7 +315,7 @@ impl Store {
                 .slow_tier
                 .as_ref()
                 .and_then(|slow_tier| slow_tier.find_by_hash(function, &named.hash)),
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(engine_error(e)),
         };
         match digest {
             Some(digest) => Ok((digest, None)),
@@ -335,7 +344,7 @@ impl Store {
             (Err(error), Some(slow_tier)) if error.kind() == ErrorKind::NotFound => {
                 slow_tier.read_blob(digest, offset, limit).await
             }
-            (found, _) => Ok(engine_stream(found?)),
+            (found, _) => Ok(engine_stream(found.map_err(engine_error)?)),
         }
     }
 
@@ -350,7 +359,7 @@ impl Store {
             (Err(error), Some(slow_tier)) if error.kind() == ErrorKind::NotFound => {
                 slow_tier.fetch_action_result(instance, key).await
             }
-            (found, _) => Ok(found?),
+            (found, _) => Ok(found.map_err(engine_error)?),
         }
     }
 }
@@ -362,7 +371,10 @@ impl Store {
             sink.ac_put(instance, key, value);
             return Ok(());
         }
-        Ok(self.engine.ac_put(instance, key, value).await?)
+        self.engine
+            .ac_put(instance, key, value)
+            .await
+            .map_err(engine_error)
     }
 }
 
@@ -407,7 +419,7 @@ impl Upload {
 
 /// A stream of the engine's chunks with the crate's errors.
 pub(crate) fn engine_stream(blob: BlobStream) -> ByteStream {
-    blob.map_err(Error::from).boxed()
+    blob.map_err(engine_error).boxed()
 }
 
 /// Reads a whole stream into one buffer.

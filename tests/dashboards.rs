@@ -158,7 +158,7 @@ async fn every_metric_of_the_dashboard_and_the_rules_is_served() {
         .await;
 
     let scheduler_http = common::free_port();
-    let mut scheduler = Command::new(env!("CARGO_BIN_EXE_cairn-scheduler"))
+    let mut scheduler = Command::new(common::exec_binary(common::SCHEDULER))
         .arg("--listen")
         .arg("127.0.0.1:0")
         .arg("--http-listen")

@@ -32,14 +32,11 @@ use cairn_proto::reapi::{
 };
 use cairn_proto::worker::worker_api_client::WorkerApiClient;
 use cairn_proto::worker::{ListWorkersRequest, WorkerInfo};
-use common::{sha256, wire, Node};
+use common::{exec_binary, sha256, wire, Node, SCHEDULER, WORKER};
 use prost::Message;
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 use tonic::{Code, Streaming};
-
-const SCHEDULER: &str = env!("CARGO_BIN_EXE_cairn-scheduler");
-const WORKER: &str = env!("CARGO_BIN_EXE_cairn-worker");
 
 fn repo(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
@@ -185,7 +182,7 @@ impl Cluster {
         let dir = tempfile::tempdir().expect("temporary directory");
         let node = Node::start_in(&dir.path().join("node"), &["--no-execution"]);
         let ready = dir.path().join("scheduler.ready");
-        let mut command = Process::new(SCHEDULER);
+        let mut command = Process::new(exec_binary(SCHEDULER));
         command
             .arg("--listen")
             .arg("127.0.0.1:0")
@@ -251,7 +248,7 @@ impl Cluster {
     /// Starts a worker given the scheduler URLs `schedulers`, in that order.
     fn worker_of(&mut self, id: &str, schedulers: &[&str], args: &[&str]) {
         let ready = self.dir.path().join(format!("{id}.ready"));
-        let mut command = Process::new(WORKER);
+        let mut command = Process::new(exec_binary(WORKER));
         for scheduler in schedulers {
             command.arg("--scheduler").arg(scheduler);
         }

@@ -23,13 +23,10 @@ use cairn_proto::reapi::{
 use cairn_proto::worker::worker_api_client::WorkerApiClient;
 use cairn_proto::worker::ListWorkersRequest;
 use common::certs::certificates;
-use common::{bearer, sha256, token_hash, wire, Node};
+use common::{bearer, exec_binary, sha256, token_hash, wire, Node, SCHEDULER, WORKER};
 use prost::Message;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 use tonic::Code;
-
-const SCHEDULER: &str = env!("CARGO_BIN_EXE_cairn-scheduler");
-const WORKER: &str = env!("CARGO_BIN_EXE_cairn-worker");
 
 const CI: &str = "ci-exec-token-1";
 const UPLOADER: &str = "uploader-token-2";
@@ -154,7 +151,7 @@ impl Secure {
             ],
         );
         let ready = dir.join("scheduler.addr");
-        let mut command = Process::new(SCHEDULER);
+        let mut command = Process::new(exec_binary(SCHEDULER));
         command
             .args(["--listen", "127.0.0.1:0", "--cache"])
             .arg(format!("https://localhost:{}", node.grpc.port()))
@@ -185,7 +182,7 @@ impl Secure {
 
     /// A worker presenting `token`; its ready file is `<name>.ready`.
     fn worker(&self, name: &str, token: &str) -> Proc {
-        let mut command = Process::new(WORKER);
+        let mut command = Process::new(exec_binary(WORKER));
         command.args(["--token-file", arg(&token_file(&self.dir, name, token))]);
         self.worker_with(name, command)
     }
@@ -412,9 +409,9 @@ async fn a_worker_registers_by_its_client_certificate_under_mutual_tls() {
     let ca = dir.join("ca.pem");
     let secure = Secure::start_with(dir, &["--tls-client-ca", arg(&ca)]);
 
-    let anonymous = secure.worker_with("anonymous", Process::new(WORKER));
+    let anonymous = secure.worker_with("anonymous", Process::new(exec_binary(WORKER)));
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !anonymous.log().contains("session with the scheduler ended") {
+    while !anonymous.log().contains("session with the scheduler at") {
         assert!(
             Instant::now() < deadline,
             "the worker without a certificate was not turned away: {}",
@@ -425,7 +422,7 @@ async fn a_worker_registers_by_its_client_certificate_under_mutual_tls() {
     assert!(!dir.join("anonymous.ready").exists());
     drop(anonymous);
 
-    let mut command = Process::new(WORKER);
+    let mut command = Process::new(exec_binary(WORKER));
     command.args([
         "--tls-cert",
         arg(&dir.join("client.pem")),
@@ -501,7 +498,7 @@ async fn the_schedulers_metrics_and_status_need_the_metrics_permission() {
 fn a_scheduler_off_loopback_without_auth_refuses_to_start() {
     // 192.0.2.1 (TEST-NET-1) belongs to no interface: a scheduler that failed to refuse
     // would fail to bind, with a message naming neither flag.
-    let output = Process::new(SCHEDULER)
+    let output = Process::new(exec_binary(SCHEDULER))
         .args(["--listen", "192.0.2.1:50061"])
         .env("RUST_LOG", "error")
         .output()

@@ -2,12 +2,12 @@
 // sources so that the fuzz targets need neither the node's runtime nor its S3 client.
 // Each file only refers to the modules declared here. Included at a target's crate root.
 
-#[path = "../../src/error.rs"]
+#[path = "../../common/src/error.rs"]
 #[allow(dead_code)]
 mod error;
-#[path = "../../src/auth/file.rs"]
+#[path = "../../common/src/auth/file.rs"]
 #[allow(dead_code)]
 mod auth_file;
-#[path = "../../src/auth/credentials.rs"]
+#[path = "../../common/src/auth/credentials.rs"]
 #[allow(dead_code)]
 mod credentials;

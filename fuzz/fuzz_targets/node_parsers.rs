@@ -5,7 +5,7 @@
 #[path = "../../src/digests.rs"]
 #[allow(dead_code)]
 mod digests;
-#[path = "../../src/error.rs"]
+#[path = "../../common/src/error.rs"]
 #[allow(dead_code)]
 mod error;
 #[path = "../../src/http_path.rs"]

@@ -3,7 +3,7 @@
 //! what it accepts must hold hashes of its algorithm's length that read back the same.
 #![no_main]
 
-#[path = "../../src/error.rs"]
+#[path = "../../common/src/error.rs"]
 #[allow(dead_code)]
 mod error;
 #[path = "../../src/sri.rs"]

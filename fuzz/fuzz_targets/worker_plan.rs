@@ -2,15 +2,15 @@
 // the fuzz target needs neither the worker's runtime nor its gRPC client. Each file
 // only refers to the modules declared here. Included at a target's crate root.
 
-#[path = "../../src/digests.rs"]
+#[path = "../../exec/src/digests.rs"]
 #[allow(dead_code)]
 mod digests;
-#[path = "../../src/error.rs"]
+#[path = "../../common/src/error.rs"]
 #[allow(dead_code)]
 mod error;
-#[path = "../../src/worker/paths.rs"]
+#[path = "../../exec/src/worker/paths.rs"]
 #[allow(dead_code)]
 mod paths;
-#[path = "../../src/worker/plan.rs"]
+#[path = "../../exec/src/worker/plan.rs"]
 #[allow(dead_code)]
 mod plan;

@@ -15,7 +15,7 @@
 //!   them back exactly, however the frame is cut.
 #![no_main]
 
-#[path = "../../src/error.rs"]
+#[path = "../../common/src/error.rs"]
 #[allow(dead_code)]
 mod error;
 #[path = "../../src/zstd_stream.rs"]

@@ -25,6 +25,7 @@ mod shard;
 mod timeouts;
 mod tls;
 
+use crate::engine_errors::engine_error;
 use crate::tls::Tls;
 pub use inbound::ReceiveBudget;
 pub use timeouts::Timeouts;
@@ -131,7 +132,7 @@ pub fn run(serve: Serve, runners: Vec<ShardRunner>, stop: watch::Sender<bool>) -
         }
     }
     let recovered = futures::executor::block_on(shared.engine.wait_ready())
-        .map_err(Error::from)
+        .map_err(engine_error)
         .and_then(|()| listener::Listeners::bind(shared.grpc_addr, shared.http_addr));
     let shards = handles.len();
     let ready = match (recovered, shared.listeners.lock()) {

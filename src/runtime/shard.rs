@@ -17,6 +17,7 @@ use super::connections::Connections;
 use super::hyper_glue;
 use super::listener::Listeners;
 use super::tls::{Stream, WithPeer};
+use crate::engine_errors::engine_error;
 use crate::error::{Error, Result};
 use crate::http_cache::HttpFront;
 use crate::tls::Tls;
@@ -72,7 +73,7 @@ pub(super) async fn run(
         let shared = Arc::clone(&shared);
         glommio::spawn_local(async move {
             if let Err(error) = runner.run().await {
-                shared.record(Error::from(error));
+                shared.record(engine_error(error));
             }
         })
     };
@@ -119,7 +120,7 @@ pub(super) async fn run(
     if shared.drained.wait().await.is_leader() {
         tracing::info!("connections drained; writing checkpoints");
         if let Err(error) = shared.engine.shutdown().await {
-            shared.record(Error::from(error));
+            shared.record(engine_error(error));
         }
     }
     runner.await;

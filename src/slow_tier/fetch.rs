@@ -43,6 +43,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use super::{SlowTier, Tier};
+use crate::engine_errors::engine_error;
 use crate::error::{Error, ErrorKind, Result};
 use crate::store::{engine_stream, ByteStream};
 
@@ -108,7 +109,11 @@ impl SlowTier {
         };
         match fetch.await? {
             Kept::Locally => Ok(engine_stream(
-                self.tier.engine.get(digest, offset, limit).await?,
+                self.tier
+                    .engine
+                    .get(digest, offset, limit)
+                    .await
+                    .map_err(engine_error)?,
             )),
             Kept::PassedThrough => self.spawn_fetch(digest, range, false).1.stream().await,
         }
@@ -251,7 +256,8 @@ impl Reader {
             let local = self
                 .engine
                 .get(self.digest, self.range.start, Some(self.range.len()))
-                .await?;
+                .await
+                .map_err(engine_error)?;
             return Ok(engine_stream(local));
         }
         let expected = self.range.len();

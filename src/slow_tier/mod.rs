@@ -45,6 +45,7 @@ use bytes::{Bytes, BytesMut};
 use cairn_storage::{Digest, DigestFunction, Engine, Stats};
 use tokio::runtime::Runtime;
 
+use crate::engine_errors::engine_error;
 use crate::error::{Error, Result};
 use bucket::{Bucket, S3Error};
 use config::S3Config;
@@ -225,7 +226,7 @@ async fn fetch_action_result(tier: &Tier, instance: &str, action: Digest) -> Res
     tier.engine
         .ac_put(instance, action, value.clone())
         .await
-        .map_err(Error::from)?;
+        .map_err(engine_error)?;
     tier.status.fetches.with_label_values(&["hit"]).inc();
     Ok(value)
 }

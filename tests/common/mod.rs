@@ -27,6 +27,27 @@ use tonic::transport::Channel;
 /// The binary under test.
 pub const BINARY: &str = env!("CARGO_BIN_EXE_cairn");
 
+/// The scheduler's binary; see [`exec_binary`].
+pub const SCHEDULER: &str = "cairn-scheduler";
+
+/// The worker's binary; see [`exec_binary`].
+pub const WORKER: &str = "cairn-worker";
+
+/// The path of `cairn-scheduler` or `cairn-worker`. They belong to the `cairn-exec`
+/// package, so cargo defines no `CARGO_BIN_EXE_` for them in this package's tests;
+/// they are built into the directory of `cairn` (by `cargo test --workspace`, for
+/// cairn-exec's own tests, or by `cargo build --workspace --bins`).
+#[allow(dead_code)]
+pub fn exec_binary(name: &str) -> PathBuf {
+    let path = Path::new(BINARY).with_file_name(name);
+    assert!(
+        path.is_file(),
+        "{} is not built: run `cargo build -p cairn-exec --bins` (`cargo test --workspace` builds it)",
+        path.display()
+    );
+    path
+}
+
 /// A running node.
 pub struct Node {
     child: Option<Child>,

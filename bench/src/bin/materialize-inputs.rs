@@ -1,7 +1,7 @@
 //! What it costs a worker to put an action's inputs in place, by method.
 //!
 //! The worker keeps one file per input digest in its file cache and gives each action
-//! its inputs from there (`src/worker/file_cache.rs`). This measures the ways of doing
+//! its inputs from there (`exec/src/worker/file_cache.rs`). This measures the ways of doing
 //! that on the filesystem of `--dir`, with the page cache warm as it is for inputs
 //! that consecutive actions share:
 //!

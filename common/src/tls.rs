@@ -7,7 +7,7 @@
 //! use them ([`Tls`]) while connections already established keep the session they
 //! have, so a certificate rotates without dropping anyone. Files that do not load are
 //! logged and the previous configuration stays. The node's glommio listeners
-//! (`runtime/tls.rs`) and the scheduler's tokio listener ([`crate::scheduler`]) both
+//! (`runtime/tls.rs`) and the scheduler's tokio listener (`cairn-exec`'s scheduler) both
 //! take their acceptors from here; the ALPN offered is `h2` on gRPC listeners (gRPC is
 //! HTTP/2) and `http/1.1` on the node's HTTP listener.
 

@@ -179,7 +179,7 @@ pub fn record(name: &'static str, value: impl tracing::Value) {
 /// client's `RequestMetadata` as attributes; handlers add what they find out (digest,
 /// hit or miss) with [`record`]. With traces off it forwards requests untouched.
 #[derive(Clone)]
-pub(crate) struct Traced<S>(pub S);
+pub struct Traced<S>(pub S);
 
 impl<S, B> tower_service::Service<http::Request<B>> for Traced<S>
 where
@@ -277,12 +277,14 @@ pub fn stage(name: &'static str) -> Span {
     }
 }
 
-/// Records the instance and digest a request is about on its span, if there is one.
-pub fn record_digest(instance: &str, digest: &cairn_storage::Digest) {
+/// Records the instance and digest a request is about on its span, if there is one;
+/// `digest` gives the hash in hex and the size, and is only called when traces are on.
+pub fn record_digest(instance: &str, digest: impl FnOnce() -> (String, u64)) {
     if enabled() {
+        let (hash, size) = digest();
         let span = Span::current();
         span.record("instance", instance);
-        span.record("digest.hash", tracing::field::display(digest.hash_hex()));
-        span.record("digest.size", digest.size);
+        span.record("digest.hash", tracing::field::display(hash));
+        span.record("digest.size", size);
     }
 }

@@ -72,6 +72,11 @@ impl Runner {
         cancel: CancellationToken,
     ) -> Option<ExecuteResponse> {
         let directory = self.tasks_dir.join(random_name());
+        tracing::debug!(
+            task = %task.task_id,
+            action = %task.action_digest.as_ref().map_or("", |digest| digest.hash.as_str()),
+            "task started"
+        );
         // The action's span, continuing the trace of the scheduler's Execute.
         let span = crate::traces::stage("Execute");
         crate::traces::child_of(&span, &task.trace_context);
@@ -148,15 +153,9 @@ impl Runner {
         let action = Action::decode(action_bytes).map_err(|error| {
             Error::invalid_argument(format!("the Action does not parse: {error}"))
         })?;
-        let command_digest =
-            digests::required(function, action.command_digest.as_ref(), "command_digest")
-                .map(|digest| digests::to_proto(&digest))?;
-        let root_digest = digests::required(
-            function,
-            action.input_root_digest.as_ref(),
-            "input_root_digest",
-        )
-        .map(|digest| digests::to_proto(&digest))?;
+        let command_digest = digests::required(action.command_digest.as_ref(), "command_digest")?;
+        let root_digest =
+            digests::required(action.input_root_digest.as_ref(), "input_root_digest")?;
         let Some(command_bytes) = cas.read_blob(&command_digest).await? else {
             return Ok(Some(missing(vec![command_digest])));
         };

@@ -98,10 +98,23 @@ impl Tasks {
         self.undelivered = resend;
     }
 
-    /// The ids of the running tasks, for Register.
+    /// The ids for Register's `running_task_ids`: the running tasks, and the finished
+    /// ones whose result goes out right after Registered. A scheduler sharing state in
+    /// Redis requeues the tasks it holds for this worker that the worker does not name,
+    /// so a result not named here would arrive for a task no longer current and the
+    /// action would run again.
     fn running_ids(&self) -> Vec<String> {
-        let mut ids: Vec<String> = self.running.keys().cloned().collect();
+        let undelivered = self
+            .undelivered
+            .iter()
+            .filter_map(|report| match &report.message {
+                Some(ToScheduler::Result(result)) => Some(&result.task_id),
+                Some(ToScheduler::Rejected(rejected)) => Some(&rejected.task_id),
+                _ => None,
+            });
+        let mut ids: Vec<String> = self.running.keys().chain(undelivered).cloned().collect();
         ids.sort();
+        ids.dedup();
         ids
     }
 }

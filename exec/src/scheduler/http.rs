@@ -5,9 +5,9 @@
 //!
 //! Everything is read from the scheduler's state in one short critical section per
 //! request ([`Scheduler::snapshot`]). The page is the node's kind of page
-//! ([`crate::http_status`], whose formatting and chart code it shares); its charts need
+//! ([`crate::status_html`], whose formatting and chart code it shares); its charts need
 //! a history, so a task samples the queue, the running tasks and the completions every
-//! [`crate::http_status::SAMPLE_INTERVAL`] and keeps five minutes of them.
+//! [`crate::status_html::SAMPLE_INTERVAL`] and keeps five minutes of them.
 //!
 //! With `--auth`, everything but `/healthz` needs the `metrics` permission, as on the
 //! node. The listener is plaintext: the node's single-node setup binds it to
@@ -33,7 +33,7 @@ use super::state::Scheduler;
 use crate::auth::{Access, Credentials, Need, Permission};
 use crate::error::{Error, Result};
 use crate::exec_common::write_ready_file;
-use crate::http_status::{self, SAMPLES_KEPT, SAMPLE_INTERVAL};
+use crate::status_html::{self, SAMPLES_KEPT, SAMPLE_INTERVAL};
 
 /// The queue at one moment.
 #[derive(Debug, Clone, Copy)]
@@ -214,7 +214,7 @@ impl Board {
                 text(
                     StatusCode::OK,
                     "text/html; charset=utf-8",
-                    http_status::page(include_str!("status_page.html"), "", &core, &status),
+                    status_html::page(include_str!("status_page.html"), "", &core, &status),
                 )
             }
             path => text(
@@ -280,7 +280,7 @@ impl Board {
 fn core_html(status: &Value) -> String {
     let counters = &status["counters"];
     let completed = |outcome: &str| counters["completed"][outcome].as_u64().unwrap_or(0);
-    let count = |key: &str, value: u64| http_status::field(key, "count", value);
+    let count = |key: &str, value: u64| status_html::field(key, "count", value);
     format!(
         "<h1>cairn scheduler</h1><p class=\"meta\">version {} · up <span data-key=\"uptime_seconds\" \
          data-format=\"uptime\">{}</span></p><h2>Queue and workers</h2><div class=\"cols\">{}\
@@ -291,9 +291,9 @@ fn core_html(status: &Value) -> String {
          <tr><th>non-zero exit</th><td class=\"n\">{}</td></tr>\
          <tr><th>errors</th><td class=\"n\">{}</td></tr></table></div>\
          <h2>Recent operations</h2>{}",
-        http_status::escape(status["version"].as_str().unwrap_or("")),
-        http_status::uptime_text(status["uptime_seconds"].as_u64().unwrap_or(0)),
-        http_status::execution_html(status, ""),
+        status_html::escape(status["version"].as_str().unwrap_or("")),
+        status_html::uptime_text(status["uptime_seconds"].as_u64().unwrap_or(0)),
+        status_html::execution_html(status, ""),
         count(
             "counters.dispatched",
             counters["dispatched"].as_u64().unwrap_or(0)
@@ -303,7 +303,7 @@ fn core_html(status: &Value) -> String {
         count("counters.completed.success", completed("success")),
         count("counters.completed.nonzero_exit", completed("nonzero_exit")),
         count("counters.completed.error", completed("error")),
-        http_status::recent_html(status),
+        status_html::recent_html(status),
     )
 }
 

@@ -8,8 +8,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use cairn::exec_common::load_json5;
-use cairn::scheduler::config::SchedulerConfig;
+use cairn_exec::exec_common::load_json5;
+use cairn_exec::scheduler::config::SchedulerConfig;
 use clap::Parser;
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -17,12 +17,12 @@ use tokio::signal::unix::{signal, SignalKind};
 ///
 /// Logs go to stderr; RUST_LOG adjusts them. SIGTERM or SIGINT stops it.
 #[derive(Parser, Debug)]
-#[command(name = "cairn-scheduler", version = cairn::VERSION)]
+#[command(name = "cairn-scheduler", version = cairn_exec::VERSION)]
 struct Args {
     /// How log lines are written to standard error: `text`, or `json` (one object per
     /// line, for log shippers). The level comes from RUST_LOG (default info).
-    #[arg(long, value_enum, env = cairn::logging::ENV, default_value_t = cairn::logging::LogFormat::Text)]
-    log_format: cairn::logging::LogFormat,
+    #[arg(long, value_enum, env = cairn_exec::logging::ENV, default_value_t = cairn_exec::logging::LogFormat::Text)]
+    log_format: cairn_exec::logging::LogFormat,
 
     /// JSON5 configuration file (see config/ for examples); unknown fields are errors.
     #[arg(long, value_name = "FILE")]
@@ -88,7 +88,7 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let _traces = cairn::logging::init(args.log_format, "cairn-scheduler");
+    let _traces = cairn_exec::logging::init(args.log_format, "cairn-scheduler");
     let config = match &args.config {
         Some(path) => load_json5::<SchedulerConfig>(path),
         None => Ok(SchedulerConfig::default()),
@@ -135,7 +135,8 @@ fn main() -> ExitCode {
                 }
                 tracing::info!("stopping");
             };
-            cairn::scheduler::serve(config, args.ready_file, args.http_ready_file, shutdown).await
+            cairn_exec::scheduler::serve(config, args.ready_file, args.http_ready_file, shutdown)
+                .await
         })
     });
     match outcome {

@@ -8,8 +8,8 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use cairn::exec_common::load_json5;
-use cairn::worker::config::{PropertyValue, WorkerConfig};
+use cairn_exec::exec_common::load_json5;
+use cairn_exec::worker::config::{PropertyValue, WorkerConfig};
 use clap::Parser;
 
 /// Runs REAPI actions handed out by cairn-scheduler.
@@ -17,12 +17,12 @@ use clap::Parser;
 /// Logs go to stderr; RUST_LOG adjusts them. SIGTERM drains: running actions finish,
 /// no new ones are taken, then the worker exits; a second SIGTERM exits at once.
 #[derive(Parser, Debug)]
-#[command(name = "cairn-worker", version = cairn::VERSION)]
+#[command(name = "cairn-worker", version = cairn_exec::VERSION)]
 struct Args {
     /// How log lines are written to standard error: `text`, or `json` (one object per
     /// line, for log shippers). The level comes from RUST_LOG (default info).
-    #[arg(long, value_enum, env = cairn::logging::ENV, default_value_t = cairn::logging::LogFormat::Text)]
-    log_format: cairn::logging::LogFormat,
+    #[arg(long, value_enum, env = cairn_exec::logging::ENV, default_value_t = cairn_exec::logging::LogFormat::Text)]
+    log_format: cairn_exec::logging::LogFormat,
 
     /// JSON5 configuration file (see config/ for examples); unknown fields are errors.
     #[arg(long, value_name = "FILE")]
@@ -84,7 +84,10 @@ struct Args {
     ready_file: Option<PathBuf>,
 }
 
-fn apply(args: Args, mut config: WorkerConfig) -> cairn::Result<(WorkerConfig, Option<PathBuf>)> {
+fn apply(
+    args: Args,
+    mut config: WorkerConfig,
+) -> cairn_exec::Result<(WorkerConfig, Option<PathBuf>)> {
     if !args.scheduler.is_empty() {
         config.scheduler = args.scheduler;
     }
@@ -115,7 +118,9 @@ fn apply(args: Args, mut config: WorkerConfig) -> cairn::Result<(WorkerConfig, O
     }
     for property in args.properties {
         let (name, value) = property.split_once('=').ok_or_else(|| {
-            cairn::Error::invalid_argument(format!("--property `{property}` is not NAME=VALUE"))
+            cairn_exec::Error::invalid_argument(format!(
+                "--property `{property}` is not NAME=VALUE"
+            ))
         })?;
         let value = value.to_string();
         match config.properties.get_mut(name) {
@@ -140,7 +145,7 @@ fn apply(args: Args, mut config: WorkerConfig) -> cairn::Result<(WorkerConfig, O
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let _traces = cairn::logging::init(args.log_format, "cairn-worker");
+    let _traces = cairn_exec::logging::init(args.log_format, "cairn-worker");
     let config = match &args.config {
         Some(path) => load_json5::<WorkerConfig>(path),
         None => Ok(WorkerConfig::default()),
@@ -151,7 +156,7 @@ fn main() -> ExitCode {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
-            runtime.block_on(cairn::worker::session::run(config, ready_file))
+            runtime.block_on(cairn_exec::worker::session::run(config, ready_file))
         });
     match outcome {
         Ok(()) => ExitCode::SUCCESS,

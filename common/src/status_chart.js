@@ -1,5 +1,5 @@
 // Shared by the node's and the scheduler's status pages (src/http_status.rs,
-// src/scheduler/http.rs): number formats, the fields marked data-key, line charts drawn
+// exec/src/scheduler/http.rs): number formats, the fields marked data-key, line charts drawn
 // as inline SVG, and polling /status. No framework and nothing loaded from elsewhere:
 // nodes often have no internet access.
 "use strict";

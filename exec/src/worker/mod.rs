@@ -4,8 +4,8 @@
 //! `proto/cairn/worker/v1`): it registers its platform properties and how many tasks
 //! it runs at once, sends keepalives, and for each task fetches the inputs from the
 //! cache node, runs the command, uploads the outputs and reports the ExecuteResponse.
-//! If the session breaks, running tasks are abandoned (the scheduler gives them to
-//! someone else) and the worker reconnects.
+//! If the session breaks, running tasks keep running and the worker registers again,
+//! with the next scheduler of its list when it has several, reporting them there.
 //!
 //! Draining (SIGTERM, or the scheduler's DrainWorker API) means: take nothing new,
 //! finish what runs, report it, exit. A precondition script, if configured, must

@@ -25,11 +25,10 @@ use cairn_proto::reapi::{
     ActionResult, Command, Digest, Directory, DirectoryNode, FileNode, OutputDirectory, OutputFile,
     OutputSymlink, SymlinkNode, Tree,
 };
-use cairn_storage::DigestFunction;
 use prost::Message;
 
 use super::paths::{check_relative_path, check_symlink_target, lookup_beneath, Found};
-use crate::digests::{key, BlobKey};
+use crate::digests::{self, key, BlobKey, DigestFunction};
 use crate::error::{Error, Result};
 
 /// An output the Command asks for, with the kind the older fields promise.
@@ -117,7 +116,7 @@ pub struct Blobs {
 
 impl Blobs {
     fn add_memory(&mut self, function: DigestFunction, data: Vec<u8>) -> Digest {
-        let digest = digest_of(function, &data);
+        let digest = digests::of(function, &data);
         if self
             .memory
             .insert(key(&digest), Bytes::from(data))
@@ -139,16 +138,6 @@ impl Blobs {
             self.digests.push(digest.clone());
         }
         Ok(digest)
-    }
-}
-
-/// The digest of in-memory data.
-pub fn digest_of(function: DigestFunction, data: &[u8]) -> Digest {
-    let mut hasher = function.hasher();
-    hasher.update(data);
-    Digest {
-        hash: hex::encode(hasher.finalize()),
-        size_bytes: data.len() as i64,
     }
 }
 
@@ -305,7 +294,7 @@ fn directory_message(
             });
         } else if kind.is_dir() {
             let message = directory_message(&child, &child_from_root, function, blobs, children)?;
-            let digest = digest_of(function, &message.encode_to_vec());
+            let digest = digests::of(function, &message.encode_to_vec());
             children.push(message);
             directory.directories.push(DirectoryNode {
                 name,

@@ -246,7 +246,7 @@ impl Scheduler {
             .action_digest
             .clone()
             .ok_or_else(|| Error::invalid_argument("action_digest is missing"))?;
-        digests::from_proto(function, &action_digest)?;
+        digests::check(&action_digest)?;
         let queued_at = SystemTime::now();
         let cas = CasClient::new(
             self.cache.clone(),
@@ -283,7 +283,7 @@ impl Scheduler {
             .command_digest
             .clone()
             .ok_or_else(|| Error::invalid_argument("the Action has no command_digest"))?;
-        digests::from_proto(function, &command_digest)?;
+        digests::check(&command_digest)?;
         let platform = match action
             .platform
             .as_ref()

@@ -1,4 +1,4 @@
-//! The crate's one error type.
+//! The one error type of cairn's programs.
 //!
 //! Every failure a client can cause or observe ends up as a gRPC status or an HTTP
 //! status code, so errors carry a [`ErrorKind`] chosen where the failure is understood
@@ -162,23 +162,6 @@ impl From<Error> for tonic::Status {
 impl From<std::io::Error> for Error {
     fn from(error: std::io::Error) -> Self {
         Error::internal(format!("I/O error: {error}"))
-    }
-}
-
-impl From<cairn_storage::Error> for Error {
-    fn from(error: cairn_storage::Error) -> Self {
-        use cairn_storage::ErrorKind as Storage;
-        let kind = match error.kind() {
-            Storage::NotFound => ErrorKind::NotFound,
-            Storage::InvalidArgument => ErrorKind::InvalidArgument,
-            Storage::OutOfRange => ErrorKind::OutOfRange,
-            Storage::ResourceExhausted => ErrorKind::ResourceExhausted,
-            Storage::FailedPrecondition => ErrorKind::FailedPrecondition,
-            Storage::Unavailable => ErrorKind::Unavailable,
-            Storage::DataLoss => ErrorKind::DataLoss,
-            Storage::Internal => ErrorKind::Internal,
-        };
-        Error::new(kind, error.to_string())
     }
 }
 
