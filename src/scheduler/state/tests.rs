@@ -23,6 +23,7 @@ use cairn_proto::reapi::content_addressable_storage_server::{
 use cairn_proto::reapi::digest_function::Value as FunctionValue;
 use cairn_proto::reapi::execution_server::Execution;
 use cairn_proto::reapi::execution_stage::Value as Stage;
+use cairn_proto::reapi::{Action, Command};
 use cairn_proto::reapi::{
     ActionResult, BatchReadBlobsRequest, BatchReadBlobsResponse, BatchUpdateBlobsRequest,
     BatchUpdateBlobsResponse, ExecuteOperationMetadata, ExecutionPolicy, FindMissingBlobsRequest,
@@ -30,14 +31,16 @@ use cairn_proto::reapi::{
     SpliceBlobRequest, SpliceBlobResponse, SplitBlobRequest, SplitBlobResponse,
     UpdateActionResultRequest, WaitExecutionRequest,
 };
+use cairn_proto::rpc;
 use cairn_proto::worker::{Keepalive, TaskRejected};
 use futures::StreamExt;
+use prost::Message;
 use sha2::{Digest as _, Sha256};
 use tokio::sync::mpsc::error::TryRecvError;
 use tonic::{Request, Response, Status};
 
 use super::*;
-use crate::exec_common::{cache_channel, CacheChannel};
+use crate::exec_common::{cache_channel, rpc_status, CacheChannel};
 use crate::scheduler::service::{ExecutionService, OperationsService};
 
 type Rpc<T> = std::result::Result<Response<T>, Status>;
@@ -1015,6 +1018,44 @@ async fn a_worker_reconnecting_after_a_scheduler_restart_gets_work() {
     after.finish(&scheduler, &task, success(0));
     assert_eq!(code(&response(&next)), Code::Ok);
     assert_eq!(scheduler.list_workers().len(), 1);
+}
+
+#[tokio::test]
+async fn tasks_a_worker_reports_from_an_earlier_session_are_cancelled() {
+    let harness = Harness::start(config()).await;
+    let scheduler = &harness.scheduler;
+    let mut old = harness.connect("w", 1);
+    let watch = harness.execute(&harness.action("step")).await;
+    let lost = old.start();
+    let (session, mut outbox) = scheduler
+        .register(Register {
+            worker_id: "w".to_string(),
+            properties: Vec::new(),
+            max_inflight_tasks: 1,
+            running_task_ids: vec![lost.task_id.clone()],
+        })
+        .unwrap();
+    let mut new = FakeWorker {
+        id: "w".to_string(),
+        session,
+        outbox: {
+            assert!(matches!(
+                outbox.try_recv(),
+                Ok(Ok(SchedulerMessage {
+                    message: Some(ToWorker::Registered(_))
+                }))
+            ));
+            outbox
+        },
+    };
+    match new.next() {
+        Some(ToWorker::Cancel(cancel)) => assert_eq!(cancel.task_id, lost.task_id),
+        other => panic!("expected CancelTask for the old task, got {other:?}"),
+    }
+    let retry = new.start();
+    assert_ne!(retry.task_id, lost.task_id);
+    new.finish(scheduler, &retry, success(0));
+    assert_eq!(code(&response(&watch)), Code::Ok);
 }
 
 /// A policy that allows everything, as a scheduler without `--auth` has.
