@@ -433,6 +433,14 @@ async fn execute(channel: Channel, action: Digest) -> ExecuteResponse {
     response_of(&last)
 }
 
+/// The response of an Execute running in `task`, within two minutes.
+async fn finish(task: tokio::task::JoinHandle<ExecuteResponse>) -> ExecuteResponse {
+    tokio::time::timeout(Duration::from_secs(120), task)
+        .await
+        .expect("the Execute did not finish within 120 s")
+        .expect("Execute task")
+}
+
 fn assert_succeeded(response: &ExecuteResponse) {
     let code = response.status.as_ref().map_or(0, |status| status.code);
     assert_eq!(code, 0, "status: {:?}", response.status);
@@ -478,7 +486,7 @@ async fn a_thousand_executes_of_two_hundred_actions_run_each_action_once() {
         executes.push(tokio::spawn(execute(channel, action)));
     }
     for execute in executes {
-        assert_succeeded(&execute.await.expect("Execute task"));
+        assert_succeeded(&finish(execute).await);
     }
     for index in 0..200 {
         assert_eq!(
@@ -514,7 +522,7 @@ async fn a_killed_worker_is_requeued_once_and_completes_elsewhere() {
     let busy = cluster.busy_worker(1).await;
     cluster.worker_process(&busy).kill();
     cluster.release();
-    let response = running.await.expect("Execute task");
+    let response = finish(running).await;
     assert_succeeded(&response);
     assert_ne!(executed_by(&response), busy);
     assert_eq!(
@@ -554,7 +562,7 @@ async fn an_expired_lease_is_requeued_by_exactly_one_scheduler() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     cluster.release();
-    let response = running.await.expect("Execute task");
+    let response = finish(running).await;
     assert_succeeded(&response);
     assert_ne!(executed_by(&response), busy);
     assert_eq!(cluster.requeues(), 1.0);
@@ -599,7 +607,11 @@ async fn an_operation_outlives_the_scheduler_it_was_created_on() {
         .expect("WaitExecution")
         .into_inner();
     let mut last = None;
-    while let Some(operation) = waited.message().await.expect("WaitExecution stream") {
+    while let Some(operation) = tokio::time::timeout(Duration::from_secs(120), waited.message())
+        .await
+        .expect("WaitExecution ended within 120 s")
+        .expect("WaitExecution stream")
+    {
         last = Some(operation);
     }
     let last = last.expect("an operation");
@@ -667,6 +679,23 @@ async fn work_survives_a_redis_restart_with_aof() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // Results have reached the schedulers, which cannot store them yet. (A session
+    // handles its worker's messages in order, so a worker's second result waits
+    // behind its first: the count drops below 4, not to 0.)
+    let running = |cluster: &Cluster| -> f64 {
+        cluster
+            .schedulers
+            .iter()
+            .map(|scheduler| scheduler.metric("cairn_scheduler_running_tasks"))
+            .sum()
+    };
+    while running(&cluster) >= 4.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the results did not reach the schedulers"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     cluster.redis.restart();
     for scheduler in &cluster.schedulers {
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -676,7 +705,7 @@ async fn work_survives_a_redis_restart_with_aof() {
         }
     }
     for execute in executes {
-        assert_succeeded(&execute.await.expect("Execute task"));
+        assert_succeeded(&finish(execute).await);
     }
     for index in 0..12 {
         assert_eq!(cluster.runs(&index.to_string()), 1, "action {index}");
