@@ -433,6 +433,34 @@ async fn execute(channel: Channel, action: Digest) -> ExecuteResponse {
     response_of(&last)
 }
 
+/// Sends Execute and waits for the first operation (the scheduler has stored it), then
+/// follows the rest of the stream in a task of its own.
+async fn started_execute(
+    channel: Channel,
+    action: Digest,
+) -> tokio::task::JoinHandle<ExecuteResponse> {
+    let mut stream = ExecutionClient::new(channel)
+        .execute(ExecuteRequest {
+            action_digest: Some(action),
+            ..Default::default()
+        })
+        .await
+        .expect("Execute")
+        .into_inner();
+    let mut last = stream
+        .message()
+        .await
+        .expect("Execute stream")
+        .expect("an operation");
+    tokio::spawn(async move {
+        while let Some(operation) = stream.message().await.expect("Execute stream") {
+            last = operation;
+        }
+        assert!(last.done, "the stream ended before the operation was done");
+        response_of(&last)
+    })
+}
+
 /// The response of an Execute running in `task`, within two minutes.
 async fn finish(task: tokio::task::JoinHandle<ExecuteResponse>) -> ExecuteResponse {
     tokio::time::timeout(Duration::from_secs(120), task)
@@ -641,7 +669,7 @@ async fn work_survives_a_redis_restart_with_aof() {
     for index in 0..12 {
         let action = cluster.held_action(&index.to_string()).await;
         let channel = cluster.schedulers[index % 2].channel().await;
-        executes.push(tokio::spawn(execute(channel, action)));
+        executes.push(started_execute(channel, action).await);
     }
     let started = |cluster: &Cluster| (0..12).filter(|i| cluster.runs(&i.to_string()) > 0).count();
     let deadline = Instant::now() + Duration::from_secs(30);

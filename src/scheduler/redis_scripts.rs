@@ -30,7 +30,7 @@
 ///   script can fail a job without a round trip back to Rust.
 /// - `complete(id, response, retention_ms, remember_ms)`: finishes a job: every
 ///   operation gets the response, stage `c`, and an expiry of `retention_ms`; the queue
-///   entry, the in-flight entry, the worker's task and the job go. With a positive
+///   entry, the in-flight entry, the deadline, the worker's task and the job go. With a positive
 ///   `remember_ms` the response stays under `done:DEDUP` that long, so an identical Execute that
 ///   looked in the action cache just before the worker's upload landed joins this
 ///   result instead of running the action again.
@@ -82,6 +82,7 @@ local function complete(id, response, retention_ms, remember_ms)
   local fields = redis.call('HMGET', job, 'member', 'dedup', 'task', 'worker')
   local member, dedup, task, worker = fields[1], fields[2], fields[3], fields[4]
   if member then redis.call('ZREM', P .. 'queue', member) end
+  redis.call('ZREM', P .. 'running', id)
   if dedup and dedup ~= '' then
     if redis.call('HGET', P .. 'inflight', dedup) == id then
       redis.call('HDEL', P .. 'inflight', dedup)
@@ -109,6 +110,7 @@ local function requeue(id, counted, cause, max, retention_ms)
     redis.call('SREM', P .. 'worker:' .. fields[2] .. ':tasks', fields[1])
   end
   redis.call('HDEL', job, 'task', 'worker', 'started_ms')
+  redis.call('ZREM', P .. 'running', id)
   if counted then
     local retries = redis.call('HINCRBY', job, 'retries', 1)
     if retries > max then
@@ -130,11 +132,11 @@ end
 ///
 /// ARGV: dedup key (empty for `do_not_cache`), operation name, Digest bytes, StartTask
 /// template bytes, Platform bytes, priority as ten digits (`priority + 2^31`),
-/// retention ms. Returns `{stage, job id}`; stage `c` means the operation is already
+/// retention ms, the action's timeout in ms. Returns `{stage, job id}`; stage `c` means the operation is already
 /// complete with the remembered response.
 pub const EXECUTE: &str = r#"
-local dedup, name, digest, start, platform, priority, retention_ms =
-  ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[7])
+local dedup, name, digest, start, platform, priority, retention_ms, timeout_ms =
+  ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[7]), ARGV[8]
 local op = P .. 'op:' .. name
 if dedup ~= '' then
   -- An identical action in flight: join its job, at its stage.
@@ -160,7 +162,7 @@ local id = tostring(redis.call('INCR', P .. 'seq'))
 local member = priority .. ':' .. string.rep('0', 16 - #id) .. id
 local job = P .. 'job:' .. id
 redis.call('HSET', job, 'start', start, 'platform', platform, 'member', member,
-  'dedup', dedup, 'retries', 0, 'dispatches', 0)
+  'dedup', dedup, 'retries', 0, 'dispatches', 0, 'timeout_ms', timeout_ms)
 redis.call('SADD', job .. ':ops', name)
 redis.call('ZADD', P .. 'queue', 0, member)
 if dedup ~= '' then redis.call('HSET', P .. 'inflight', dedup, id) end
@@ -170,12 +172,14 @@ return {'q', id}
 "#;
 
 /// Hands the queued job `member` to `worker`, if it is still queued and the worker's
-/// registration is still this session's.
+/// registration is still this session's, and sets the task's deadline in `running`:
+/// the action's timeout plus a grace for the worker's report.
 ///
-/// ARGV: queue member, worker id, session token. Returns the new task id, or nil when
-/// another scheduler claimed the job first (or the job is gone, or the lease is lost).
+/// ARGV: queue member, worker id, session token, grace ms. Returns the new task id, or
+/// nil when another scheduler claimed the job first (or the job is gone, or the lease
+/// is lost).
 pub const CLAIM: &str = r#"
-local member, worker, session = ARGV[1], ARGV[2], ARGV[3]
+local member, worker, session, grace_ms = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
 if redis.call('HGET', P .. 'worker:' .. worker, 'session') ~= session then return false end
 -- Exactly one ZREM of a member returns 1: the scheduler that made it owns the claim.
 if redis.call('ZREM', P .. 'queue', member) == 0 then return false end
@@ -183,7 +187,10 @@ local id = string.match(member, ':0*(%d+)$')
 local job = P .. 'job:' .. id
 if redis.call('EXISTS', job) == 0 then return false end
 local task = id .. '.' .. redis.call('HINCRBY', job, 'dispatches', 1)
-redis.call('HSET', job, 'task', task, 'worker', worker, 'started_ms', now_ms())
+local now = now_ms()
+redis.call('HSET', job, 'task', task, 'worker', worker, 'started_ms', now)
+local timeout_ms = tonumber(redis.call('HGET', job, 'timeout_ms') or '0')
+redis.call('ZADD', P .. 'running', now + timeout_ms + grace_ms, id)
 redis.call('SADD', P .. 'worker:' .. worker .. ':tasks', task)
 set_stage(id, 'e')
 return task
@@ -326,12 +333,37 @@ if fields[1] then redis.call('ZREM', P .. 'queue', fields[1]) end
 if fields[2] and fields[2] ~= '' and redis.call('HGET', P .. 'inflight', fields[2]) == id then
   redis.call('HDEL', P .. 'inflight', fields[2])
 end
+redis.call('ZREM', P .. 'running', id)
 redis.call('DEL', job, job .. ':ops')
 if fields[3] and fields[4] then
   redis.call('SREM', P .. 'worker:' .. fields[4] .. ':tasks', fields[3])
   redis.call('PUBLISH', CHANNEL, 'cancel ' .. fields[4] .. ' ' .. fields[3])
 end
 return 0
+"#;
+
+/// Ends the tasks whose deadline in `running` passed without a report (a worker that
+/// hangs but still sends keepalives): their operations complete with
+/// DEADLINE_EXCEEDED and the worker's scheduler is asked to cancel the task. The ZREM
+/// makes each happen once. ARGV: retention ms. Returns how many were ended.
+pub const OVERDUE: &str = r#"
+local retention_ms = tonumber(ARGV[1])
+local ended = 0
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. 'running', '-inf', now_ms(), 'LIMIT', 0, 64)) do
+  if redis.call('ZREM', P .. 'running', id) == 1 then
+    local fields = redis.call('HMGET', P .. 'job:' .. id, 'task', 'worker', 'timeout_ms')
+    if fields[1] then
+      if fields[2] then
+        redis.call('PUBLISH', CHANNEL, 'cancel ' .. fields[2] .. ' ' .. fields[1])
+      end
+      local message = 'the action exceeded its timeout of ' .. tonumber(fields[3] or '0') / 1000
+        .. 's and its worker did not report back'
+      complete(id, status_response(4, message), retention_ms, 0)
+      ended = ended + 1
+    end
+  end
+end
+return ended
 "#;
 
 /// Fails a job that is still queued (no worker can run it), so that exactly one
@@ -420,6 +452,7 @@ mod tests {
             .arg(b"".as_slice())
             .arg("2147483648")
             .arg(60_000)
+            .arg(0)
             .invoke(connection)
             .unwrap();
         let members: Vec<String> = connection.zrange("cairn:queue", -1, -1).unwrap();
@@ -449,6 +482,7 @@ mod tests {
             .arg(member)
             .arg(worker)
             .arg(session)
+            .arg(60_000)
             .invoke(connection)
             .unwrap()
     }
@@ -542,6 +576,42 @@ mod tests {
         assert!(!connection
             .hexists::<_, _, bool>("cairn:inflight", "key")
             .unwrap());
+    }
+
+    #[test]
+    fn a_task_past_its_deadline_ends_with_deadline_exceeded_once() {
+        let mut server = server();
+        let connection = &mut server.connection;
+        let member = queue(connection, "op1", "key");
+        register(connection, "w1", "s1", 60_000);
+        let task: Option<String> = script(CLAIM)
+            .arg(&member)
+            .arg("w1")
+            .arg("s1")
+            .arg(0)
+            .invoke(connection)
+            .unwrap();
+        assert_eq!(task.as_deref(), Some("1.1"));
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        let overdue = script(OVERDUE);
+        let ended: i64 = overdue.arg(60_000).invoke(connection).unwrap();
+        assert_eq!(ended, 1);
+        let ended: i64 = overdue.arg(60_000).invoke(connection).unwrap();
+        assert_eq!(ended, 0);
+        let response: Vec<u8> = connection.hget("cairn:op:op1", "response").unwrap();
+        let status = ExecuteResponse::decode(response.as_slice())
+            .unwrap()
+            .status
+            .unwrap();
+        assert_eq!(status.code, 4);
+        assert!(
+            status.message.contains("timeout of 0s"),
+            "{}",
+            status.message
+        );
+        assert!(!connection.exists::<_, bool>("cairn:job:1").unwrap());
+        let tasks: Vec<String> = connection.smembers("cairn:worker:w1:tasks").unwrap();
+        assert!(tasks.is_empty());
     }
 
     #[test]

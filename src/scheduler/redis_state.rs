@@ -17,9 +17,10 @@
 //! | --- | --- | --- |
 //! | `seq` | string | INCR counter: job ids |
 //! | `queue` | sorted set | queued jobs; all scores 0, members `PRIORITY:JOB` (priority + 2^31 as ten digits, the job id as sixteen), so text order is priority, then arrival, and nothing is lost to a float score's 53 bits |
-//! | `job:ID` | hash | `start` (the StartTask without its id), `platform`, `member` (its queue entry), `dedup`, `retries`, `dispatches`, and while a worker has it `task` (`ID.ATTEMPT`), `worker`, `started_ms` |
+//! | `job:ID` | hash | `start` (the StartTask without its id), `platform`, `member` (its queue entry), `dedup`, `retries`, `dispatches`, `timeout_ms`, and while a worker has it `task` (`ID.ATTEMPT`), `worker`, `started_ms` |
 //! | `job:ID:ops` | set | the names of the operations waiting for the job |
 //! | `op:NAME` | hash | `digest`, `stage` (`q`, `e`, `c`), `job` until done, `response` once done; expires `completed_operation_retention` after completion |
+//! | `running` | sorted set | job id to the deadline of its task (Redis time, ms): the action's timeout plus `keepalive_timeout` |
 //! | `inflight` | hash | dedup key (`instance`, function, hash, size) to job id |
 //! | `done:DEDUP` | string | a successful response, for [`REMEMBER`] after its job completed |
 //! | `workers` | sorted set | worker id to lease expiry (Redis time, ms) |
@@ -135,6 +136,7 @@ struct Scripts {
     reap: Script,
     cancel: Script,
     fail_queued: Script,
+    overdue: Script,
 }
 
 impl Scripts {
@@ -151,6 +153,7 @@ impl Scripts {
             reap: script(lua::REAP),
             cancel: script(lua::CANCEL),
             fail_queued: script(lua::FAIL_QUEUED),
+            overdue: script(lua::OVERDUE),
         }
     }
 }
@@ -483,7 +486,8 @@ impl RedisScheduler {
             .arg(start)
             .arg(platform)
             .arg(&priority)
-            .arg(millis(self.config.completed_operation_retention));
+            .arg(millis(self.config.completed_operation_retention))
+            .arg(millis(spec.timeout));
         let reply: Vec<Vec<u8>> = match self.invoke("execute", invocation).await {
             Ok(reply) => reply,
             Err(error) => {
@@ -990,7 +994,11 @@ impl RedisScheduler {
                     continue;
                 };
                 let mut invocation = self.scripts.claim.prepare_invoke();
-                invocation.arg(member).arg(&worker_id).arg(&token);
+                invocation
+                    .arg(member)
+                    .arg(&worker_id)
+                    .arg(&token)
+                    .arg(millis(self.config.keepalive_timeout));
                 let claimed: Option<String> = self.invoke("claim", invocation).await?;
                 let Some(task_id) = claimed else {
                     self.lock().jobs.remove(member);
@@ -1123,8 +1131,9 @@ impl RedisScheduler {
     }
 
     /// What time alone changes, run every [`super::state::TICK`]: expired leases are
-    /// requeued, the gauges re-read, watched operations refreshed every [`REFRESH`],
-    /// jobs nobody can run failed after `unschedulable_timeout`.
+    /// requeued, the gauges re-read, and every [`REFRESH`] overdue tasks ended,
+    /// watched operations re-read, and jobs nobody can run failed after
+    /// `unschedulable_timeout`.
     pub async fn tick(&self) {
         let mut invocation = self.scripts.reap.prepare_invoke();
         invocation
@@ -1164,6 +1173,9 @@ impl RedisScheduler {
             due
         };
         if due {
+            let mut invocation = self.scripts.overdue.prepare_invoke();
+            invocation.arg(millis(self.config.completed_operation_retention));
+            let _ = self.invoke::<i64>("overdue", invocation).await;
             let _ = self.refresh().await;
             let _ = self.fail_unrunnable().await;
         }
