@@ -191,13 +191,15 @@ mod tests {
         assert_eq!(config.worker_selection, WorkerSelection::Lru);
         assert_eq!(config.rule("anything"), PropertyRule::Exact);
         assert_eq!(config.keepalive_timeout, Duration::from_secs(30));
+        assert_eq!(config.redis, None);
     }
 
     #[test]
     fn rules_and_durations() {
         let config: SchedulerConfig = parse_json5(
             "{ platform_properties: { cpu_count: 'minimum', pool: 'priority', x: 'ignore' },
-               worker_selection: 'mru', keepalive_timeout: '2s', http_listen: '127.0.0.1:9461' }",
+               worker_selection: 'mru', keepalive_timeout: '2s', http_listen: '127.0.0.1:9461',
+               redis: 'redis://127.0.0.1:6379/0' }",
         )
         .unwrap();
         assert_eq!(config.rule("cpu_count"), PropertyRule::Minimum);
@@ -205,6 +207,7 @@ mod tests {
         assert_eq!(config.rule("x"), PropertyRule::Ignore);
         assert_eq!(config.worker_selection, WorkerSelection::Mru);
         assert_eq!(config.keepalive_timeout, Duration::from_secs(2));
+        assert_eq!(config.redis.as_deref(), Some("redis://127.0.0.1:6379/0"));
         assert_eq!(
             config.http_listen,
             Some(SocketAddr::from(([127, 0, 0, 1], 9461)))

@@ -239,6 +239,11 @@ pub struct RedisScheduler {
 /// The connection settings of `url`, with the password from `REDIS_PASSWORD` when the
 /// URL has none.
 pub fn client(url: &str) -> Result<redis::Client> {
+    client_with(url, std::env::var("REDIS_PASSWORD").ok())
+}
+
+/// [`client`], with `password` standing in for `REDIS_PASSWORD`.
+fn client_with(url: &str, password: Option<String>) -> Result<redis::Client> {
     use redis::IntoConnectionInfo;
     let invalid = |error: redis::RedisError| {
         Error::invalid_argument(format!(
@@ -248,11 +253,9 @@ pub fn client(url: &str) -> Result<redis::Client> {
     };
     let mut info = url.into_connection_info().map_err(invalid)?;
     if info.redis_settings().password().is_none() {
-        if let Ok(password) = std::env::var("REDIS_PASSWORD") {
-            if !password.is_empty() {
-                let settings = info.redis_settings().clone().set_password(password);
-                info = info.set_redis_settings(settings);
-            }
+        if let Some(password) = password.filter(|password| !password.is_empty()) {
+            let settings = info.redis_settings().clone().set_password(password);
+            info = info.set_redis_settings(settings);
         }
     }
     redis::Client::open(info).map_err(invalid)
@@ -1469,4 +1472,37 @@ fn parse_op(fields: &HashMap<String, Vec<u8>>) -> Option<(Digest, Progress)> {
     let stage = fields.get("stage").map(Vec::as_slice).unwrap_or(b"q");
     let progress = stage_progress(stage, fields.get("response").map(Vec::as_slice));
     Some((digest, progress))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn password(client: &redis::Client) -> Option<String> {
+        client
+            .get_connection_info()
+            .redis_settings()
+            .password()
+            .map(str::to_string)
+    }
+
+    #[test]
+    fn the_password_comes_from_the_url_or_else_from_the_environment() {
+        let from_env = client_with("redis://127.0.0.1:6379/0", Some("secret".into())).unwrap();
+        assert_eq!(password(&from_env).as_deref(), Some("secret"));
+        let in_url =
+            client_with("redis://:inline@127.0.0.1:6379/0", Some("secret".into())).unwrap();
+        assert_eq!(password(&in_url).as_deref(), Some("inline"));
+        let none = client_with("redis://127.0.0.1:6379/0", None).unwrap();
+        assert_eq!(password(&none), None);
+        assert!(client_with("rediss://redis.example:6380/1", None).is_ok());
+        let error = client_with("http://:hidden@127.0.0.1/0", None).unwrap_err();
+        assert!(!error.message().contains("hidden"), "{error}");
+    }
+
+    #[test]
+    fn queue_members_name_their_job() {
+        assert_eq!(job_of_member("2147483648:0000000000000042"), "42");
+        assert_eq!(job_of_member("0000000000:0000000000000100"), "100");
+    }
 }
