@@ -40,6 +40,9 @@
 //! are hints: a subscriber that missed some (Redis restarted, the connection broke)
 //! re-reads every operation it watches when it subscribes again, and every second.
 //!
+//! The dispatch passes are in [`dispatch`]; the ticker and the subscriber to the
+//! events in [`background`].
+//!
 //! When Redis is unreachable, calls fail with UNAVAILABLE (Bazel retries), `/healthz`
 //! answers 503, results from workers are retried with backoff until Redis answers, and
 //! the connection is re-established with backoff. With AOF (`appendonly yes`,
@@ -48,9 +51,9 @@
 //! Bazel executes again, and workers' leases being gone, their sessions end and they
 //! register anew (docs/scheduler-redis.md).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use cairn_proto::reapi::platform::Property;
 use cairn_proto::reapi::{Digest, ExecuteRequest, ExecuteResponse, Platform};
@@ -60,16 +63,15 @@ use cairn_proto::worker::worker_message::Message as FromWorker;
 use cairn_proto::worker::{
     CancelTask, Drain, Register, Registered, SchedulerMessage, StartTask, WorkerInfo,
 };
-use futures::StreamExt;
 use prost::Message;
 use redis::aio::ConnectionManager;
 use redis::Script;
 use tokio::sync::{mpsc, watch, Notify};
 use tonic::Code;
 
-use super::config::{SchedulerConfig, WorkerSelection};
+use super::config::SchedulerConfig;
 use super::intake::{self, status_response, DedupKey, Intake};
-use super::matching::{self, Requirements};
+use super::matching::Requirements;
 use super::metrics::{Activity, Gauges};
 use super::redis_scripts as lua;
 use super::state::snapshot::{self, Snapshot, TaskView, WorkerView};
@@ -971,430 +973,6 @@ impl RedisScheduler {
         Ok(workers)
     }
 
-    /// Gives queued jobs, front first, to this scheduler's workers with room and
-    /// matching properties, until no worker has room or no job matches.
-    pub async fn dispatch(&self) -> Result<()> {
-        loop {
-            if !self.lock().workers.values().any(LocalWorker::has_room) {
-                return Ok(());
-            }
-            let members: Vec<String> = self
-                .query(
-                    "queue_front",
-                    redis::cmd("ZRANGE")
-                        .arg("cairn:queue")
-                        .arg(0)
-                        .arg(WINDOW - 1),
-                )
-                .await?;
-            if members.is_empty() {
-                return Ok(());
-            }
-            self.learn_jobs(&members).await?;
-            let mut claimed_any = false;
-            for member in &members {
-                let Some((worker_id, token, job)) = self.choose(member) else {
-                    continue;
-                };
-                let mut invocation = self.scripts.claim.prepare_invoke();
-                invocation
-                    .arg(member)
-                    .arg(&worker_id)
-                    .arg(&token)
-                    .arg(millis(self.config.keepalive_timeout));
-                let claimed: Option<String> = self.invoke("claim", invocation).await?;
-                let Some(task_id) = claimed else {
-                    self.lock().jobs.remove(member);
-                    continue;
-                };
-                claimed_any = true;
-                self.hand_over(&worker_id, &token, task_id, &job);
-                if !self.lock().workers.values().any(LocalWorker::has_room) {
-                    return Ok(());
-                }
-            }
-            if !claimed_any {
-                return Ok(());
-            }
-        }
-    }
-
-    /// Reads the queued jobs among `members` not read before; forgets those no longer
-    /// in front.
-    async fn learn_jobs(&self, members: &[String]) -> Result<()> {
-        let unknown: Vec<&String> = {
-            let mut local = self.lock();
-            let front: HashSet<&String> = members.iter().collect();
-            local.jobs.retain(|member, _| front.contains(member));
-            members
-                .iter()
-                .filter(|member| !local.jobs.contains_key(*member))
-                .collect()
-        };
-        if unknown.is_empty() {
-            return Ok(());
-        }
-        let mut pipeline = redis::pipe();
-        for member in &unknown {
-            let id = job_of_member(member);
-            pipeline
-                .cmd("HMGET")
-                .arg(format!("cairn:job:{id}"))
-                .arg("start")
-                .arg("platform");
-        }
-        let replies: Vec<(Field, Field)> = self.pipeline("queued_jobs", &pipeline).await?;
-        let mut local = self.lock();
-        for (member, (start, platform)) in unknown.into_iter().zip(replies) {
-            let (Some(start), Some(platform)) = (start, platform) else {
-                continue;
-            };
-            let Ok(start) = StartTask::decode(start.as_slice()) else {
-                continue;
-            };
-            let properties = Platform::decode(platform.as_slice())
-                .map(|platform| platform.properties)
-                .unwrap_or_default();
-            // Checked when the job was queued (by this configuration or another
-            // scheduler's): a job whose properties this one rejects matches nothing.
-            let Ok(requirements) = matching::requirements(&self.config, &properties) else {
-                continue;
-            };
-            local.jobs.insert(
-                member.clone(),
-                Arc::new(QueuedJob {
-                    start,
-                    requirements,
-                }),
-            );
-        }
-        Ok(())
-    }
-
-    /// The local worker to offer `member` to, by the configured selection.
-    fn choose(&self, member: &str) -> Option<(String, String, Arc<QueuedJob>)> {
-        let local = self.lock();
-        let job = local.jobs.get(member)?.clone();
-        let candidates = local.workers.iter().filter(|(_, worker)| {
-            worker.has_room() && matching::matches(&job.requirements.required, &worker.properties)
-        });
-        let chosen = match self.config.worker_selection {
-            WorkerSelection::Lru => candidates.min_by_key(|(_, worker)| worker.last_assigned),
-            WorkerSelection::Mru => candidates.max_by_key(|(_, worker)| worker.last_assigned),
-        };
-        chosen.map(|(id, worker)| (id.clone(), worker.token.clone(), job))
-    }
-
-    fn hand_over(&self, worker_id: &str, token: &str, task_id: String, job: &QueuedJob) {
-        let mut start = job.start.clone();
-        start.task_id = task_id.clone();
-        let waited = start
-            .queued_timestamp
-            .as_ref()
-            .and_then(|queued| {
-                let since = Duration::new(
-                    u64::try_from(queued.seconds).ok()?,
-                    u32::try_from(queued.nanos).ok()?,
-                );
-                SystemTime::now()
-                    .duration_since(SystemTime::UNIX_EPOCH)
-                    .ok()?
-                    .checked_sub(since)
-            })
-            .unwrap_or_default();
-        let mut local = self.lock();
-        local.assignments += 1;
-        let clock = local.assignments;
-        local.activity.dispatched(waited);
-        match local
-            .workers
-            .get_mut(worker_id)
-            .filter(|worker| worker.token == token)
-        {
-            Some(worker) => {
-                worker.last_assigned = clock;
-                worker.running.insert(
-                    task_id,
-                    LocalTask {
-                        action: start
-                            .action_digest
-                            .as_ref()
-                            .map(|digest| format!("{}/{}", digest.hash, digest.size_bytes))
-                            .unwrap_or_default(),
-                        instance: start.instance_name.clone(),
-                        started: Instant::now(),
-                    },
-                );
-                worker.send(ToWorker::Start(start));
-            }
-            // The session ended between the claim and now: its GONE (or the lease's
-            // expiry) requeues the task.
-            None => tracing::debug!(worker = worker_id, "claimed for a session that ended"),
-        }
-    }
-
-    /// What time alone changes, run every [`super::state::TICK`]: expired leases are
-    /// requeued, the gauges re-read, and every [`REFRESH`] overdue tasks ended,
-    /// watched operations re-read, and jobs nobody can run failed after
-    /// `unschedulable_timeout`.
-    pub async fn tick(&self) {
-        let mut invocation = self.scripts.reap.prepare_invoke();
-        invocation
-            .arg(self.config.max_job_retries)
-            .arg(millis(self.config.completed_operation_retention))
-            .arg(self.config.keepalive_timeout.as_secs_f64().to_string());
-        if let Ok(reaped) = self.invoke::<Vec<redis::Value>>("reap", invocation).await {
-            let requeued: u64 = reaped
-                .first()
-                .and_then(|value| redis::from_redis_value_ref(value).ok())
-                .unwrap_or(0);
-            self.lock().activity.requeues += requeued;
-            for value in reaped.iter().skip(1) {
-                if let Ok(worker) = redis::from_redis_value_ref::<String>(value) {
-                    self.end_session(&worker, None, "its lease expired");
-                }
-            }
-        }
-        let mut pipeline = redis::pipe();
-        pipeline
-            .cmd("ZCARD")
-            .arg("cairn:queue")
-            .cmd("ZCARD")
-            .arg("cairn:workers");
-        if let Ok((queued, leases)) = self.pipeline::<(u64, u64)>("gauges", &pipeline).await {
-            self.lock().queue_length = queued;
-            self.link().status.leases = leases;
-        }
-        let due = {
-            let mut local = self.lock();
-            let due = local
-                .last_refresh
-                .is_none_or(|last| last.elapsed() >= REFRESH);
-            if due {
-                local.last_refresh = Some(Instant::now());
-            }
-            due
-        };
-        if due {
-            let mut invocation = self.scripts.overdue.prepare_invoke();
-            invocation.arg(millis(self.config.completed_operation_retention));
-            let _ = self.invoke::<i64>("overdue", invocation).await;
-            let _ = self.refresh().await;
-            let _ = self.fail_unrunnable().await;
-        }
-        self.wake.notify_one();
-    }
-
-    /// Re-reads every operation a local client watches; forgets watchers nobody holds.
-    async fn refresh(&self) -> Result<()> {
-        let names: Vec<String> = {
-            let mut local = self.lock();
-            local
-                .watches
-                .retain(|_, watched| watched.updates.receiver_count() > 0);
-            local.watches.keys().cloned().collect()
-        };
-        for chunk in names.chunks(500) {
-            let mut pipeline = redis::pipe();
-            for name in chunk {
-                pipeline.cmd("HGETALL").arg(format!("cairn:op:{name}"));
-            }
-            let replies: Vec<HashMap<String, Vec<u8>>> =
-                self.pipeline("refresh", &pipeline).await?;
-            let local = self.lock();
-            for (name, fields) in chunk.iter().zip(replies) {
-                let Some(watched) = local.watches.get(name) else {
-                    continue;
-                };
-                match parse_op(&fields) {
-                    Some((_, progress)) => update(&watched.updates, progress),
-                    // Expired, deleted, or lost with a Redis that kept no data.
-                    None => update(
-                        &watched.updates,
-                        Progress::Completed(Arc::new(status_response(
-                            Code::NotFound,
-                            "the operation is no longer known to the scheduler; execute again",
-                        ))),
-                    ),
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Fails the queued jobs at the front that no registered worker (with any
-    /// scheduler) could run for `unschedulable_timeout`; exactly one scheduler's
-    /// FAIL_QUEUED takes each.
-    async fn fail_unrunnable(&self) -> Result<()> {
-        let ids: Vec<String> = self
-            .query(
-                "list_workers",
-                redis::cmd("ZRANGE").arg("cairn:workers").arg(0).arg(-1),
-            )
-            .await?;
-        let mut offers: Vec<Vec<Property>> = Vec::new();
-        if !ids.is_empty() {
-            let mut pipeline = redis::pipe();
-            for id in &ids {
-                pipeline
-                    .cmd("HGET")
-                    .arg(format!("cairn:worker:{id}"))
-                    .arg("info");
-            }
-            let infos: Vec<Option<Vec<u8>>> = self.pipeline("worker_infos", &pipeline).await?;
-            offers = infos
-                .into_iter()
-                .flatten()
-                .filter_map(|bytes| WorkerInfo::decode(bytes.as_slice()).ok())
-                .filter(|info| !info.draining)
-                .map(|info| info.properties)
-                .collect();
-        }
-        let members: Vec<String> = self
-            .query(
-                "queue_front",
-                redis::cmd("ZRANGE")
-                    .arg("cairn:queue")
-                    .arg(0)
-                    .arg(WINDOW - 1),
-            )
-            .await?;
-        self.learn_jobs(&members).await?;
-        let now = Instant::now();
-        let mut overdue = Vec::new();
-        {
-            let mut local = self.lock();
-            let front: HashSet<&String> = members.iter().collect();
-            local.unrunnable.retain(|member, _| front.contains(member));
-            for member in &members {
-                let Some(job) = local.jobs.get(member).cloned() else {
-                    continue;
-                };
-                let runnable = offers
-                    .iter()
-                    .any(|offered| matching::matches(&job.requirements.required, offered));
-                if runnable {
-                    local.unrunnable.remove(member);
-                    continue;
-                }
-                let since = *local.unrunnable.entry(member.clone()).or_insert(now);
-                if now.duration_since(since) >= self.config.unschedulable_timeout {
-                    let reason = matching::explain(
-                        &job.requirements.required,
-                        offers.iter().map(Vec::as_slice),
-                    );
-                    overdue.push((member.clone(), reason));
-                }
-            }
-        }
-        for (member, reason) in overdue {
-            let message = format!(
-                "no worker can run this action: {reason} (waited {}s)",
-                self.config.unschedulable_timeout.as_secs_f64()
-            );
-            let response = status_response(Code::FailedPrecondition, message);
-            let mut invocation = self.scripts.fail_queued.prepare_invoke();
-            invocation
-                .arg(job_of_member(&member))
-                .arg(response.encode_to_vec())
-                .arg(millis(self.config.completed_operation_retention));
-            self.invoke::<i64>("fail_queued", invocation).await?;
-            self.lock().unrunnable.remove(&member);
-        }
-        Ok(())
-    }
-
-    /// Follows `cairn:events` for as long as the scheduler runs, subscribing again
-    /// with backoff whenever the connection breaks, and re-reading every watched
-    /// operation after each (re)subscription, since events sent meanwhile are lost.
-    pub async fn follow_events(self: Arc<Self>) {
-        let mut pause = Duration::from_millis(50);
-        loop {
-            let connected = tokio::time::timeout(Duration::from_secs(5), async {
-                let mut pubsub = self.client.get_async_pubsub().await?;
-                pubsub.subscribe(CHANNEL).await?;
-                Ok::<_, redis::RedisError>(pubsub)
-            })
-            .await;
-            match connected {
-                Ok(Ok(mut pubsub)) => {
-                    pause = Duration::from_millis(50);
-                    let _ = self.refresh().await;
-                    self.wake.notify_one();
-                    let mut messages = pubsub.on_message();
-                    while let Some(message) = messages.next().await {
-                        self.event(message.get_payload_bytes());
-                    }
-                    tracing::debug!("the Redis subscription ended; subscribing again");
-                }
-                Ok(Err(error)) => {
-                    let _ = self.record::<()>("subscribe", Err(error));
-                }
-                Err(_) => tracing::debug!("subscribing to Redis timed out"),
-            }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(MAX_BACKOFF);
-        }
-    }
-
-    fn event(self: &Arc<Self>, payload: &[u8]) {
-        let text = String::from_utf8_lossy(payload);
-        let mut words = text.split(' ');
-        let (Some(kind), first, second) = (words.next(), words.next(), words.next()) else {
-            return;
-        };
-        match (kind, first, second) {
-            ("queue", _, _) => self.wake.notify_one(),
-            ("q" | "e", Some(name), _) => {
-                if let Some(watched) = self.lock().watches.get(name) {
-                    update(&watched.updates, stage_progress(kind.as_bytes(), None));
-                }
-            }
-            ("c", Some(name), _) => {
-                if !self.lock().watches.contains_key(name) {
-                    return;
-                }
-                let scheduler = Arc::clone(self);
-                let name = name.to_string();
-                tokio::spawn(async move {
-                    if let Ok(Some((_, progress))) = scheduler.read_op(&name).await {
-                        if let Some(watched) = scheduler.lock().watches.get(&name) {
-                            update(&watched.updates, progress);
-                        }
-                    }
-                });
-            }
-            ("cancel", Some(worker_id), Some(task)) => {
-                if let Some(worker) = self.lock().workers.get_mut(worker_id) {
-                    if worker.running.remove(task).is_some() {
-                        worker.send(ToWorker::Cancel(CancelTask {
-                            task_id: task.to_string(),
-                        }));
-                        self.wake.notify_one();
-                    }
-                }
-            }
-            ("drain", Some(worker_id), _) => {
-                if let Some(worker) = self.lock().workers.get_mut(worker_id) {
-                    worker.draining = true;
-                    worker.send(ToWorker::Drain(Drain {}));
-                }
-            }
-            _ => {}
-        }
-    }
-
-    /// Waits for a reason to dispatch (a job queued anywhere, a slot freed here, a
-    /// worker registered), then dispatches; for as long as the scheduler runs.
-    pub async fn dispatch_forever(self: Arc<Self>) {
-        loop {
-            self.wake.notified().await;
-            // Errors were logged and counted; the next wake-up (a tick at the latest)
-            // tries again.
-            let _ = self.dispatch().await;
-        }
-    }
-
     /// The gauges, counters and this scheduler's workers.
     pub fn snapshot(&self) -> Snapshot {
         let now = Instant::now();
@@ -1456,17 +1034,6 @@ impl RedisScheduler {
     }
 }
 
-/// The job id of a queue member (`PRIORITY:JOB`).
-fn job_of_member(member: &str) -> &str {
-    let padded = member.rsplit(':').next().unwrap_or_default();
-    let trimmed = padded.trim_start_matches('0');
-    if trimmed.is_empty() {
-        padded
-    } else {
-        trimmed
-    }
-}
-
 fn parse_op(fields: &HashMap<String, Vec<u8>>) -> Option<(Digest, Progress)> {
     let digest = Digest::decode(fields.get("digest")?.as_slice()).ok()?;
     let stage = fields.get("stage").map(Vec::as_slice).unwrap_or(b"q");
@@ -1474,8 +1041,12 @@ fn parse_op(fields: &HashMap<String, Vec<u8>>) -> Option<(Digest, Progress)> {
     Some((digest, progress))
 }
 
+mod background;
+mod dispatch;
+
 #[cfg(test)]
 mod tests {
+    use super::dispatch::job_of_member;
     use super::*;
 
     fn password(client: &redis::Client) -> Option<String> {
