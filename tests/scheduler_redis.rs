@@ -42,25 +42,27 @@ struct Redis {
     port: u16,
     dir: PathBuf,
     aof: bool,
+    password: Option<&'static str>,
 }
 
 impl Redis {
     /// Starts `redis-server` in `dir`, with append-only persistence (every write synced
-    /// before it is acknowledged) if `aof`. Fails the test, saying so, when
-    /// `redis-server` is not installed.
-    fn start(dir: &Path, aof: bool) -> Redis {
+    /// before it is acknowledged) if `aof`, requiring `password` if given. Fails the
+    /// test, saying so, when `redis-server` is not installed.
+    fn start(dir: &Path, aof: bool, password: Option<&'static str>) -> Redis {
         std::fs::create_dir_all(dir).expect("redis directory");
         let port = free_port().port();
-        let process = Redis::spawn(dir, port, aof);
+        let process = Redis::spawn(dir, port, aof, password);
         Redis {
             process,
             port,
             dir: dir.to_path_buf(),
             aof,
+            password,
         }
     }
 
-    fn spawn(dir: &Path, port: u16, aof: bool) -> Proc {
+    fn spawn(dir: &Path, port: u16, aof: bool, password: Option<&str>) -> Proc {
         let mut command = Process::new("redis-server");
         command
             .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
@@ -69,6 +71,12 @@ impl Redis {
             .args(["--save", ""])
             .args(["--appendonly", if aof { "yes" } else { "no" }])
             .args(["--appendfsync", "always"])
+            .args(
+                password
+                    .map(|password| ["--requirepass", password])
+                    .into_iter()
+                    .flatten(),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
@@ -106,11 +114,11 @@ impl Redis {
     }
 
     fn restart(&mut self) {
-        self.process = Redis::spawn(&self.dir, self.port, self.aof);
+        self.process = Redis::spawn(&self.dir, self.port, self.aof, self.password);
     }
 }
 
-/// Whether a Redis answers PING on `port`.
+/// Whether a Redis answers PING on `port` (with an error, when it wants a password).
 fn ping(port: u16) -> bool {
     use std::io::{Read, Write};
     let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
@@ -120,8 +128,8 @@ fn ping(port: u16) -> bool {
     if stream.write_all(b"PING\r\n").is_err() {
         return false;
     }
-    let mut reply = [0u8; 7];
-    stream.read_exact(&mut reply).is_ok() && &reply == b"+PONG\r\n"
+    let mut reply = [0u8; 1];
+    stream.read_exact(&mut reply).is_ok() && matches!(&reply, b"+" | b"-")
 }
 
 /// A scheduler process with its gRPC and HTTP addresses.
@@ -171,8 +179,18 @@ impl Cluster {
     /// A cache node, a Redis, and `schedulers` schedulers sharing it, with `config`
     /// (JSON5) as their configuration file.
     fn start(schedulers: usize, aof: bool, config: &str) -> Cluster {
+        Cluster::start_with(schedulers, aof, config, None)
+    }
+
+    /// [`Cluster::start`] with a Redis requiring `password`.
+    fn start_with(
+        schedulers: usize,
+        aof: bool,
+        config: &str,
+        password: Option<&'static str>,
+    ) -> Cluster {
         let dir = tempfile::tempdir().expect("temporary directory");
-        let redis = Redis::start(&dir.path().join("redis"), aof);
+        let redis = Redis::start(&dir.path().join("redis"), aof, password);
         let node = Node::start_in(&dir.path().join("node"), &["--no-execution"]);
         let mut cluster = Cluster {
             node,
@@ -182,13 +200,14 @@ impl Cluster {
             dir,
         };
         for index in 0..schedulers {
-            cluster.scheduler(index, config);
+            cluster.scheduler(index, config, password);
         }
         std::fs::create_dir_all(cluster.dir.path().join("runs")).expect("runs directory");
         cluster
     }
 
-    fn scheduler(&mut self, index: usize, config: &str) {
+    /// Starts scheduler `index`, giving it `password` in REDIS_PASSWORD.
+    fn scheduler(&mut self, index: usize, config: &str, password: Option<&str>) {
         let dir = self.dir.path();
         let config_file = dir.join(format!("scheduler-{index}.json5"));
         std::fs::write(&config_file, config).expect("write config");
@@ -210,7 +229,11 @@ impl Cluster {
             .arg(&http_ready)
             .stdin(Stdio::null())
             .stderr(log)
-            .env("RUST_LOG", "warn");
+            .env("RUST_LOG", "warn")
+            .env_remove("REDIS_PASSWORD");
+        if let Some(password) = password {
+            command.env("REDIS_PASSWORD", password);
+        }
         let mut process = Proc {
             child: Some(command.spawn().expect("start cairn-scheduler")),
         };
@@ -740,4 +763,27 @@ async fn work_survives_a_redis_restart_with_aof() {
     }
     assert_eq!(cluster.requeues(), 0.0);
     cluster.assert_all_done().await;
+}
+
+#[tokio::test]
+async fn the_password_comes_from_redis_password_and_a_refusal_is_unhealthy() {
+    let mut cluster = Cluster::start_with(1, false, "{}", Some("sekrit"));
+    cluster.scheduler(1, "{}", None);
+    cluster.worker("w1", 0, 1);
+    let action = cluster.action("echo hello").await;
+    let response = execute(cluster.schedulers[0].channel().await, action).await;
+    assert_succeeded(&response);
+    assert_eq!(cluster.schedulers[0].healthz(), 200);
+    // Without the password, Redis refuses every command: unhealthy, and saying why.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, body) = http(cluster.schedulers[1].http, "GET", "/healthz", b"");
+        if status == 503 {
+            let body = String::from_utf8_lossy(&body);
+            assert!(body.contains("NOAUTH"), "{body}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "/healthz stayed {status}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

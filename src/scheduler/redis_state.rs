@@ -350,8 +350,9 @@ impl RedisScheduler {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Counts a round trip and tracks the connection's health; logs a failure when
-    /// Redis goes away, then every [`LOG_EVERY`] while it stays away.
+    /// Counts a round trip and tracks the connection's health: any failure makes the
+    /// scheduler unhealthy until a command succeeds; logs when Redis fails, then every
+    /// [`LOG_EVERY`] while it keeps failing.
     fn record<T>(&self, what: &'static str, outcome: redis::RedisResult<T>) -> Result<T> {
         let mut link = self.link();
         *link.status.round_trips.entry(what).or_default() += 1;
@@ -359,10 +360,7 @@ impl RedisScheduler {
             Ok(value) => {
                 if !link.status.up {
                     let away = link.down_since.map(|since| since.elapsed().as_secs_f64());
-                    tracing::info!(
-                        "Redis is reachable again after {:.1}s",
-                        away.unwrap_or_default()
-                    );
+                    tracing::info!("Redis answers again after {:.1}s", away.unwrap_or_default());
                     link.status.up = true;
                     link.status.reason.clear();
                     link.down_since = None;
@@ -373,32 +371,24 @@ impl RedisScheduler {
             Err(error) => {
                 link.status.errors += 1;
                 let reason = error.to_string();
-                // A reply error (a script's or a command's) is not a connection problem.
-                let unreachable = error.is_io_error()
-                    || error.is_connection_dropped()
-                    || error.is_connection_refusal()
-                    || error.is_timeout()
-                    || error.is_unrecoverable_error();
-                if unreachable {
-                    let now = Instant::now();
-                    if link.status.up {
-                        link.down_since = Some(now);
-                    }
-                    link.status.up = false;
-                    link.status.reason = reason.clone();
-                    if link
-                        .last_logged
-                        .is_none_or(|logged| now.duration_since(logged) >= LOG_EVERY)
-                    {
-                        tracing::warn!(
-                            "Redis unreachable ({what}): {reason}; reconnecting with backoff \
-                             (up to {}s between attempts)",
-                            MAX_BACKOFF.as_secs()
-                        );
-                        link.last_logged = Some(now);
-                    }
-                } else {
-                    tracing::warn!("Redis {what} failed: {reason}");
+                // Unreachable, refused (NOAUTH, a wrong password), or out of memory:
+                // the scheduler cannot work until a command succeeds again.
+                let now = Instant::now();
+                if link.status.up {
+                    link.down_since = Some(now);
+                }
+                link.status.up = false;
+                link.status.reason = reason.clone();
+                if link
+                    .last_logged
+                    .is_none_or(|logged| now.duration_since(logged) >= LOG_EVERY)
+                {
+                    tracing::warn!(
+                        "Redis unavailable ({what}): {reason}; retrying, reconnecting with \
+                         backoff (up to {}s between attempts)",
+                        MAX_BACKOFF.as_secs()
+                    );
+                    link.last_logged = Some(now);
                 }
                 Err(Error::new(
                     ErrorKind::Unavailable,
@@ -463,7 +453,7 @@ impl RedisScheduler {
         if link.status.up {
             Ok(())
         } else {
-            Err(format!("Redis unreachable: {}", link.status.reason))
+            Err(format!("Redis unavailable: {}", link.status.reason))
         }
     }
 
