@@ -28,6 +28,8 @@ set -euo pipefail
 #                      basic-auth principal
 # chromium             headless browser loading the status page in tests/status_page.rs
 # prometheus           promtool, checking config/prometheus/alerts.yml in tests/dashboards.rs
+# redis-server         the shared state of several schedulers, in tests/scheduler_redis.rs
+# haproxy              the load balancer in front of several schedulers (end-to-end script)
 PACKAGES=(
   bazel-bootstrap
   default-jdk-headless
@@ -46,6 +48,8 @@ PACKAGES=(
   apache2-utils
   chromium
   prometheus
+  redis-server
+  haproxy
 )
 
 # From PyPI, not Debian:

@@ -14,7 +14,7 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command as Process, ExitStatus, Stdio};
+use std::process::{Command as Process, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -27,11 +27,12 @@ use cairn_proto::reapi::execution_client::ExecutionClient;
 use cairn_proto::reapi::platform::Property;
 use cairn_proto::reapi::{
     Action, BatchReadBlobsRequest, BatchUpdateBlobsRequest, Command, Digest, Directory,
-    ExecuteOperationMetadata, ExecuteRequest, ExecuteResponse, FileNode, GetActionResultRequest,
-    GetCapabilitiesRequest, Platform, SymlinkNode,
+    ExecuteRequest, ExecuteResponse, FileNode, GetActionResultRequest, GetCapabilitiesRequest,
+    Platform, SymlinkNode,
 };
 use cairn_proto::worker::worker_api_client::WorkerApiClient;
 use cairn_proto::worker::{ListWorkersRequest, WorkerInfo};
+use common::exec::{response_of, stage_of, wait_for_file, Proc};
 use common::{exec_binary, sha256, wire, Node, SCHEDULER, WORKER};
 use prost::Message;
 use tokio::task::JoinHandle;
@@ -40,61 +41,6 @@ use tonic::{Code, Streaming};
 
 fn repo(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
-}
-
-/// A process we started; killed on drop.
-struct Proc {
-    child: Option<Child>,
-}
-
-impl Proc {
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// SIGTERM, then the exit status (within 60 s).
-    fn terminate(mut self) -> ExitStatus {
-        let mut child = self.child.take().expect("running");
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(status) = child.try_wait().expect("try_wait") {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "no exit within 60 s of SIGTERM");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn wait_for_file(path: &Path, process: &mut Proc) -> String {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(text) = std::fs::read_to_string(path) {
-            return text;
-        }
-        if let Some(child) = process.child.as_mut() {
-            if let Ok(Some(status)) = child.try_wait() {
-                panic!("process exited before it was ready: {status}");
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} not written within 60 s",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// A seccomp filter that kills the process on `io_uring_setup`.
@@ -484,22 +430,6 @@ impl Spec {
         self.outputs = outputs.iter().map(|output| output.to_string()).collect();
         self
     }
-}
-
-fn response_of(operation: &Operation) -> ExecuteResponse {
-    match &operation.result {
-        Some(cairn_proto::longrunning::operation::Result::Response(any)) => {
-            ExecuteResponse::decode(any.value.as_slice()).expect("ExecuteResponse")
-        }
-        other => panic!("operation has no response: {other:?}"),
-    }
-}
-
-fn stage_of(operation: &Operation) -> i32 {
-    let metadata = operation.metadata.as_ref().expect("metadata");
-    ExecuteOperationMetadata::decode(metadata.value.as_slice())
-        .expect("metadata")
-        .stage
 }
 
 fn code_of(response: &ExecuteResponse) -> Code {

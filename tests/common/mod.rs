@@ -9,6 +9,7 @@
 #![allow(dead_code)]
 
 pub mod certs;
+pub mod exec;
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};

@@ -72,6 +72,12 @@ struct Args {
     #[arg(long)]
     allow_unauthenticated_execution: bool,
 
+    /// Keep the state in Redis, shared with other schedulers given the same URL:
+    /// `redis://HOST:PORT/DB`, `rediss://` for TLS; the password in the URL or in
+    /// REDIS_PASSWORD [default: none, the state is in memory].
+    #[arg(long, value_name = "URL")]
+    redis: Option<String>,
+
     /// Once listening, write the bound address (IP:PORT) to this file.
     #[arg(long, value_name = "FILE")]
     ready_file: Option<PathBuf>,
@@ -118,6 +124,9 @@ fn main() -> ExitCode {
         }
         if args.allow_unauthenticated_execution {
             config.allow_unauthenticated_execution = true;
+        }
+        if args.redis.is_some() {
+            config.redis = args.redis;
         }
         if let Some(http_listen) = args.http_listen {
             config.http_listen = Some(http_listen);

@@ -108,10 +108,16 @@ pub struct SchedulerConfig {
     /// Default `"1h"`.
     #[serde(deserialize_with = "deserialize_duration")]
     pub max_action_timeout: Duration,
-    /// How long a finished operation stays visible to GetOperation and WaitExecution.
-    /// Default `"10m"`.
+    /// How long a finished operation stays visible to GetOperation and WaitExecution
+    /// (with `redis`, the expiry of its key). Default `"10m"`.
     #[serde(deserialize_with = "deserialize_duration")]
     pub completed_operation_retention: Duration,
+    /// Redis holding the state shared by several schedulers: `redis://HOST:PORT/DB`, or
+    /// `rediss://` for TLS (the system's trust store); a password in the URL
+    /// (`redis://:PASSWORD@HOST/0`) or, when it has none, from the `REDIS_PASSWORD`
+    /// environment variable. Default: none, the state is in this process's memory and
+    /// only this scheduler serves it.
+    pub redis: Option<String>,
 }
 
 impl Default for SchedulerConfig {
@@ -137,6 +143,7 @@ impl Default for SchedulerConfig {
             default_action_timeout: Duration::from_secs(15 * 60),
             max_action_timeout: Duration::from_secs(3600),
             completed_operation_retention: Duration::from_secs(600),
+            redis: None,
         }
     }
 }
@@ -184,13 +191,15 @@ mod tests {
         assert_eq!(config.worker_selection, WorkerSelection::Lru);
         assert_eq!(config.rule("anything"), PropertyRule::Exact);
         assert_eq!(config.keepalive_timeout, Duration::from_secs(30));
+        assert_eq!(config.redis, None);
     }
 
     #[test]
     fn rules_and_durations() {
         let config: SchedulerConfig = parse_json5(
             "{ platform_properties: { cpu_count: 'minimum', pool: 'priority', x: 'ignore' },
-               worker_selection: 'mru', keepalive_timeout: '2s', http_listen: '127.0.0.1:9461' }",
+               worker_selection: 'mru', keepalive_timeout: '2s', http_listen: '127.0.0.1:9461',
+               redis: 'redis://127.0.0.1:6379/0' }",
         )
         .unwrap();
         assert_eq!(config.rule("cpu_count"), PropertyRule::Minimum);
@@ -198,6 +207,7 @@ mod tests {
         assert_eq!(config.rule("x"), PropertyRule::Ignore);
         assert_eq!(config.worker_selection, WorkerSelection::Mru);
         assert_eq!(config.keepalive_timeout, Duration::from_secs(2));
+        assert_eq!(config.redis.as_deref(), Some("redis://127.0.0.1:6379/0"));
         assert_eq!(
             config.http_listen,
             Some(SocketAddr::from(([127, 0, 0, 1], 9461)))

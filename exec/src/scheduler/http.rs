@@ -28,8 +28,8 @@ use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 use tokio::task::JoinHandle;
 
+use super::backend::Backend;
 use super::metrics;
-use super::state::Scheduler;
 use crate::auth::{Access, Credentials, Need, Permission};
 use crate::error::{Error, Result};
 use crate::exec_common::write_ready_file;
@@ -45,7 +45,7 @@ struct Sample {
 }
 
 struct Board {
-    scheduler: Arc<Scheduler>,
+    scheduler: Backend,
     access: Access,
     started: Instant,
     samples: Mutex<VecDeque<Sample>>,
@@ -68,7 +68,7 @@ impl Drop for StatusServer {
 /// address (`IP:PORT`) to `ready_file`.
 pub async fn start(
     listen: Option<SocketAddr>,
-    scheduler: &Arc<Scheduler>,
+    scheduler: &Backend,
     access: Access,
     ready_file: Option<&Path>,
 ) -> Result<Option<StatusServer>> {
@@ -85,7 +85,7 @@ pub async fn start(
         })?;
     let address = listener.local_addr()?;
     let board = Arc::new(Board {
-        scheduler: Arc::clone(scheduler),
+        scheduler: scheduler.clone(),
         access,
         started: Instant::now(),
         samples: Mutex::new(VecDeque::with_capacity(SAMPLES_KEPT)),
@@ -186,14 +186,21 @@ impl Board {
         match path {
             "/metrics" => {
                 let snapshot = self.scheduler.snapshot();
-                text(
-                    StatusCode::OK,
-                    "text/plain; version=0.0.4",
-                    metrics::render(&snapshot.gauges, &snapshot.activity),
-                )
+                let mut body = metrics::render(&snapshot.gauges, &snapshot.activity);
+                if let Some(redis) = &snapshot.redis {
+                    body.push_str(&metrics::render_redis(redis));
+                }
+                text(StatusCode::OK, "text/plain; version=0.0.4", body)
             }
             "/healthz" => {
                 let gauges = self.scheduler.snapshot().gauges;
+                if let Err(reason) = self.scheduler.health() {
+                    return text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "text/plain",
+                        format!("unavailable: {reason}\n"),
+                    );
+                }
                 text(
                     StatusCode::OK,
                     "text/plain",
@@ -247,6 +254,13 @@ impl Board {
                 "mean_seconds": (dispatches > 0).then(|| activity.latency_sum / dispatches as f64),
             },
             "workers": snapshot.workers,
+            "redis": snapshot.redis.as_ref().map(|redis| json!({
+                "up": redis.up,
+                "reason": redis.reason,
+                "leases": redis.leases,
+                "round_trips": redis.round_trips,
+                "errors": redis.errors,
+            })),
             "recent": recent,
             "series": self.series(),
         })

@@ -256,6 +256,44 @@ pub fn render(gauges: &Gauges, activity: &Activity) -> String {
     text
 }
 
+/// The Prometheus text of the connection to Redis (`--redis` only).
+pub fn render_redis(redis: &crate::scheduler::redis_state::RedisStatus) -> String {
+    let mut text = String::new();
+    let _ = writeln!(
+        text,
+        "# HELP cairn_scheduler_redis_up Whether the last Redis command succeeded (1) or \
+         Redis was unreachable (0)\n# TYPE cairn_scheduler_redis_up gauge\n\
+         cairn_scheduler_redis_up {}",
+        u8::from(redis.up)
+    );
+    let _ = writeln!(
+        text,
+        "# HELP cairn_scheduler_redis_round_trips_total Round trips to Redis, by command or \
+         script\n# TYPE cairn_scheduler_redis_round_trips_total counter"
+    );
+    for (command, count) in &redis.round_trips {
+        let _ = writeln!(
+            text,
+            "cairn_scheduler_redis_round_trips_total{{command=\"{command}\"}} {count}"
+        );
+    }
+    let _ = writeln!(
+        text,
+        "# HELP cairn_scheduler_redis_errors_total Round trips to Redis that failed\n\
+         # TYPE cairn_scheduler_redis_errors_total counter\n\
+         cairn_scheduler_redis_errors_total {}",
+        redis.errors
+    );
+    let _ = writeln!(
+        text,
+        "# HELP cairn_scheduler_redis_worker_leases Workers holding a lease, with any \
+         scheduler sharing the Redis\n# TYPE cairn_scheduler_redis_worker_leases gauge\n\
+         cairn_scheduler_redis_worker_leases {}",
+        redis.leases
+    );
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

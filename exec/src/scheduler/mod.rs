@@ -9,19 +9,26 @@
 //!
 //! The scheduler is a tokio program on tonic's transport. It never starts glommio or
 //! the storage engine, so it runs on hosts without io_uring. The modules: [`config`]
-//! (settings), [`matching`] (platform properties), [`state`] (operations, jobs,
-//! queue and workers), [`service`] (the gRPC front), and [`http`] and [`metrics`]
-//! (`/metrics` and the status page on `--http-listen`).
+//! (settings), [`intake`] (reading an Execute), [`matching`] (platform properties),
+//! [`state`] (operations, jobs, queue and workers in memory), [`redis_state`] and
+//! [`redis_scripts`] (the same in Redis, shared by several schedulers), [`backend`]
+//! (either), [`service`] (the gRPC front), and [`http`] and [`metrics`] (`/metrics`
+//! and the status page on `--http-listen`).
 
+pub mod backend;
 pub mod config;
 pub mod http;
+pub mod intake;
 pub mod matching;
 pub mod metrics;
+pub mod redis_scripts;
+pub mod redis_state;
 pub mod service;
 pub mod state;
 
 use std::future::Future;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use cairn_proto::longrunning::operations_server::OperationsServer;
 use cairn_proto::reapi::capabilities_server::CapabilitiesServer;
@@ -34,7 +41,9 @@ use crate::client_tls::ClientTls;
 use crate::error::{Error, Result};
 use crate::exec_common::{cache_channel, read_token_file, write_ready_file};
 use crate::tls::Tls;
+use backend::Backend;
 use config::SchedulerConfig;
+use redis_state::RedisScheduler;
 use service::{CapabilitiesService, ExecutionService, OperationsService, WorkerService};
 use state::{Scheduler, TICK};
 
@@ -73,7 +82,21 @@ pub async fn serve(
         })?;
     let address = listener.local_addr()?;
     let http_listen = config.http_listen;
-    let scheduler = Scheduler::new(config, cache.clone());
+    let mut background = Vec::new();
+    let scheduler: Backend = match config.redis.clone() {
+        None => Scheduler::new(config, cache.clone()).into(),
+        Some(url) => {
+            let client = redis_state::client(&url)?;
+            let state = RedisScheduler::new(config, cache.clone(), client)?;
+            tracing::info!(
+                "the scheduler's state is in Redis at {}",
+                url.rsplit('@').next().unwrap_or(&url)
+            );
+            background.push(tokio::spawn(Arc::clone(&state).follow_events()));
+            background.push(tokio::spawn(Arc::clone(&state).dispatch_forever()));
+            state.into()
+        }
+    };
     let _status = http::start(
         http_listen,
         &scheduler,
@@ -88,7 +111,7 @@ pub async fn serve(
             interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 interval.tick().await;
-                scheduler.tick();
+                scheduler.tick().await;
             }
         })
     };
@@ -140,6 +163,9 @@ pub async fn serve(
         }
     };
     ticker.abort();
+    for task in background {
+        task.abort();
+    }
     served.map_err(|error| Error::internal(format!("server failed: {error}")))
 }
 

@@ -1,14 +1,13 @@
 //! The scheduler's gRPC services: REAPI Execution and Capabilities,
 //! google.longrunning.Operations, and the worker protocol.
 //!
-//! They are thin: each turns a request into a call on [`Scheduler`] and the
+//! They are thin: each turns a request into a call on [`Backend`] and the
 //! scheduler's [`Progress`] into the `google.longrunning.Operation` REAPI clients
 //! expect (ExecuteOperationMetadata with the stage, an ExecuteResponse once done). A
 //! stream ends with the completed operation; a client that loses its stream calls
 //! WaitExecution with the name and picks up where it left off.
 
 use std::pin::Pin;
-use std::sync::Arc;
 use std::time::Duration;
 
 use cairn_proto::longrunning::operation::Result as OperationResult;
@@ -37,7 +36,8 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
-use super::state::{Progress, Scheduler, Watch};
+use super::backend::Backend;
+use super::state::{Progress, Watch};
 use crate::auth::{Access, Need, Permission};
 use crate::error::Error;
 use crate::exec_common::{from_proto_duration, CacheChannel};
@@ -112,14 +112,17 @@ fn operation_stream(watch: Watch) -> OperationStream {
 
 /// REAPI Execution.
 pub struct ExecutionService {
-    scheduler: Arc<Scheduler>,
+    scheduler: Backend,
     access: Access,
 }
 
 impl ExecutionService {
     /// The service in front of `scheduler`, for the callers `access` allows.
-    pub fn new(scheduler: Arc<Scheduler>, access: Access) -> Self {
-        Self { scheduler, access }
+    pub fn new(scheduler: impl Into<Backend>, access: Access) -> Self {
+        Self {
+            scheduler: scheduler.into(),
+            access,
+        }
     }
 }
 
@@ -149,21 +152,24 @@ impl Execution for ExecutionService {
         request: Request<WaitExecutionRequest>,
     ) -> Result<Response<Self::WaitExecutionStream>, Status> {
         self.access.check_grpc(&request, EXECUTE, None)?;
-        let watch = self.scheduler.watch(&request.into_inner().name)?;
+        let watch = self.scheduler.watch(&request.into_inner().name).await?;
         Ok(Response::new(operation_stream(watch)))
     }
 }
 
 /// google.longrunning.Operations over the scheduler's operations.
 pub struct OperationsService {
-    scheduler: Arc<Scheduler>,
+    scheduler: Backend,
     access: Access,
 }
 
 impl OperationsService {
     /// The service in front of `scheduler`, for the callers `access` allows.
-    pub fn new(scheduler: Arc<Scheduler>, access: Access) -> Self {
-        Self { scheduler, access }
+    pub fn new(scheduler: impl Into<Backend>, access: Access) -> Self {
+        Self {
+            scheduler: scheduler.into(),
+            access,
+        }
     }
 }
 
@@ -175,7 +181,7 @@ impl Operations for OperationsService {
     ) -> Result<Response<ListOperationsResponse>, Status> {
         self.access.check_grpc(&request, EXECUTE, None)?;
         let request = request.into_inner();
-        let all = self.scheduler.list();
+        let all = self.scheduler.list().await?;
         let start = if request.page_token.is_empty() {
             0
         } else {
@@ -210,7 +216,7 @@ impl Operations for OperationsService {
         request: Request<GetOperationRequest>,
     ) -> Result<Response<Operation>, Status> {
         self.access.check_grpc(&request, EXECUTE, None)?;
-        let watch = self.scheduler.watch(&request.into_inner().name)?;
+        let watch = self.scheduler.watch(&request.into_inner().name).await?;
         let current = watch.progress.borrow().clone();
         Ok(Response::new(operation(
             &watch.name,
@@ -224,7 +230,7 @@ impl Operations for OperationsService {
         request: Request<DeleteOperationRequest>,
     ) -> Result<Response<()>, Status> {
         self.access.check_grpc(&request, EXECUTE, None)?;
-        self.scheduler.delete(&request.into_inner().name)?;
+        self.scheduler.delete(&request.into_inner().name).await?;
         Ok(Response::new(()))
     }
 
@@ -233,7 +239,7 @@ impl Operations for OperationsService {
         request: Request<CancelOperationRequest>,
     ) -> Result<Response<()>, Status> {
         self.access.check_grpc(&request, EXECUTE, None)?;
-        self.scheduler.cancel(&request.into_inner().name)?;
+        self.scheduler.cancel(&request.into_inner().name).await?;
         Ok(Response::new(()))
     }
 
@@ -250,7 +256,7 @@ impl Operations for OperationsService {
             .as_ref()
             .and_then(from_proto_duration)
             .unwrap_or(Duration::from_secs(60));
-        let mut watch = self.scheduler.watch(&request.name)?;
+        let mut watch = self.scheduler.watch(&request.name).await?;
         let wait = watch
             .progress
             .wait_for(|progress| matches!(progress, Progress::Completed(_)));
@@ -313,14 +319,17 @@ impl Capabilities for CapabilitiesService {
 
 /// The worker protocol.
 pub struct WorkerService {
-    scheduler: Arc<Scheduler>,
+    scheduler: Backend,
     access: Access,
 }
 
 impl WorkerService {
     /// The service in front of `scheduler`, for the callers `access` allows.
-    pub fn new(scheduler: Arc<Scheduler>, access: Access) -> Self {
-        Self { scheduler, access }
+    pub fn new(scheduler: impl Into<Backend>, access: Access) -> Self {
+        Self {
+            scheduler: scheduler.into(),
+            access,
+        }
     }
 }
 
@@ -346,14 +355,14 @@ impl WorkerApi for WorkerService {
             }
         };
         let worker_id = register.worker_id.clone();
-        let (session, outbox) = self.scheduler.register(register)?;
+        let (session, outbox) = self.scheduler.register(register).await?;
         let scheduler = self.scheduler.clone();
         tokio::spawn(async move {
             let cause = loop {
                 match inbound.message().await {
                     Ok(Some(WorkerMessage {
                         message: Some(message),
-                    })) => scheduler.worker_message(&worker_id, session, message),
+                    })) => scheduler.worker_message(&worker_id, session, message).await,
                     Ok(Some(WorkerMessage { message: None })) => {}
                     Ok(None) => break format!("worker {worker_id} disconnected"),
                     Err(status) => {
@@ -361,7 +370,7 @@ impl WorkerApi for WorkerService {
                     }
                 }
             };
-            scheduler.worker_gone(&worker_id, session, &cause);
+            scheduler.worker_gone(&worker_id, session, &cause).await;
         });
         Ok(Response::new(UnboundedReceiverStream::new(outbox)))
     }
@@ -371,7 +380,9 @@ impl WorkerApi for WorkerService {
         request: Request<DrainWorkerRequest>,
     ) -> Result<Response<DrainWorkerResponse>, Status> {
         self.access.check_grpc(&request, WORKER, None)?;
-        self.scheduler.drain(&request.into_inner().worker_id)?;
+        self.scheduler
+            .drain(&request.into_inner().worker_id)
+            .await?;
         Ok(Response::new(DrainWorkerResponse {}))
     }
 
@@ -382,7 +393,7 @@ impl WorkerApi for WorkerService {
         self.access
             .check_grpc(&request, Need::One(Permission::Metrics), None)?;
         Ok(Response::new(ListWorkersResponse {
-            workers: self.scheduler.list_workers(),
+            workers: self.scheduler.list_workers().await?,
         }))
     }
 }

@@ -26,27 +26,23 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use cairn_proto::reapi::platform::Property;
-use cairn_proto::reapi::{Action, Command, Digest, ExecuteRequest, ExecuteResponse};
-use cairn_proto::rpc;
+use cairn_proto::reapi::{Digest, ExecuteRequest, ExecuteResponse};
 use cairn_proto::worker::scheduler_message::Message as ToWorker;
 use cairn_proto::worker::task_result::Outcome;
 use cairn_proto::worker::worker_message::Message as FromWorker;
 use cairn_proto::worker::{
     CancelTask, Drain, Register, Registered, SchedulerMessage, StartTask, TaskResult, WorkerInfo,
 };
-use prost::Message;
 use tokio::sync::{mpsc, watch};
 use tonic::Code;
 
 use super::config::{SchedulerConfig, WorkerSelection};
+pub use super::intake::status_response;
+use super::intake::{self, DedupKey, Intake, JobSpec};
 use super::matching::{self, Requirements};
 use super::metrics::Activity;
-use crate::cas_client::{CasClient, TransferLimits};
-use crate::digests;
 use crate::error::{Error, Result};
-use crate::exec_common::{
-    from_proto_duration, proto_duration, random_name, rpc_status, timestamp, CacheChannel,
-};
+use crate::exec_common::{proto_duration, random_name, timestamp, CacheChannel};
 
 /// Where an operation stands, as its watchers see it.
 #[derive(Debug, Clone)]
@@ -74,9 +70,6 @@ pub type WorkerOutbox =
     mpsc::UnboundedReceiver<std::result::Result<SchedulerMessage, tonic::Status>>;
 
 type WorkerSender = mpsc::UnboundedSender<std::result::Result<SchedulerMessage, tonic::Status>>;
-
-/// Identical in-flight actions share a job under this key.
-type DedupKey = (String, i32, String, i64);
 
 struct Operation {
     action_digest: Digest,
@@ -164,41 +157,6 @@ pub struct Scheduler {
     state: Mutex<State>,
 }
 
-/// An ExecuteResponse that carries only a status.
-pub fn status_response(code: Code, message: impl Into<String>) -> ExecuteResponse {
-    ExecuteResponse {
-        status: Some(rpc_status(code, message)),
-        ..Default::default()
-    }
-}
-
-/// The FAILED_PRECONDITION response REAPI prescribes when blobs are missing from the
-/// CAS, with the PreconditionFailure details clients use to upload them again.
-fn missing_response(digest: &Digest, what: &str) -> ExecuteResponse {
-    let failure = rpc::PreconditionFailure {
-        violations: vec![rpc::precondition_failure::Violation {
-            r#type: "MISSING".to_string(),
-            subject: format!("blobs/{}/{}", digest.hash, digest.size_bytes),
-            description: format!("the {what} is not in the CAS"),
-        }],
-    };
-    let mut status = rpc_status(
-        Code::FailedPrecondition,
-        format!(
-            "the {what} {}/{} is not in the CAS",
-            digest.hash, digest.size_bytes
-        ),
-    );
-    status.details.push(prost_types::Any {
-        type_url: "type.googleapis.com/google.rpc.PreconditionFailure".to_string(),
-        value: failure.encode_to_vec(),
-    });
-    ExecuteResponse {
-        status: Some(status),
-        ..Default::default()
-    }
-}
-
 impl Scheduler {
     /// A scheduler reading from the cache node behind `cache`.
     pub fn new(config: SchedulerConfig, cache: CacheChannel) -> Arc<Self> {
@@ -233,97 +191,27 @@ impl Scheduler {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Starts executing `request`: answers from the action cache when it can (never for
-    /// a `do_not_cache` Action), joins an identical action in flight, or queues a new
-    /// job. A missing Action is FAILED_PRECONDITION even when the cache holds a result.
-    /// The platform comes from the Action, or for clients older than REAPI 2.2 (Bazel 4)
-    /// from the Command.
-    #[allow(deprecated)]
+    /// Starts executing `request` (see [`intake::read`]): joins an identical action
+    /// in flight, or queues a new job.
     pub async fn execute(&self, request: ExecuteRequest) -> Result<Watch> {
-        let function = digests::function_of_request(request.digest_function)?;
-        let wire_function = digests::function_to_proto(function);
-        let action_digest = request
-            .action_digest
-            .clone()
-            .ok_or_else(|| Error::invalid_argument("action_digest is missing"))?;
-        digests::check(&action_digest)?;
-        let queued_at = SystemTime::now();
-        let cas = CasClient::new(
-            self.cache.clone(),
-            &request.instance_name,
-            wire_function,
-            TransferLimits::default(),
-        );
-        let Some(action_bytes) = cas.read_blob(&action_digest).await? else {
-            let response = missing_response(&action_digest, "Action");
-            return Ok(self.finished(action_digest, response));
-        };
-        let action = Action::decode(action_bytes).map_err(|error| {
-            Error::invalid_argument(format!("the Action does not parse: {error}"))
-        })?;
-        // REAPI: a `do_not_cache` action is never answered from the action cache, even
-        // when an entry exists for its digest. Only the Action says so, hence it is read
-        // before the lookup, at the price of one small CAS read before a cache hit.
-        if !request.skip_cache_lookup && !action.do_not_cache {
-            match cas.get_action_result(&action_digest).await {
-                Ok(Some(result)) => {
-                    let response = ExecuteResponse {
-                        result: Some(result),
-                        cached_result: true,
-                        status: Some(rpc_status(Code::Ok, "")),
-                        ..Default::default()
-                    };
-                    return Ok(self.finished(action_digest, response));
-                }
-                Ok(None) => {}
-                Err(error) => tracing::warn!("action cache lookup failed, executing: {error}"),
+        let spec = match intake::read(&self.config, &self.cache, request).await? {
+            Intake::Finished(action_digest, response) => {
+                return Ok(self.finished(action_digest, *response))
             }
-        }
-        let command_digest = action
-            .command_digest
-            .clone()
-            .ok_or_else(|| Error::invalid_argument("the Action has no command_digest"))?;
-        digests::check(&command_digest)?;
-        let platform = match action
-            .platform
-            .as_ref()
-            .filter(|p| !p.properties.is_empty())
-        {
-            Some(platform) => platform.properties.clone(),
-            None => {
-                let Some(command_bytes) = cas.read_blob(&command_digest).await? else {
-                    let response = missing_response(&command_digest, "Command");
-                    return Ok(self.finished(action_digest, response));
-                };
-                Command::decode(command_bytes)
-                    .map_err(|error| {
-                        Error::invalid_argument(format!("the Command does not parse: {error}"))
-                    })?
-                    .platform
-                    .map(|platform| platform.properties)
-                    .unwrap_or_default()
-            }
+            Intake::Job(spec) => spec,
         };
-        let requirements = matching::requirements(&self.config, &platform)?;
-        let timeout = action
-            .timeout
-            .as_ref()
-            .and_then(from_proto_duration)
-            .unwrap_or(self.config.default_action_timeout)
-            .min(self.config.max_action_timeout);
-        let priority = request
-            .execution_policy
-            .as_ref()
-            .map_or(0, |policy| policy.priority);
-        let dedup = (!action.do_not_cache).then(|| {
-            (
-                request.instance_name.clone(),
-                wire_function as i32,
-                action_digest.hash.clone(),
-                action_digest.size_bytes,
-            )
-        });
-
+        let JobSpec {
+            dedup,
+            instance_name,
+            action_digest,
+            digest_function,
+            requirements,
+            priority,
+            timeout,
+            queued_at,
+            trace_context,
+            ..
+        } = *spec;
         let mut state = self.lock();
         let name = random_name();
         let joined = dedup
@@ -350,9 +238,9 @@ impl Scheduler {
                 let seq = state.next();
                 let job = Job {
                     dedup: dedup.clone(),
-                    instance_name: request.instance_name.clone(),
+                    instance_name,
                     action_digest: action_digest.clone(),
-                    digest_function: wire_function as i32,
+                    digest_function,
                     requirements,
                     priority,
                     seq,
@@ -363,7 +251,7 @@ impl Scheduler {
                     task: None,
                     operations: vec![name.clone()],
                     unrunnable_since: None,
-                    trace_context: crate::traces::inject_current(),
+                    trace_context,
                 };
                 state.queue.insert(job.queue_entry(job_id));
                 state.jobs.insert(job_id, job);

@@ -21,6 +21,8 @@ pub struct Snapshot {
     pub activity: Activity,
     /// The connected workers, ordered by id.
     pub workers: Vec<WorkerView>,
+    /// The connection to Redis, when the state is there (`--redis`).
+    pub redis: Option<crate::scheduler::redis_state::RedisStatus>,
 }
 
 /// A connected worker and what it runs.
@@ -106,6 +108,7 @@ impl Scheduler {
             gauges,
             activity: state.activity.clone(),
             workers,
+            redis: None,
         }
     }
 }
@@ -127,7 +130,7 @@ pub(super) fn executed(job: &Job, response: &ExecuteResponse, now: Instant) -> R
 
 /// The record of an operation answered without a job (from the action cache, or
 /// refused before queueing).
-pub(super) fn answered(action: &Digest, response: &ExecuteResponse) -> Recent {
+pub(crate) fn answered(action: &Digest, response: &ExecuteResponse) -> Recent {
     let outcome = Outcome::of(response);
     let status = response.status.as_ref();
     Recent {

@@ -23,6 +23,7 @@ use cairn_proto::reapi::content_addressable_storage_server::{
 use cairn_proto::reapi::digest_function::Value as FunctionValue;
 use cairn_proto::reapi::execution_server::Execution;
 use cairn_proto::reapi::execution_stage::Value as Stage;
+use cairn_proto::reapi::{Action, Command};
 use cairn_proto::reapi::{
     ActionResult, BatchReadBlobsRequest, BatchReadBlobsResponse, BatchUpdateBlobsRequest,
     BatchUpdateBlobsResponse, ExecuteOperationMetadata, ExecutionPolicy, FindMissingBlobsRequest,
@@ -30,14 +31,16 @@ use cairn_proto::reapi::{
     SpliceBlobRequest, SpliceBlobResponse, SplitBlobRequest, SplitBlobResponse,
     UpdateActionResultRequest, WaitExecutionRequest,
 };
+use cairn_proto::rpc;
 use cairn_proto::worker::{Keepalive, TaskRejected};
 use futures::StreamExt;
+use prost::Message;
 use sha2::{Digest as _, Sha256};
 use tokio::sync::mpsc::error::TryRecvError;
 use tonic::{Request, Response, Status};
 
 use super::*;
-use crate::exec_common::{cache_channel, CacheChannel};
+use crate::exec_common::{cache_channel, rpc_status, CacheChannel};
 use crate::scheduler::service::{ExecutionService, OperationsService};
 
 type Rpc<T> = std::result::Result<Response<T>, Status>;
