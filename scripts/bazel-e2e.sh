@@ -52,6 +52,10 @@
 #                      to --remote_executor), for an executor that does not serve
 #                      the CAS itself, e.g. grpc://CACHE:50051 with
 #                      exec grpc://SCHEDULER:50061 (default: the executor's URL)
+#   BAZEL_E2E_EXEC_COLD_KIND
+#                      what exec-cold expects of every action: remote (default: run
+#                      remotely) or executor (run remotely or answered from the
+#                      executor's cache, as after a retried Execute; never local)
 #   BAZEL_E2E_GRPC_LOG failure (default): on a failed check, rerun that build with
 #                      --experimental_remote_grpc_log; always; never
 #   BAZEL_E2E_KEEP=1   keep output bases (default: deleted after each build)
@@ -174,6 +178,9 @@ expect_counts() {
     hits) h=$want ;;
     remote) r=$want ;;
     local) o=$want ;;
+    # Every action answered by the executor: run remotely, or answered from its cache
+    # (an Execute retried after its stream broke finds the result already stored).
+    executor) r=$((want - hit)); h=$hit ;;
     *) echo "bad kind $kind"; return 1 ;;
   esac
   if [ "$hit" -eq "$h" ] && [ "$remote" -eq "$r" ] && [ "$other" -eq "$o" ]; then
@@ -425,7 +432,7 @@ phase_exec_cold() { # url
   local url=$1 salt
   salt=$(new_salt)
   workspace "$salt"
-  build_and_expect "exec-cold" exec "$url" remote
+  build_and_expect "exec-cold" exec "$url" "${BAZEL_E2E_EXEC_COLD_KIND:-remote}"
   local got="$STATE/outputs-$salt.remote.sha256"
   output_sums >"$got"
   done_with_ob

@@ -49,3 +49,6 @@ scripts/e2e-bazel.sh target/debug/cairn
 
 step "Bazel end-to-end over TLS, mutual TLS, bearer tokens and basic auth"
 scripts/e2e-bazel-secure.sh target/debug/cairn
+
+step "Bazel end-to-end against a fleet: schedulers sharing Redis behind HAProxy, one SIGKILLed mid-build, then Redis restarted mid-build"
+scripts/e2e-bazel-fleet.sh target/debug/cairn
