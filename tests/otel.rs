@@ -219,8 +219,10 @@ async fn execute(node: &Node, script: &str) -> ExecuteResponse {
     }
 }
 
-/// The spans of the action's trace once the worker's has arrived, polled for at most
-/// 30 s.
+/// The spans of the action's trace once the scheduler's and the worker's have both
+/// arrived, polled for at most 30 s. Each process exports in batches on its own
+/// schedule, so the worker's span can arrive before the scheduler's, which ended
+/// first.
 async fn action_trace(receiver: &Receiver) -> Vec<Received> {
     for _ in 0..300 {
         let spans = receiver.spans();
@@ -234,10 +236,12 @@ async fn action_trace(receiver: &Receiver) -> Vec<Received> {
                 .filter(|span| span.trace_id == node_span.trace_id)
                 .cloned()
                 .collect();
-            if trace
-                .iter()
-                .any(|span| span.service == "cairn-worker" && span.name == "Execute")
-            {
+            let has = |service: &str| {
+                trace
+                    .iter()
+                    .any(|span| span.service == service && span.name == "Execute")
+            };
+            if has("cairn-scheduler") && has("cairn-worker") {
                 return trace;
             }
         }

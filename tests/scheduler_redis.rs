@@ -37,6 +37,8 @@ use tonic::transport::Channel;
 struct Redis {
     process: Proc,
     port: u16,
+    /// The TLS port, when the server was given `certs/` (see [`Redis::start_tls`]).
+    tls_port: Option<u16>,
     dir: PathBuf,
     aof: bool,
     password: Option<&'static str>,
@@ -49,20 +51,58 @@ impl Redis {
     fn start(dir: &Path, aof: bool, password: Option<&'static str>) -> Redis {
         std::fs::create_dir_all(dir).expect("redis directory");
         let port = free_port().port();
-        let process = Redis::spawn(dir, port, aof, password);
+        let process = Redis::spawn(dir, port, None, aof, password);
         Redis {
             process,
             port,
+            tls_port: None,
             dir: dir.to_path_buf(),
             aof,
             password,
         }
     }
 
-    fn spawn(dir: &Path, port: u16, aof: bool, password: Option<&str>) -> Proc {
+    /// [`Redis::start`] without persistence or password, also serving TLS with the
+    /// certificates of `tests/common/certs.rs` made in `dir/certs` (`server.pem` names
+    /// `localhost`; clients need not present one).
+    fn start_tls(dir: &Path) -> Redis {
+        std::fs::create_dir_all(dir.join("certs")).expect("certificate directory");
+        common::certs::certificates(&dir.join("certs"));
+        let port = free_port().port();
+        let tls_port = free_port().port();
+        let process = Redis::spawn(dir, port, Some(tls_port), false, None);
+        Redis {
+            process,
+            port,
+            tls_port: Some(tls_port),
+            dir: dir.to_path_buf(),
+            aof: false,
+            password: None,
+        }
+    }
+
+    fn spawn(
+        dir: &Path,
+        port: u16,
+        tls_port: Option<u16>,
+        aof: bool,
+        password: Option<&str>,
+    ) -> Proc {
         let mut command = Process::new("redis-server");
+        command.args(["--bind", "127.0.0.1", "--port", &port.to_string()]);
+        if let Some(tls_port) = tls_port {
+            let certs = dir.join("certs");
+            command
+                .args(["--tls-port", &tls_port.to_string()])
+                .arg("--tls-cert-file")
+                .arg(certs.join("server.pem"))
+                .arg("--tls-key-file")
+                .arg(certs.join("server.key"))
+                .arg("--tls-ca-cert-file")
+                .arg(certs.join("ca.pem"))
+                .args(["--tls-auth-clients", "no"]);
+        }
         command
-            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
             .arg("--dir")
             .arg(dir)
             .args(["--save", ""])
@@ -102,7 +142,10 @@ impl Redis {
     }
 
     fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
+        match self.tls_port {
+            Some(tls_port) => format!("rediss://localhost:{tls_port}/0"),
+            None => format!("redis://127.0.0.1:{}/0", self.port),
+        }
     }
 
     /// SIGKILL, then a new server on the same port and directory (and so the same AOF).
@@ -111,7 +154,7 @@ impl Redis {
     }
 
     fn restart(&mut self) {
-        self.process = Redis::spawn(&self.dir, self.port, self.aof, self.password);
+        self.process = Redis::spawn(&self.dir, self.port, self.tls_port, self.aof, self.password);
     }
 }
 
@@ -167,6 +210,8 @@ impl Scheduler {
 struct Cluster {
     node: Node,
     redis: Redis,
+    /// Environment every scheduler starts with.
+    scheduler_env: Vec<(&'static str, PathBuf)>,
     schedulers: Vec<Scheduler>,
     workers: Vec<(String, Proc)>,
     dir: tempfile::TempDir,
@@ -188,10 +233,38 @@ impl Cluster {
     ) -> Cluster {
         let dir = tempfile::tempdir().expect("temporary directory");
         let redis = Redis::start(&dir.path().join("redis"), aof, password);
+        Cluster::start_on(dir, redis, Vec::new(), schedulers, config, password)
+    }
+
+    /// A cluster whose schedulers reach Redis over TLS (`rediss://`), trusting its CA
+    /// through `SSL_CERT_FILE`, which the system's trust store honours.
+    fn start_tls(schedulers: usize, config: &str) -> Cluster {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let redis = Redis::start_tls(&dir.path().join("redis"));
+        let ca = dir.path().join("redis").join("certs").join("ca.pem");
+        Cluster::start_on(
+            dir,
+            redis,
+            vec![("SSL_CERT_FILE", ca)],
+            schedulers,
+            config,
+            None,
+        )
+    }
+
+    fn start_on(
+        dir: tempfile::TempDir,
+        redis: Redis,
+        scheduler_env: Vec<(&'static str, PathBuf)>,
+        schedulers: usize,
+        config: &str,
+        password: Option<&'static str>,
+    ) -> Cluster {
         let node = Node::start_in(&dir.path().join("node"), &["--no-execution"]);
         let mut cluster = Cluster {
             node,
             redis,
+            scheduler_env,
             schedulers: Vec::new(),
             workers: Vec::new(),
             dir,
@@ -230,6 +303,9 @@ impl Cluster {
             .env_remove("REDIS_PASSWORD");
         if let Some(password) = password {
             command.env("REDIS_PASSWORD", password);
+        }
+        for (name, value) in &self.scheduler_env {
+            command.env(name, value);
         }
         let mut process = Proc {
             child: Some(command.spawn().expect("start cairn-scheduler")),
@@ -783,4 +859,18 @@ async fn the_password_comes_from_redis_password_and_a_refusal_is_unhealthy() {
         assert!(Instant::now() < deadline, "/healthz stayed {status}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// `rediss://`: the scheduler reaches Redis over TLS, trusting the server's
+/// certificate through the system's trust store (`SSL_CERT_FILE` here), and executes.
+#[tokio::test]
+async fn a_scheduler_reaches_redis_over_tls_with_a_rediss_url() {
+    let mut cluster = Cluster::start_tls(1, "{}");
+    assert!(cluster.redis.url().starts_with("rediss://"));
+    cluster.worker("w1", 0, 1);
+    let action = cluster.action("echo over-tls").await;
+    let response = execute(cluster.schedulers[0].channel().await, action).await;
+    assert_succeeded(&response);
+    assert_eq!(cluster.schedulers[0].healthz(), 200);
+    assert!(cluster.schedulers[0].metric("cairn_scheduler_redis_round_trips_total") > 0.0);
 }
