@@ -322,6 +322,7 @@ impl Partition {
             let Some(seg) = st.segments.remove(&victim) else {
                 return Ok(Vec::new());
             };
+            self.tier.borrow_mut().forget_segment(self.id, victim);
             let small_max =
                 (HEADER_LEN as u64) + self.limits.small_blob_max.max(self.limits.max_ac_value);
             let mut keep: Vec<Loc> = Vec::new();
