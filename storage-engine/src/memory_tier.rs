@@ -15,8 +15,8 @@
 //! as corrupt no longer has the index pointing at the old location, and its entry can
 //! never be served again, whether or not anything told the tier. Segment ids are never
 //! reused while the process runs and the tier starts empty, so a location names one
-//! record. Entries are also dropped eagerly when their segment is reclaimed or their
-//! record is dropped, to give the memory back at once. Only verified bytes enter: on a
+//! record. Entries are also dropped eagerly when the reclaimer's sweep of the index meets
+//! their record, or the record is dropped as corrupt, to give the memory back at once. Only verified bytes enter: on a
 //! read after the CRC check passed, on a write after the digest was checked and the
 //! record committed (and indexed, hence durable under `Durability::Sync`).
 //!
@@ -216,27 +216,6 @@ impl<K: Hash + Eq + Copy, V> S3Fifo<K, V> {
         Some(slot.value)
     }
 
-    /// Removes every entry `keep` says no to (not counted as evictions).
-    pub fn retain(&mut self, mut keep: impl FnMut(&K, &V) -> bool) {
-        let mut gone = Vec::new();
-        self.map.retain(|k, slot| {
-            let kept = keep(k, &slot.value);
-            if !kept {
-                gone.push((slot.size, slot.in_main));
-            }
-            kept
-        });
-        for (size, in_main) in gone {
-            if in_main {
-                self.main_bytes -= size;
-                self.main_len -= 1;
-            } else {
-                self.small_bytes -= size;
-            }
-        }
-        self.compact();
-    }
-
     fn unaccount(&mut self, slot: &Slot<V>) {
         if slot.in_main {
             self.main_bytes -= slot.size;
@@ -432,6 +411,10 @@ impl MemoryTier {
         if self.cache.capacity() == 0 {
             return None;
         }
+        if self.cache.is_empty() {
+            self.cache.count_miss();
+            return None;
+        }
         let tk = TierKey::new(part, prefix);
         let (here, answers_key) = match self.cache.peek(&tk) {
             Some(e) => (same_record(&e.loc, loc), answers(&e.key, key, any_size)),
@@ -472,15 +455,6 @@ impl MemoryTier {
         if self.holds(part, prefix, loc) {
             self.cache.remove(&TierKey::new(part, prefix));
         }
-    }
-
-    /// Drops every entry of segment `seg` of partition `part` (being reclaimed).
-    pub fn forget_segment(&mut self, part: u32, seg: u32) {
-        if self.cache.is_empty() {
-            return;
-        }
-        self.cache
-            .retain(|k, e| !(k.part == part && e.loc.seg == seg));
     }
 
     pub fn stats(&self, shard: usize) -> MemoryTierStats {
@@ -636,7 +610,9 @@ mod tests {
             key(3),
             Bytes::from_static(b"ghi"),
         );
-        t.forget_segment(0, 3);
+        // What the reclaimer does for each record of segment 3 of partition 0.
+        t.forget(0, Prefix::new(1), &Loc::new(3, 0, 75, false));
+        t.forget(0, Prefix::new(3), &Loc::new(3, 0, 75, false));
         assert!(!t.holds(0, Prefix::new(1), &Loc::new(3, 0, 75, false)));
         assert!(t.holds(0, Prefix::new(2), &Loc::new(4, 0, 75, false)));
         assert!(t.holds(1, Prefix::new(3), &Loc::new(3, 0, 75, false)));
