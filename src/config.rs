@@ -46,6 +46,14 @@ pub struct Config {
     /// to a smaller disk or while another process holds part of it. Startup rejects
     /// only what cannot work at all.
     pub max_size: Option<ByteSize>,
+    /// Bytes of recently written and read records (blobs, action results, Tree and
+    /// Directory messages) kept in memory in front of the log, split between shards,
+    /// and served without a device read; `"0"` turns the memory tier off. Default: a
+    /// sixteenth of physical memory (`cairn_storage::default_memory_cache`): the log
+    /// bypasses the page cache, so this memory would otherwise sit idle, and the rest
+    /// stays with the builds and workers sharing the host. Peak RSS grows by up to
+    /// this much plus 320 bytes an entry held (README, "Memory tier").
+    pub memory_cache: Option<ByteSize>,
     /// Number of shards, each a thread pinned to a core with its own executor.
     /// Default: the number of CPUs this process may run on.
     pub shards: Option<usize>,
@@ -181,6 +189,7 @@ impl Default for Config {
             http_listen: None,
             data_dir: PathBuf::from("./cairn-data"),
             max_size: None,
+            memory_cache: None,
             shards: None,
             max_batch_total_size: ByteSize(4 << 20),
             max_cas_blob_size: ByteSize(16 << 30),

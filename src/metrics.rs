@@ -29,6 +29,13 @@ pub struct Metrics {
     sync_failures: IntGaugeVec,
     sync_micros: IntGaugeVec,
     queue_depth: IntGaugeVec,
+    /// Each shard's memory tier: reads served, reads that went to the log, bytes held,
+    /// records admitted and evicted.
+    tier_hits: IntGaugeVec,
+    tier_misses: IntGaugeVec,
+    tier_bytes: IntGaugeVec,
+    tier_admissions: IntGaugeVec,
+    tier_evictions: IntGaugeVec,
     connections: IntGaugeVec,
     connections_refused: IntCounter,
     accept_errors: IntCounter,
@@ -196,6 +203,31 @@ impl Metrics {
             queue_depth: gauge(
                 "shard_queue_depth",
                 "Requests waiting for each shard",
+                "shard",
+            )?,
+            tier_hits: gauge(
+                "memory_tier_hits",
+                "Reads served from each shard's memory tier",
+                "shard",
+            )?,
+            tier_misses: gauge(
+                "memory_tier_misses",
+                "Reads of a stored record that each shard's memory tier did not hold",
+                "shard",
+            )?,
+            tier_bytes: gauge(
+                "memory_tier_bytes",
+                "Bytes held by each shard's memory tier (payloads plus 320 bytes an entry)",
+                "shard",
+            )?,
+            tier_admissions: gauge(
+                "memory_tier_admissions",
+                "Records admitted into each shard's memory tier",
+                "shard",
+            )?,
+            tier_evictions: gauge(
+                "memory_tier_evictions",
+                "Records evicted from each shard's memory tier to make room",
                 "shard",
             )?,
             connections: gauge(
@@ -395,6 +427,14 @@ impl Metrics {
             .set(i64::try_from(stats.overflow_bytes).unwrap_or(i64::MAX));
         for (shard, depth) in stats.queue_depths.iter().enumerate() {
             set(&self.queue_depth, shard.to_string(), *depth);
+        }
+        for tier in &stats.memory_tiers {
+            let label = || tier.shard.to_string();
+            set(&self.tier_hits, label(), tier.hits);
+            set(&self.tier_misses, label(), tier.misses);
+            set(&self.tier_bytes, label(), tier.bytes);
+            set(&self.tier_admissions, label(), tier.admissions);
+            set(&self.tier_evictions, label(), tier.evictions);
         }
         let mut text = Vec::new();
         TextEncoder::new()

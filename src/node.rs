@@ -105,6 +105,9 @@ pub fn run(config: Config) -> Result<()> {
         shards,
         replicate: config.s3.is_some(),
         durability: config.durability.into(),
+        memory_cache: config
+            .memory_cache
+            .map_or_else(cairn_storage::default_memory_cache, |size| size.0),
         ..EngineConfig::default()
     })
     .map_err(engine_error)?;

@@ -66,6 +66,11 @@ struct Args {
     #[arg(long, value_name = "SIZE")]
     max_size: Option<ByteSize>,
 
+    /// Memory for hot records in front of the log, split between shards, e.g. 2GiB;
+    /// 0 turns it off [default: a sixteenth of physical memory].
+    #[arg(long, value_name = "SIZE")]
+    memory_cache: Option<ByteSize>,
+
     /// Number of shards, each an executor pinned to its own core [default: the number
     /// of CPUs cairn may run on].
     #[arg(long, value_name = "N")]
@@ -153,6 +158,9 @@ fn main() -> ExitCode {
         }
         if let Some(max_size) = args.max_size {
             config.max_size = Some(max_size);
+        }
+        if let Some(memory_cache) = args.memory_cache {
+            config.memory_cache = Some(memory_cache);
         }
         if let Some(shards) = args.shards {
             config.shards = Some(shards);

@@ -66,6 +66,7 @@ impl Engine {
             pool: pool.clone(),
             sync_interval: config.sync_interval,
             checkpoint_interval: config.checkpoint_interval,
+            memory_tier: config.memory_cache / config.shards.max(1) as u64,
         });
         let (ready_tx, ready_rx) = flume::unbounded();
         let mut senders = Vec::new();
@@ -411,9 +412,12 @@ impl Engine {
     pub async fn stats(&self) -> Result<Stats> {
         let mut partitions: Vec<PartitionStats> = Vec::new();
         let mut queue_depths = Vec::new();
+        let mut memory_tiers = Vec::new();
         for tx in &self.inner.shards {
             queue_depths.push(tx.len() as u64);
-            partitions.extend(self.call(tx, |reply| Request::Stats { reply }).await?);
+            let (parts, tier) = self.call(tx, |reply| Request::Stats { reply }).await?;
+            partitions.extend(parts);
+            memory_tiers.push(tier);
         }
         partitions.sort_by_key(|p| p.partition);
         Ok(Stats {
@@ -421,6 +425,7 @@ impl Engine {
             queue_depths,
             overflow_bytes: self.inner.pool.used(),
             overflow_pool_bytes: self.inner.pool.capacity,
+            memory_tiers,
         })
     }
 

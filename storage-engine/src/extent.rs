@@ -259,9 +259,14 @@ impl ExtentWriter {
     /// Verifies the size and the payload's `hash` against the key, writes the rest and
     /// then the header, and indexes the record. Any error leaves the extent dead and
     /// invisible.
-    pub async fn finish(mut self, hash: [u8; 32]) -> Result<()> {
+    /// Commits the upload once `hash` matches; returns where the record lives.
+    pub async fn finish(mut self, hash: [u8; 32]) -> Result<Loc> {
         match self.commit(hash).await {
-            Ok(generation) => self.part.wait_durable_generation(generation).await,
+            Ok((generation, loc)) => self
+                .part
+                .wait_durable_generation(generation)
+                .await
+                .map(|()| loc),
             Err(e) => {
                 self.abandon().await;
                 Err(e)
@@ -270,8 +275,9 @@ impl ExtentWriter {
     }
 
     /// Everything `finish` does up to indexing the record (an error leaves it
-    /// unindexed); returns the sync generation that makes it durable.
-    async fn commit(&mut self, hash: [u8; 32]) -> Result<u64> {
+    /// unindexed); returns the sync generation that makes it durable, and the
+    /// record's location.
+    async fn commit(&mut self, hash: [u8; 32]) -> Result<(u64, Loc)> {
         let declared = crate::Digest {
             function: self.key.function,
             hash: self.key.hash,
@@ -341,7 +347,7 @@ impl ExtentWriter {
         for item in self.part.index_now(vec![pending]) {
             self.part.insert(item.prefix, item.loc, item.if_absent);
         }
-        Ok(generation)
+        Ok((generation, loc))
     }
 
     /// Gives the upload up. A huge segment holds nothing else, so it is removed at

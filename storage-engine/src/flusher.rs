@@ -32,18 +32,32 @@ impl Partition {
     pub async fn append(&self, key: Key, payload: &[u8], if_absent: bool) -> Result<()> {
         self.check_writable()?;
         let rec_len = (HEADER_LEN + payload.len()) as u64;
-        let target = loop {
+        let (target, loc) = loop {
             if let Some(target) = self.try_append(key, payload, rec_len, if_absent) {
                 break target;
             }
             self.roll_packed(rec_len).await?;
         };
-        self.flush_to(target).await
+        self.flush_to(target).await?;
+        // Committed and indexed: what was just written is what is read next (an action
+        // result, the outputs it names). A reinsertion is left to its next read.
+        if !if_absent {
+            self.admit(prefix(&key), loc, key, payload.len() as u64, || {
+                Bytes::copy_from_slice(payload)
+            });
+        }
+        Ok(())
     }
 
     /// The fast path: room in the current packed segment. Returns the log position
-    /// the caller must see flushed.
-    fn try_append(&self, key: Key, payload: &[u8], rec_len: u64, if_absent: bool) -> Option<u64> {
+    /// the caller must see flushed, and the record's location.
+    fn try_append(
+        &self,
+        key: Key,
+        payload: &[u8],
+        rec_len: u64,
+        if_absent: bool,
+    ) -> Option<(u64, Loc)> {
         let mut st = self.st.borrow_mut();
         let seq = st.next_seq;
         let segment_size = self.limits.segment_size;
@@ -54,14 +68,15 @@ impl Partition {
         let off = p.head;
         encode_small_record(key, seq, payload, self.nonce, &mut p.tail);
         p.head += rec_len;
+        let loc = Loc::new(p.seg, off as u32, rec_len, false);
         p.pending.push(Pending {
             prefix: prefix(&key),
-            loc: Loc::new(p.seg, off as u32, rec_len, false),
+            loc,
             if_absent,
         });
         let target = lsn(p.seg, p.head);
         st.next_seq += 1;
-        Some(target)
+        Some((target, loc))
     }
 
     fn flushed_lsn(&self) -> u64 {

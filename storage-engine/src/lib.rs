@@ -33,6 +33,7 @@ mod index;
 mod io;
 mod key;
 mod manifest;
+mod memory_tier;
 mod partition;
 mod reader;
 mod reclaimer;
@@ -50,6 +51,7 @@ mod upload_hash;
 #[doc(hidden)]
 pub mod internals {
     pub use crate::index::{Index, Loc, Prefix};
+    pub use crate::memory_tier::{Counts, MemoryTier, S3Fifo, ENTRY_OVERHEAD};
     pub use crate::sha256::{update_together, Sha256};
 }
 
@@ -61,10 +63,11 @@ pub mod fuzzing {
     pub use crate::checkpoint::{decode, encode, Checkpoint, Entry, SegmentMark};
 }
 
-pub use config::{Durability, EngineConfig, OVERFLOW_SHARE};
+pub use config::{default_memory_cache, Durability, EngineConfig, OVERFLOW_SHARE};
 pub use digest::{Digest, DigestFunction, Hasher};
 pub use engine::{Engine, Upload};
 pub use error::{Error, ErrorKind, Result};
+pub use memory_tier::MemoryTierStats;
 pub use recover::RecoveryReport;
 pub use replication::{Replica, ReplicationBatch};
 pub use shard::ShardRunner;
@@ -82,6 +85,8 @@ pub struct Stats {
     pub overflow_bytes: u64,
     /// Size of that pool.
     pub overflow_pool_bytes: u64,
+    /// Each shard's memory tier.
+    pub memory_tiers: Vec<MemoryTierStats>,
 }
 
 impl Stats {
@@ -130,6 +135,11 @@ impl Stats {
 
     pub fn sync_failures(&self) -> u64 {
         self.partitions.iter().map(|p| p.sync_failures).sum()
+    }
+
+    /// Reads served from the memory tiers.
+    pub fn memory_tier_hits(&self) -> u64 {
+        self.memory_tiers.iter().map(|t| t.hits).sum()
     }
 
     pub fn replication_backlog_bytes(&self) -> u64 {

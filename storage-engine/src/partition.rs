@@ -17,7 +17,9 @@ use crate::format::Key;
 use crate::index::{Index, Loc, Prefix};
 use crate::io::SegFile;
 use crate::key::prefix;
+use crate::memory_tier::MemoryTier;
 use crate::reclaimer::OverflowPool;
+use bytes::Bytes;
 use futures::lock::Mutex;
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
@@ -173,6 +175,8 @@ pub struct Partition {
     pub limits: PartitionLimits,
     /// The node-wide overflow pool, shared by every partition (`reclaimer.rs`).
     pub pool: Arc<OverflowPool>,
+    /// The shard's memory tier, shared by its partitions (`memory_tier.rs`).
+    pub tier: Rc<RefCell<MemoryTier>>,
     pub st: RefCell<State>,
     /// Serialises segment creation and eviction.
     pub roll_lock: Mutex<()>,
@@ -190,6 +194,7 @@ impl Partition {
         nonce: u64,
         limits: PartitionLimits,
         pool: Arc<OverflowPool>,
+        tier: Rc<RefCell<MemoryTier>>,
         st: State,
     ) -> Self {
         Partition {
@@ -198,6 +203,7 @@ impl Partition {
             nonce,
             limits,
             pool,
+            tier,
             st: RefCell::new(st),
             roll_lock: Mutex::new(()),
             flush_lock: Mutex::new(()),
@@ -248,10 +254,35 @@ impl Partition {
             offset = loc.off,
             "checksum failure in {what}; record dropped and reported as not found"
         );
+        self.tier.borrow_mut().forget(self.id, prefix, &loc);
         let mut st = self.st.borrow_mut();
         if st.index.get(&prefix) == Some(&loc) {
             st.index.remove(&prefix);
             st.changes += 1;
+        }
+    }
+
+    /// Keeps the verified payload of record `key` at `loc`, `len` bytes made by
+    /// `payload` (a buffer of its own, see `memory_tier.rs`), in the memory tier, if
+    /// the index still points there (it may have moved on while the bytes were read).
+    pub fn admit(
+        &self,
+        prefix: Prefix,
+        loc: Loc,
+        key: Key,
+        len: u64,
+        payload: impl FnOnce() -> Bytes,
+    ) {
+        if !self.tier.borrow().takes(len) {
+            return;
+        }
+        let indexed = self.st.borrow().index.get(&prefix).is_some_and(|l| {
+            l.seg == loc.seg && l.off == loc.off && l.record_len() == loc.record_len()
+        });
+        if indexed {
+            self.tier
+                .borrow_mut()
+                .admit(self.id, prefix, loc, key, payload());
         }
     }
 

@@ -16,8 +16,16 @@ use crate::index::{Loc, Prefix};
 use crate::io::{self, SegFile};
 use crate::key::{answers, prefix};
 use crate::partition::Partition;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use std::rc::Rc;
+
+/// `[offset, offset+limit)` of a whole verified payload.
+fn whole(payload: Bytes, offset: u64, limit: Option<u64>) -> Found {
+    let len = payload.len() as u64;
+    let start = offset.min(len);
+    let end = limit.map_or(len, |l| start.saturating_add(l).min(len));
+    Found::Whole(payload.slice(start as usize..end as usize), len)
+}
 
 /// Records up to this length are read and verified in one piece.
 pub const WHOLE_READ_MAX: u64 = 4 << 20;
@@ -32,6 +40,8 @@ pub enum Found {
 
 pub struct LargeRecord {
     pub file: Rc<SegFile>,
+    /// The key its header holds.
+    pub key: Key,
     pub prefix: Prefix,
     pub loc: Loc,
     pub payload_len: u64,
@@ -79,6 +89,13 @@ impl Partition {
                 ),
             ));
         }
+        let held = self
+            .tier
+            .borrow_mut()
+            .get(self.id, prefix, &loc, key, any_size);
+        if let Some(payload) = held {
+            return Ok(Some(whole(payload, offset, limit)));
+        }
         let Some(file) = self.segment_file(loc.seg) else {
             return Ok(None);
         };
@@ -90,16 +107,13 @@ impl Partition {
                         .await?
                 }
             };
-            let Some(payload) = self.check_whole(prefix, loc, key, any_size, bytes) else {
+            let Some((found, payload)) = self.check_whole(prefix, loc, key, any_size, bytes) else {
                 return Ok(None);
             };
-            let len = payload.len() as u64;
-            let start = offset.min(len);
-            let end = limit.map_or(len, |l| start.saturating_add(l).min(len));
-            return Ok(Some(Found::Whole(
-                payload.slice(start as usize..end as usize),
-                len,
-            )));
+            self.admit(prefix, loc, found, payload.len() as u64, || {
+                Bytes::copy_from_slice(&payload)
+            });
+            return Ok(Some(whole(payload, offset, limit)));
         }
         let head = file.read(u64::from(loc.off), HEADER_LEN).await?;
         let header = match Header::decode(&head, self.nonce) {
@@ -118,6 +132,7 @@ impl Partition {
         }
         Ok(Some(Found::Large(LargeRecord {
             file,
+            key: header.key,
             prefix,
             loc,
             payload_len: header.payload_len,
@@ -125,7 +140,7 @@ impl Partition {
         })))
     }
 
-    /// Checks a whole record read from disk; returns its payload.
+    /// Checks a whole record read from disk; returns its key and payload.
     fn check_whole(
         &self,
         prefix: Prefix,
@@ -133,7 +148,7 @@ impl Partition {
         key: &Key,
         any_size: bool,
         bytes: Bytes,
-    ) -> Option<Bytes> {
+    ) -> Option<(Key, Bytes)> {
         let header = match Header::decode(&bytes, self.nonce) {
             Ok(h) if answers(&h.key, key, any_size) => h,
             Ok(_) => return None,
@@ -147,7 +162,7 @@ impl Partition {
             self.drop_corrupt(prefix, loc, "a record payload");
             return None;
         }
-        Some(body.slice(..header.payload_len as usize))
+        Some((header.key, body.slice(..header.payload_len as usize)))
     }
 
     /// Streams `[offset, end)` of a large record chunk by chunk into `tx`.
@@ -167,6 +182,11 @@ impl Partition {
             let len = CRC_CHUNK.min(rec.payload_len - start);
             io::spawn_joinable(async move { file.read(payload_start + start, len as usize).await })
         };
+        // A read of the whole payload gathers it for the memory tier as it goes, each
+        // chunk after its check; admitted only once every chunk passed.
+        let mut gathered =
+            (offset == 0 && end == rec.payload_len && self.tier.borrow().takes(rec.payload_len))
+                .then(|| BytesMut::with_capacity(rec.payload_len as usize));
         let mut chunk = offset / CRC_CHUNK;
         let mut ahead = (chunk * CRC_CHUNK < end).then(|| read_chunk(chunk));
         while let Some(pending) = ahead.take() {
@@ -196,6 +216,9 @@ impl Partition {
                     .await;
                 return;
             }
+            if let Some(g) = gathered.as_mut() {
+                g.extend_from_slice(&data);
+            }
             let from = offset.max(start) - start;
             let to = end.min(start + len) - start;
             if tx
@@ -206,6 +229,11 @@ impl Partition {
                 return;
             }
             chunk += 1;
+        }
+        if let Some(g) = gathered {
+            if g.len() as u64 == rec.payload_len {
+                self.admit(rec.prefix, rec.loc, rec.key, rec.payload_len, || g.freeze());
+            }
         }
     }
 }

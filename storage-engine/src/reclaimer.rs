@@ -326,10 +326,14 @@ impl Partition {
                 (HEADER_LEN as u64) + self.limits.small_blob_max.max(self.limits.max_ac_value);
             let mut keep: Vec<Loc> = Vec::new();
             let before = st.index.len();
-            st.index.retain(|_, loc| {
+            // The sweep meets every record of the segment: their memory-tier entries
+            // go with them, at one lookup each rather than a sweep of the tier.
+            let mut tier = self.tier.borrow_mut();
+            st.index.retain(|p, loc| {
                 if loc.seg != victim {
                     return true;
                 }
+                tier.forget(self.id, *p, loc);
                 let len = u64::from(loc.record_len());
                 if loc.accessed() && len <= small_max && len <= *reinsert_left {
                     *reinsert_left -= len;
@@ -337,6 +341,7 @@ impl Partition {
                 }
                 false
             });
+            drop(tier);
             let dropped = (before - st.index.len()) as u64;
             st.changes += dropped;
             (seg, keep)

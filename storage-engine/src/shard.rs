@@ -11,8 +11,10 @@ use crate::error::{Error, Result};
 use crate::format::Key;
 use crate::index::Prefix;
 use crate::io;
+use crate::key::prefix;
+use crate::memory_tier::{MemoryTier, MemoryTierStats};
 use crate::partition::Partition;
-use crate::reader::Found;
+use crate::reader::{Found, WHOLE_READ_MAX};
 use crate::reclaimer::OverflowPool;
 use crate::replication::{ReplicationBatch, Settlement};
 use crate::stream::BlobStream;
@@ -20,6 +22,7 @@ use crate::PartitionStats;
 use bytes::{Bytes, BytesMut};
 use futures::channel::oneshot;
 use futures::FutureExt;
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::rc::Rc;
@@ -77,7 +80,7 @@ pub(crate) enum Request {
         reply: oneshot::Sender<Result<()>>,
     },
     Stats {
-        reply: oneshot::Sender<Vec<PartitionStats>>,
+        reply: oneshot::Sender<(Vec<PartitionStats>, MemoryTierStats)>,
     },
     Checkpoint {
         reply: oneshot::Sender<Result<()>>,
@@ -130,6 +133,8 @@ pub(crate) struct Shared {
     pub pool: Arc<OverflowPool>,
     pub sync_interval: Option<Duration>,
     pub checkpoint_interval: Option<Duration>,
+    /// Bytes of each shard's memory tier.
+    pub memory_tier: u64,
 }
 
 /// The work of one shard, to be run inside a glommio executor (the cache node runs
@@ -143,12 +148,15 @@ pub struct ShardRunner {
 }
 
 type Parts = Rc<HashMap<u32, Rc<Partition>>>;
+type Tier = Rc<RefCell<MemoryTier>>;
 
 impl ShardRunner {
     /// Recovers the shard's partitions, then serves requests until shutdown.
     pub async fn run(self) -> Result<()> {
+        // Empty at every start: what it would hold is read again from the log, verified.
+        let tier: Tier = Rc::new(RefCell::new(MemoryTier::new(self.shared.memory_tier)));
         let recovered = match io::prime_iopoll_probe(&self.shared.dir, self.shard).await {
-            Ok(()) => self.recover().await,
+            Ok(()) => self.recover(&tier).await,
             Err(e) => Err(e),
         };
         let recovered = match recovered {
@@ -190,7 +198,7 @@ impl ShardRunner {
                 reply_to = Some(reply);
                 break;
             }
-            dispatch(&parts, req);
+            dispatch(&parts, &tier, self.shard, req);
         }
         drop(stop);
         futures::future::join_all(loops).await;
@@ -206,13 +214,15 @@ impl ShardRunner {
 
     /// Recovers the shard's partitions concurrently, so that one partition's reads
     /// overlap with another's index building.
-    async fn recover(&self) -> Result<Parts> {
+    async fn recover(&self, tier: &Tier) -> Result<Parts> {
         let recovered = futures::future::join_all(self.partitions.iter().map(|&p| async move {
             let started = std::time::Instant::now();
             let dir = self.shared.dir.join(format!("p{p:03}"));
             let limits = self.shared.limits.clone();
             let pool = self.shared.pool.clone();
-            let res = crate::recover::recover(p, &dir, self.shared.nonce, limits, pool, true).await;
+            let nonce = self.shared.nonce;
+            let res =
+                crate::recover::recover(p, &dir, nonce, limits, pool, tier.clone(), true).await;
             (p, started, res)
         }))
         .await;
@@ -303,7 +313,7 @@ fn partition(parts: &Parts, id: u32) -> Result<Rc<Partition>> {
 /// all: a future is as large as its largest state (a streaming upload's), and every
 /// spawn copied that whole size: 2.2% of the node's CPU under `cairn-bench --scenario
 /// batch-small`, 0.6% with per-kind tasks.
-fn dispatch(parts: &Parts, req: Request) {
+fn dispatch(parts: &Parts, tier: &Tier, shard: usize, req: Request) {
     match req {
         Request::PutWhole {
             part,
@@ -379,7 +389,10 @@ fn dispatch(parts: &Parts, req: Request) {
             }
         },
         Request::Stats { reply } => {
-            let _ = reply.send(parts.values().map(|p| p.stats()).collect());
+            let _ = reply.send((
+                parts.values().map(|p| p.stats()).collect(),
+                tier.borrow().stats(shard),
+            ));
         }
         Request::Checkpoint { reply } => {
             let parts = parts.clone();
@@ -498,6 +511,13 @@ async fn upload(
             return;
         }
     };
+    // Blobs read whole in one I/O (up to 4 MiB: a build's larger outputs, read again
+    // by the next build) are gathered for the memory tier as they stream, and admitted
+    // once the digest matched and the record is committed. Larger ones (bs-write's
+    // 16 MiB) enter on their first read instead: a copy of every large upload would
+    // churn the tier with blobs that may never be read.
+    let mut gathered = (digest.size <= WHOLE_READ_MAX && part.tier.borrow().takes(digest.size))
+        .then(|| BytesMut::with_capacity(digest.size as usize));
     loop {
         match chunks.recv_async().await {
             Ok(UploadMsg::Data(data)) => {
@@ -506,9 +526,18 @@ async fn upload(
                     writer.abandon().await;
                     return;
                 }
+                if let Some(g) = gathered.as_mut() {
+                    g.extend_from_slice(&data);
+                }
             }
             Ok(UploadMsg::Finish(hash)) => {
-                let _ = done.send(writer.finish(hash).await);
+                let result = writer.finish(hash).await;
+                if let (Ok(loc), Some(g)) = (&result, gathered) {
+                    if g.len() as u64 == digest.size {
+                        part.admit(prefix(&key), *loc, key, digest.size, || g.freeze());
+                    }
+                }
+                let _ = done.send(result.map(|_| ()));
                 return;
             }
             // The client went away: the extent stays dead and invisible.

@@ -10,7 +10,8 @@ pub use futures::executor::block_on;
 pub const MIB: u64 = 1 << 20;
 
 /// A small engine: 4 partitions of 8 MiB segments, 128 MiB in all, syncing only at
-/// shutdown (tests of power-loss durability set `Durability::Sync`).
+/// shutdown (tests of power-loss durability set `Durability::Sync`), with a 64 MiB
+/// memory tier.
 pub fn config(dir: &Path) -> EngineConfig {
     EngineConfig {
         dir: dir.to_path_buf(),
@@ -26,6 +27,7 @@ pub fn config(dir: &Path) -> EngineConfig {
         reinsert_fraction: 0.5,
         pin_shards: false,
         replicate: false,
+        memory_cache: 64 * MIB,
     }
 }
 
