@@ -1,6 +1,6 @@
-//! The memory tier's own costs, on the shard's thread: a hit (the lookup, the location
-//! check, a `Bytes` clone), a miss, and an admission into a full tier (the copy of the
-//! payload, the insert, and the evictions that make room).
+//! The memory tier's own costs, each through the lock every thread takes: a hit (the
+//! lookup, the key check, a `Bytes` clone), a miss, and an admission into a full tier
+//! (the copy of the payload, the insert, and the evictions that make room).
 //!
 //! ```text
 //! cargo bench -p cairn-bench --bench memory_tier
@@ -8,7 +8,7 @@
 
 use bytes::Bytes;
 use cairn_storage::format::{Key, RecordKind};
-use cairn_storage::internals::{Loc, MemoryTier, Prefix};
+use cairn_storage::internals::{Loc, Prefix, SharedTier};
 use cairn_storage::DigestFunction;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use std::hint::black_box;
@@ -36,37 +36,38 @@ fn key(i: u64) -> (Prefix, Loc, Key) {
 }
 
 /// A tier holding `ENTRIES` 4 KiB records, full.
-fn full_tier() -> MemoryTier {
-    let mut tier = MemoryTier::new(ENTRIES * (SIZE as u64 + 320));
+fn full_tier() -> SharedTier {
+    let tier = SharedTier::new(ENTRIES * (SIZE as u64 + 320));
     let payload = vec![7u8; SIZE];
     for i in 0..ENTRIES * 2 {
         let (p, loc, k) = key(i);
-        tier.admit(0, p, loc, k, Bytes::copy_from_slice(&payload));
+        tier.lock()
+            .admit(0, p, loc, k, Bytes::copy_from_slice(&payload));
     }
     tier
 }
 
 fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("memory_tier");
-    let mut tier = full_tier();
+    let tier = full_tier();
     let held: Vec<_> = (0..ENTRIES * 2)
         .map(key)
-        .filter(|(p, loc, _)| tier.holds(0, *p, loc))
+        .filter(|(p, loc, _)| tier.lock().holds(0, *p, loc))
         .collect();
     let mut n = 0usize;
     group.bench_function("hit_4KiB", |b| {
         b.iter(|| {
-            let (p, loc, k) = &held[n % held.len()];
+            let (p, _, k) = &held[n % held.len()];
             n += 1;
-            black_box(tier.get(0, *p, loc, k, false))
+            black_box(tier.lock().get(0, *p, k, false))
         })
     });
     let mut m = 0u64;
     group.bench_function("miss", |b| {
         b.iter(|| {
-            let (p, loc, k) = key(1_000_000 + m % 100_000);
+            let (p, _, k) = key(1_000_000 + m % 100_000);
             m += 1;
-            black_box(tier.get(0, p, &loc, &k, false))
+            black_box(tier.lock().get(0, p, &k, false))
         })
     });
     let payload = vec![9u8; SIZE];
@@ -77,7 +78,10 @@ fn bench(c: &mut Criterion) {
                 a += 1;
                 key(10_000_000 + a)
             },
-            |(p, loc, k)| tier.admit(0, p, loc, k, Bytes::copy_from_slice(&payload)),
+            |(p, loc, k)| {
+                tier.lock()
+                    .admit(0, p, loc, k, Bytes::copy_from_slice(&payload))
+            },
             BatchSize::SmallInput,
         )
     });

@@ -12,6 +12,7 @@ use crate::format::{record_len, Key};
 use crate::index::Prefix;
 use crate::key::{ac_key, cas_key, partition_of, prefix};
 use crate::manifest::Manifest;
+use crate::memory_tier::SharedTier;
 use crate::reclaimer::OverflowPool;
 use crate::replication::ReplicationBatch;
 use crate::shard::{Accepted, Request, ShardRunner, Shared, UploadMsg};
@@ -34,6 +35,10 @@ pub struct Engine {
 
 struct Inner {
     shards: Vec<flume::Sender<Request>>,
+    /// Each shard's memory tier (`None`: off). A hit is served on the calling thread:
+    /// the hop to the owning shard and back (two cross-thread wake-ups) cost more
+    /// than the rest of a small read; see bench/README.md "Memory tier".
+    tiers: Option<Vec<SharedTier>>,
     partitions: u32,
     max_ac_value: u64,
     max_blob_size: u64,
@@ -66,12 +71,16 @@ impl Engine {
             pool: pool.clone(),
             sync_interval: config.sync_interval,
             checkpoint_interval: config.checkpoint_interval,
-            memory_tier: config.memory_cache / config.shards.max(1) as u64,
         });
+        // Empty at every start: what they would hold is read again from the log, verified.
+        let tier_bytes = config.memory_cache / config.shards.max(1) as u64;
+        let tiers: Vec<SharedTier> = (0..config.shards)
+            .map(|_| SharedTier::new(tier_bytes))
+            .collect();
         let (ready_tx, ready_rx) = flume::unbounded();
         let mut senders = Vec::new();
         let mut runners = Vec::new();
-        for shard in 0..config.shards {
+        for (shard, tier) in tiers.iter().enumerate() {
             let (tx, rx) = flume::bounded(QUEUE_DEPTH);
             senders.push(tx);
             runners.push(ShardRunner {
@@ -82,11 +91,13 @@ impl Engine {
                 requests: rx,
                 shared: shared.clone(),
                 ready: ready_tx.clone(),
+                tier: tier.clone(),
             });
         }
         let engine = Engine {
             inner: Arc::new(Inner {
                 shards: senders,
+                tiers: (tier_bytes > 0).then_some(tiers),
                 partitions: manifest.partitions,
                 max_ac_value: limits.max_ac_value,
                 max_blob_size: limits.max_blob_size(),
@@ -156,6 +167,15 @@ impl Engine {
         let part = partition_of(key, self.inner.partitions);
         let shard = part as usize % self.inner.shards.len();
         (part, &self.inner.shards[shard])
+    }
+
+    /// The payload the memory tier of `key`'s shard holds for it, counted as a hit or
+    /// a miss there; `None` also when the tier is off.
+    fn held(&self, key: &Key, any_size: bool) -> Option<Bytes> {
+        let tiers = self.inner.tiers.as_ref()?;
+        let part = partition_of(key, self.inner.partitions);
+        let shard = part as usize % tiers.len();
+        tiers[shard].lock().get(part, prefix(key), key, any_size)
     }
 
     async fn call<T>(
@@ -248,13 +268,32 @@ impl Engine {
     pub async fn find_missing(&self, digests: Vec<Digest>) -> Result<Vec<Digest>> {
         let shards = self.inner.shards.len();
         let mut per_shard: Vec<Vec<(usize, u32, Prefix, u64)>> = vec![Vec::new(); shards];
+        let mut keys: Vec<Vec<Key>> = vec![Vec::new(); shards];
         for (i, d) in digests.iter().enumerate() {
             if d.is_empty_blob() {
                 continue;
             }
             let key = cas_key(d);
             let part = partition_of(&key, self.inner.partitions);
-            per_shard[part as usize % shards].push((i, part, prefix(&key), record_len(d.size)));
+            let shard = part as usize % shards;
+            per_shard[shard].push((i, part, prefix(&key), record_len(d.size)));
+            keys[shard].push(key);
+        }
+        // What a shard's memory tier holds, its index holds too: a shard whose every
+        // digest is in memory (an action result's outputs, read a moment ago) is not
+        // asked at all.
+        if let Some(tiers) = &self.inner.tiers {
+            for ((items, keys), tier) in per_shard.iter_mut().zip(&keys).zip(tiers) {
+                if items.is_empty() {
+                    continue;
+                }
+                let tier = tier.lock();
+                let mut keys = keys.iter();
+                items.retain(|&(_, part, prefix, _)| {
+                    keys.next()
+                        .is_none_or(|key| !tier.holds_key(part, prefix, key))
+                });
+            }
         }
         let mut replies = Vec::new();
         for (shard, items) in per_shard.into_iter().enumerate() {
@@ -301,6 +340,13 @@ impl Engine {
             return Ok(BlobStream::once(Bytes::new()));
         }
         let key = cas_key(&digest);
+        if let Some(payload) = self.held(&key, false) {
+            let start = offset.min(digest.size) as usize;
+            let end = limit.map_or(payload.len(), |l| {
+                (start as u64).saturating_add(l).min(digest.size) as usize
+            });
+            return Ok(BlobStream::once(payload.slice(start..end)));
+        }
         let (part, tx) = self.route(&key);
         self.call(tx, |reply| Request::Get {
             part,
@@ -336,6 +382,10 @@ impl Engine {
             return Ok((named, BlobStream::once(Bytes::new())));
         }
         let key = cas_key(&named);
+        if let Some(payload) = self.held(&key, true) {
+            let size = payload.len() as u64;
+            return Ok((Digest { size, ..named }, BlobStream::once(payload)));
+        }
         let (part, tx) = self.route(&key);
         let (size, blob) = self
             .call(tx, |reply| Request::Get {
@@ -364,6 +414,9 @@ impl Engine {
     /// Reads the action-cache value stored for `action` in `instance`.
     pub async fn ac_get(&self, instance: &str, action: Digest) -> Result<Bytes> {
         let key = ac_key(instance, &action);
+        if let Some(value) = self.held(&key, false) {
+            return Ok(value);
+        }
         let (part, tx) = self.route(&key);
         let stream = self
             .call(tx, |reply| Request::Get {

@@ -51,7 +51,7 @@ mod upload_hash;
 #[doc(hidden)]
 pub mod internals {
     pub use crate::index::{Index, Loc, Prefix};
-    pub use crate::memory_tier::{Counts, MemoryTier, S3Fifo, ENTRY_OVERHEAD};
+    pub use crate::memory_tier::{Counts, MemoryTier, S3Fifo, SharedTier, ENTRY_OVERHEAD};
     pub use crate::sha256::{update_together, Sha256};
 }
 

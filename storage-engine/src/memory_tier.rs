@@ -3,22 +3,32 @@
 //! A warm build reads again what it read a moment ago: action results, the Tree and
 //! Directory messages they name, small outputs. Without this tier every such read is an
 //! O_DIRECT read of the device (about 110 µs for 4 KiB on the development VM), since
-//! the log bypasses the page cache. Each shard keeps one [`MemoryTier`], touched only by
-//! its own thread, so it needs no lock; a hit hands out a clone of a `Bytes`, neither a
-//! copy nor a device read.
+//! the log bypasses the page cache. Each shard keeps one [`MemoryTier`]; a hit hands
+//! out a clone of a `Bytes`, neither a copy nor a device read.
 //!
-//! **What may be served.** An entry remembers where its record lives in the log (the
-//! index [`Loc`]: segment, offset, length) and its full key. It is served only when the
-//! partition's index points at exactly that location at the moment of the read, so
-//! invalidation is structural: a record reclaimed, evicted with its segment, replaced
-//! by a newer value (an action result written again), moved by reinsertion or dropped
-//! as corrupt no longer has the index pointing at the old location, and its entry can
-//! never be served again, whether or not anything told the tier. Segment ids are never
-//! reused while the process runs and the tier starts empty, so a location names one
-//! record. Entries are also dropped eagerly when the reclaimer's sweep of the index meets
-//! their record, or the record is dropped as corrupt, to give the memory back at once. Only verified bytes enter: on a
-//! read after the CRC check passed, on a write after the digest was checked and the
-//! record committed (and indexed, hence durable under `Durability::Sync`).
+//! **Who touches it.** The shard's own thread admits and invalidates; a hit is served
+//! on whatever thread asked (the `Engine` handle looks the tier up before routing), so
+//! the tier sits behind a lock ([`SharedTier`]). A read served by the owning shard
+//! costs two cross-thread hand-offs, each a wake-up of a possibly sleeping executor:
+//! with both, a tier that only the shard could read made `bazel-like-warm` 0.83 of
+//! the sink and GetActionResult twice as slow as the map lookup it replaces; the lock
+//! is uncontended but for the shard's own admissions (bench/README.md).
+//!
+//! **What may be served.** An entry is the verified payload of one record, with the
+//! record's full key and its location in the log (the index [`Loc`]). The tier never
+//! holds an entry the index does not point at: every change of the index drops the
+//! entry it obsoletes, on the shard's thread, before anything else can happen there —
+//! a record replaced by a newer one (an action result written again) or moved by
+//! reinsertion ([`MemoryTier::forget_other_than`], from `Partition::insert`), a
+//! segment reclaimed (the reclaimer's sweep of the index forgets each of its records)
+//! and a record dropped as corrupt. A reader on another thread that took a payload
+//! just before that holds a copy of bytes that were the record at the moment of its
+//! lookup, never a view of a segment about to be reused. Only verified bytes enter:
+//! on a read after the CRC check passed, on a write after the digest was checked and
+//! the record committed (and indexed, hence durable under `Durability::Sync`). A hit
+//! never reaches the index, so it cannot set the "accessed" mark the reclaimer
+//! reinserts by; the entry remembers it was served instead, and the sweep that
+//! forgets it counts that as an access.
 //!
 //! **Policy.** S3-FIFO (Yang et al., SOSP 2023), by bytes: new entries go to a small
 //! FIFO of a tenth of the capacity; one read again while there moves to the main FIFO
@@ -41,6 +51,7 @@ use crate::key::answers;
 use bytes::Bytes;
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hash, Hasher};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 /// The small FIFO's share of the capacity: one tenth, the paper's value, which its
 /// traces and ours (bench/README.md) found best.
@@ -133,12 +144,12 @@ impl<K: Hash + Eq + Copy, V> S3Fifo<K, V> {
     }
 
     /// The entry of `key`, counted as a hit and as one more use; a miss is counted.
-    pub fn get(&mut self, key: &K) -> Option<&V> {
+    pub fn get(&mut self, key: &K) -> Option<&mut V> {
         match self.map.get_mut(key) {
             Some(slot) => {
                 self.counts.hits += 1;
                 slot.freq = (slot.freq + 1).min(MAX_FREQ);
-                Some(&slot.value)
+                Some(&mut slot.value)
             }
             None => {
                 self.counts.misses += 1;
@@ -354,6 +365,9 @@ struct Entry {
     key: Key,
     loc: Loc,
     payload: Bytes,
+    /// Served since it was admitted: a read the index's "accessed" mark never saw,
+    /// since a hit does not reach the shard (see `forget`).
+    read: bool,
 }
 
 /// One shard's memory tier: verified payloads by partition and index prefix.
@@ -398,37 +412,43 @@ impl MemoryTier {
         len > 0 && len <= self.max_object
     }
 
-    /// The payload of the record at `loc`, which the index holds for `prefix` right now,
-    /// if it answers `key`. An entry for another location is stale and dropped.
-    pub fn get(
-        &mut self,
-        part: u32,
-        prefix: Prefix,
-        loc: &Loc,
-        key: &Key,
-        any_size: bool,
-    ) -> Option<Bytes> {
-        if self.cache.capacity() == 0 {
-            return None;
-        }
+    /// The payload held for `key` (found by hash alone with `any_size`), counted as
+    /// a hit or a miss. What is held is what the index holds right now: every change
+    /// of the index drops the entry it replaces (see the module docs).
+    pub fn get(&mut self, part: u32, prefix: Prefix, key: &Key, any_size: bool) -> Option<Bytes> {
         if self.cache.is_empty() {
             self.cache.count_miss();
             return None;
         }
         let tk = TierKey::new(part, prefix);
-        let (here, answers_key) = match self.cache.peek(&tk) {
-            Some(e) => (same_record(&e.loc, loc), answers(&e.key, key, any_size)),
-            None => (false, false),
-        };
-        if here && answers_key {
-            return self.cache.get(&tk).map(|e| e.payload.clone());
+        let answers_key = self
+            .cache
+            .peek(&tk)
+            .is_some_and(|e| answers(&e.key, key, any_size));
+        if !answers_key {
+            self.cache.count_miss();
+            return None;
         }
-        self.cache.count_miss();
-        if !here {
-            // Stale: the index moved on from the record this entry holds.
-            self.cache.remove(&tk);
-        }
-        None
+        self.cache.get(&tk).map(|e| {
+            e.read = true;
+            e.payload.clone()
+        })
+    }
+
+    /// Like `get`, without counting: for the shard, which reads the log after the
+    /// caller's counted lookup missed, in case a concurrent read admitted it since.
+    pub fn peek(&self, part: u32, prefix: Prefix, key: &Key, any_size: bool) -> Option<Bytes> {
+        self.cache
+            .peek(&TierKey::new(part, prefix))
+            .filter(|e| answers(&e.key, key, any_size))
+            .map(|e| e.payload.clone())
+    }
+
+    /// Whether the tier holds exactly `key` (FindMissingBlobs), without counting.
+    pub fn holds_key(&self, part: u32, prefix: Prefix, key: &Key) -> bool {
+        self.cache
+            .peek(&TierKey::new(part, prefix))
+            .is_some_and(|e| answers(&e.key, key, false))
     }
 
     /// Admits the verified payload of the record `key` at `loc`, in a buffer of its
@@ -439,7 +459,12 @@ impl MemoryTier {
         }
         let tk = TierKey::new(part, prefix);
         let charge = payload.len() as u64 + ENTRY_OVERHEAD;
-        let entry = Entry { key, loc, payload };
+        let entry = Entry {
+            key,
+            loc,
+            payload,
+            read: false,
+        };
         self.cache.insert(tk, entry, charge);
     }
 
@@ -451,9 +476,28 @@ impl MemoryTier {
     }
 
     /// Drops the entry of the record at `loc`, if it is the one held for `prefix`.
-    pub fn forget(&mut self, part: u32, prefix: Prefix, loc: &Loc) {
+    /// Returns whether that entry was served since it was admitted, which the
+    /// reclaimer counts as an access when it decides what to reinsert.
+    pub fn forget(&mut self, part: u32, prefix: Prefix, loc: &Loc) -> bool {
         if self.holds(part, prefix, loc) {
-            self.cache.remove(&TierKey::new(part, prefix));
+            return self
+                .cache
+                .remove(&TierKey::new(part, prefix))
+                .is_some_and(|e| e.read);
+        }
+        false
+    }
+
+    /// Drops the entry held for `prefix` unless it is the record at `loc`: the index
+    /// now points there, and whatever the entry held was replaced.
+    pub fn forget_other_than(&mut self, part: u32, prefix: Prefix, loc: &Loc) {
+        let tk = TierKey::new(part, prefix);
+        if self
+            .cache
+            .peek(&tk)
+            .is_some_and(|e| !same_record(&e.loc, loc))
+        {
+            self.cache.remove(&tk);
         }
     }
 
@@ -469,6 +513,24 @@ impl MemoryTier {
             admissions: c.admissions,
             evictions: c.evictions,
         }
+    }
+}
+
+/// A shard's tier as every thread sees it: the shard admits and invalidates, any
+/// thread serves a hit. Cheap to clone.
+#[derive(Clone)]
+pub struct SharedTier(Arc<Mutex<MemoryTier>>);
+
+impl SharedTier {
+    pub fn new(capacity: u64) -> SharedTier {
+        SharedTier(Arc::new(Mutex::new(MemoryTier::new(capacity))))
+    }
+
+    /// The tier, locked. A thread that panicked while holding it cannot have left an
+    /// entry half-made (every change is one map operation on owned values), so a
+    /// poisoned lock is taken over rather than taking the node down with it.
+    pub fn lock(&self) -> MutexGuard<'_, MemoryTier> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -549,26 +611,23 @@ mod tests {
     }
 
     #[test]
-    fn an_entry_is_served_only_at_the_location_the_index_holds() {
+    fn a_replaced_record_is_dropped_and_a_moved_one_kept() {
         let mut t = MemoryTier::new(1 << 20);
         let p = Prefix::new(7);
         let at = Loc::new(3, 4096, 75, false);
         t.admit(0, p, at, key(1), Bytes::from_static(b"abc"));
-        assert_eq!(
-            t.get(0, p, &at, &key(1), false).as_deref(),
-            Some(&b"abc"[..])
-        );
+        // The index marking the record accessed is the same record.
         let marked = {
             let mut l = at;
             l.mark_accessed();
             l
         };
-        assert!(t.get(0, p, &marked, &key(1), false).is_some());
+        t.forget_other_than(0, p, &marked);
+        assert_eq!(t.get(0, p, &key(1), false).as_deref(), Some(&b"abc"[..]));
         // Replaced (a newer record for the key) or moved (reinserted elsewhere).
-        let moved = Loc::new(9, 0, 75, false);
-        assert!(t.get(0, p, &moved, &key(1), false).is_none());
-        assert!(!t.holds(0, p, &at), "a stale entry was kept");
-        assert!(t.get(0, p, &at, &key(1), false).is_none());
+        t.forget_other_than(0, p, &Loc::new(9, 0, 75, false));
+        assert!(!t.holds(0, p, &at), "a replaced entry was kept");
+        assert!(t.get(0, p, &key(1), false).is_none());
     }
 
     #[test]
@@ -577,13 +636,30 @@ mod tests {
         let p = Prefix::new(7);
         let at = Loc::new(3, 0, 75, false);
         t.admit(0, p, at, key(1), Bytes::from_static(b"abc"));
-        assert!(t.get(0, p, &at, &key(2), false).is_none());
-        assert!(
-            t.get(1, p, &at, &key(1), false).is_none(),
-            "another partition"
-        );
+        assert!(t.get(0, p, &key(2), false).is_none());
+        assert!(!t.holds_key(0, p, &key(2)));
+        assert!(t.get(1, p, &key(1), false).is_none(), "another partition");
         let any = Key { size: 0, ..key(1) };
-        assert!(t.get(0, p, &at, &any, true).is_some());
+        assert!(t.get(0, p, &any, true).is_some());
+        assert!(
+            !t.holds_key(0, p, &any),
+            "FindMissingBlobs asks for the exact size"
+        );
+    }
+
+    #[test]
+    fn forgetting_a_served_entry_reports_the_read() {
+        let mut t = MemoryTier::new(1 << 20);
+        let (p, q) = (Prefix::new(1), Prefix::new(2));
+        let (at, other) = (Loc::new(3, 0, 75, false), Loc::new(3, 4096, 75, false));
+        t.admit(0, p, at, key(1), Bytes::from_static(b"abc"));
+        t.admit(0, q, other, key(2), Bytes::from_static(b"def"));
+        assert!(t.get(0, p, &key(1), false).is_some());
+        assert!(t.forget(0, p, &at), "a hit the index never saw was lost");
+        assert!(
+            !t.forget(0, q, &other),
+            "an entry never read counted as read"
+        );
     }
 
     #[test]
@@ -624,7 +700,7 @@ mod tests {
         let mut t = MemoryTier::new(0);
         let at = Loc::new(3, 0, 75, false);
         t.admit(0, Prefix::new(1), at, key(1), Bytes::from_static(b"abc"));
-        assert!(t.get(0, Prefix::new(1), &at, &key(1), false).is_none());
+        assert!(t.get(0, Prefix::new(1), &key(1), false).is_none());
         assert_eq!(t.stats(0).entries, 0);
     }
 }

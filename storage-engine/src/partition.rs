@@ -17,7 +17,7 @@ use crate::format::Key;
 use crate::index::{Index, Loc, Prefix};
 use crate::io::SegFile;
 use crate::key::prefix;
-use crate::memory_tier::MemoryTier;
+use crate::memory_tier::SharedTier;
 use crate::reclaimer::OverflowPool;
 use bytes::Bytes;
 use futures::lock::Mutex;
@@ -176,7 +176,7 @@ pub struct Partition {
     /// The node-wide overflow pool, shared by every partition (`reclaimer.rs`).
     pub pool: Arc<OverflowPool>,
     /// The shard's memory tier, shared by its partitions (`memory_tier.rs`).
-    pub tier: Rc<RefCell<MemoryTier>>,
+    pub tier: SharedTier,
     pub st: RefCell<State>,
     /// Serialises segment creation and eviction.
     pub roll_lock: Mutex<()>,
@@ -194,7 +194,7 @@ impl Partition {
         nonce: u64,
         limits: PartitionLimits,
         pool: Arc<OverflowPool>,
-        tier: Rc<RefCell<MemoryTier>>,
+        tier: SharedTier,
         st: State,
     ) -> Self {
         Partition {
@@ -239,7 +239,11 @@ impl Partition {
         if if_absent && st.index.contains_key(&prefix) {
             return;
         }
-        st.index.insert(prefix, loc);
+        if st.index.insert(prefix, loc).is_some() {
+            // A replaced record (an action result written again, a record moved by
+            // reinsertion) must leave the tier before anyone can be served it again.
+            self.tier.lock().forget_other_than(self.id, prefix, &loc);
+        }
         st.changes += 1;
     }
 
@@ -254,7 +258,7 @@ impl Partition {
             offset = loc.off,
             "checksum failure in {what}; record dropped and reported as not found"
         );
-        self.tier.borrow_mut().forget(self.id, prefix, &loc);
+        self.tier.lock().forget(self.id, prefix, &loc);
         let mut st = self.st.borrow_mut();
         if st.index.get(&prefix) == Some(&loc) {
             st.index.remove(&prefix);
@@ -273,16 +277,15 @@ impl Partition {
         len: u64,
         payload: impl FnOnce() -> Bytes,
     ) {
-        if !self.tier.borrow().takes(len) {
+        if !self.tier.lock().takes(len) {
             return;
         }
         let indexed = self.st.borrow().index.get(&prefix).is_some_and(|l| {
             l.seg == loc.seg && l.off == loc.off && l.record_len() == loc.record_len()
         });
         if indexed {
-            self.tier
-                .borrow_mut()
-                .admit(self.id, prefix, loc, key, payload());
+            let payload = payload();
+            self.tier.lock().admit(self.id, prefix, loc, key, payload);
         }
     }
 

@@ -89,10 +89,7 @@ impl Partition {
                 ),
             ));
         }
-        let held = self
-            .tier
-            .borrow_mut()
-            .get(self.id, prefix, &loc, key, any_size);
+        let held = self.tier.lock().peek(self.id, prefix, key, any_size);
         if let Some(payload) = held {
             return Ok(Some(whole(payload, offset, limit)));
         }
@@ -185,7 +182,7 @@ impl Partition {
         // A read of the whole payload gathers it for the memory tier as it goes, each
         // chunk after its check; admitted only once every chunk passed.
         let mut gathered =
-            (offset == 0 && end == rec.payload_len && self.tier.borrow().takes(rec.payload_len))
+            (offset == 0 && end == rec.payload_len && self.tier.lock().takes(rec.payload_len))
                 .then(|| BytesMut::with_capacity(rec.payload_len as usize));
         let mut chunk = offset / CRC_CHUNK;
         let mut ahead = (chunk * CRC_CHUNK < end).then(|| read_chunk(chunk));

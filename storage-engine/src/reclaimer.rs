@@ -328,14 +328,16 @@ impl Partition {
             let before = st.index.len();
             // The sweep meets every record of the segment: their memory-tier entries
             // go with them, at one lookup each rather than a sweep of the tier.
-            let mut tier = self.tier.borrow_mut();
+            let mut tier = self.tier.lock();
             st.index.retain(|p, loc| {
                 if loc.seg != victim {
                     return true;
                 }
-                tier.forget(self.id, *p, loc);
+                // A record served from memory was read although its index entry
+                // never saw it (hits do not reach the shard).
+                let served = tier.forget(self.id, *p, loc);
                 let len = u64::from(loc.record_len());
-                if loc.accessed() && len <= small_max && len <= *reinsert_left {
+                if (loc.accessed() || served) && len <= small_max && len <= *reinsert_left {
                     *reinsert_left -= len;
                     keep.push(*loc);
                 }

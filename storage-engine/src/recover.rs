@@ -48,7 +48,7 @@ pub async fn recover(
     nonce: u64,
     limits: PartitionLimits,
     pool: Arc<OverflowPool>,
-    tier: Rc<std::cell::RefCell<crate::memory_tier::MemoryTier>>,
+    tier: crate::memory_tier::SharedTier,
     use_checkpoint: bool,
 ) -> Result<(Rc<Partition>, RecoveryReport)> {
     std::fs::create_dir_all(dir)

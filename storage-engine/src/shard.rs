@@ -12,7 +12,7 @@ use crate::format::Key;
 use crate::index::Prefix;
 use crate::io;
 use crate::key::prefix;
-use crate::memory_tier::{MemoryTier, MemoryTierStats};
+use crate::memory_tier::{MemoryTierStats, SharedTier};
 use crate::partition::Partition;
 use crate::reader::{Found, WHOLE_READ_MAX};
 use crate::reclaimer::OverflowPool;
@@ -22,7 +22,6 @@ use crate::PartitionStats;
 use bytes::{Bytes, BytesMut};
 use futures::channel::oneshot;
 use futures::FutureExt;
-use std::cell::RefCell;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::rc::Rc;
@@ -133,8 +132,6 @@ pub(crate) struct Shared {
     pub pool: Arc<OverflowPool>,
     pub sync_interval: Option<Duration>,
     pub checkpoint_interval: Option<Duration>,
-    /// Bytes of each shard's memory tier.
-    pub memory_tier: u64,
 }
 
 /// The work of one shard, to be run inside a glommio executor (the cache node runs
@@ -145,16 +142,16 @@ pub struct ShardRunner {
     pub(crate) requests: flume::Receiver<Request>,
     pub(crate) shared: Arc<Shared>,
     pub(crate) ready: flume::Sender<Result<()>>,
+    /// This shard's memory tier, which the `Engine` handle reads too.
+    pub(crate) tier: SharedTier,
 }
 
 type Parts = Rc<HashMap<u32, Rc<Partition>>>;
-type Tier = Rc<RefCell<MemoryTier>>;
 
 impl ShardRunner {
     /// Recovers the shard's partitions, then serves requests until shutdown.
     pub async fn run(self) -> Result<()> {
-        // Empty at every start: what it would hold is read again from the log, verified.
-        let tier: Tier = Rc::new(RefCell::new(MemoryTier::new(self.shared.memory_tier)));
+        let tier = self.tier.clone();
         let recovered = match io::prime_iopoll_probe(&self.shared.dir, self.shard).await {
             Ok(()) => self.recover(&tier).await,
             Err(e) => Err(e),
@@ -214,7 +211,7 @@ impl ShardRunner {
 
     /// Recovers the shard's partitions concurrently, so that one partition's reads
     /// overlap with another's index building.
-    async fn recover(&self, tier: &Tier) -> Result<Parts> {
+    async fn recover(&self, tier: &SharedTier) -> Result<Parts> {
         let recovered = futures::future::join_all(self.partitions.iter().map(|&p| async move {
             let started = std::time::Instant::now();
             let dir = self.shared.dir.join(format!("p{p:03}"));
@@ -313,7 +310,7 @@ fn partition(parts: &Parts, id: u32) -> Result<Rc<Partition>> {
 /// all: a future is as large as its largest state (a streaming upload's), and every
 /// spawn copied that whole size: 2.2% of the node's CPU under `cairn-bench --scenario
 /// batch-small`, 0.6% with per-kind tasks.
-fn dispatch(parts: &Parts, tier: &Tier, shard: usize, req: Request) {
+fn dispatch(parts: &Parts, tier: &SharedTier, shard: usize, req: Request) {
     match req {
         Request::PutWhole {
             part,
@@ -391,7 +388,7 @@ fn dispatch(parts: &Parts, tier: &Tier, shard: usize, req: Request) {
         Request::Stats { reply } => {
             let _ = reply.send((
                 parts.values().map(|p| p.stats()).collect(),
-                tier.borrow().stats(shard),
+                tier.lock().stats(shard),
             ));
         }
         Request::Checkpoint { reply } => {
@@ -516,7 +513,7 @@ async fn upload(
     // once the digest matched and the record is committed. Larger ones (bs-write's
     // 16 MiB) enter on their first read instead: a copy of every large upload would
     // churn the tier with blobs that may never be read.
-    let mut gathered = (digest.size <= WHOLE_READ_MAX && part.tier.borrow().takes(digest.size))
+    let mut gathered = (digest.size <= WHOLE_READ_MAX && part.tier.lock().takes(digest.size))
         .then(|| BytesMut::with_capacity(digest.size as usize));
     loop {
         match chunks.recv_async().await {

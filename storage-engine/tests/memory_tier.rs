@@ -122,6 +122,82 @@ fn memory_tier_never_serves_a_reclaimed_record() {
     block_on(engine.shutdown()).unwrap();
 }
 
+/// A record read only from memory was read all the same: when its segment is
+/// reclaimed it is reinserted like any record read since it was written, not evicted
+/// as if nobody wanted it.
+#[test]
+fn a_record_served_only_from_memory_is_kept_by_the_reclaimer() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = start(EngineConfig {
+        shards: 1,
+        partitions: 1,
+        max_size: 8 * MIB,
+        segment_size: Some(MIB),
+        memory_cache: 16 * (4096 + ENTRY_OVERHEAD),
+        ..config(dir.path())
+    });
+    let hot = blob(7, 1000);
+    block_on(engine.ac_put("", action(4), hot.clone())).unwrap();
+    let before = hits(&engine);
+    assert_eq!(block_on(engine.ac_get("", action(4))).unwrap(), hot);
+    assert_eq!(
+        hits(&engine) - before,
+        1,
+        "the read did not come from memory"
+    );
+    // One budget of blobs too large for the tier: the result's segment is reclaimed.
+    for i in 0..8 * 32 {
+        put(&engine, &blob(3000 + i, 32 << 10));
+    }
+    assert!(block_on(engine.stats()).unwrap().evictions() > 0);
+    assert_eq!(block_on(engine.ac_get("", action(4))).unwrap(), hot);
+    block_on(engine.shutdown()).unwrap();
+}
+
+/// Hits are served on the reading thread, not the shard's: a reader that saw a write
+/// acknowledged must never be served the value it replaced, from memory or the log.
+#[test]
+fn memory_tier_never_serves_a_replaced_value_to_another_thread() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let engine = start(with_tier(dir.path(), 64 * MIB));
+    let value = |i: u64| Bytes::from(i.to_le_bytes().repeat(64));
+    block_on(engine.ac_put("", action(5), value(0))).unwrap();
+    let acknowledged = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicBool::new(false));
+    let readers: Vec<_> = (0..2)
+        .map(|_| {
+            let (engine, acknowledged, done) = (engine.clone(), acknowledged.clone(), done.clone());
+            std::thread::spawn(move || {
+                let mut reads = 0u64;
+                while !done.load(Ordering::Acquire) {
+                    let floor = acknowledged.load(Ordering::Acquire);
+                    let got = block_on(engine.ac_get("", action(5))).unwrap();
+                    let seen = u64::from_le_bytes(got[..8].try_into().unwrap());
+                    assert!(
+                        seen >= floor,
+                        "served value {seen} after {floor} was acknowledged"
+                    );
+                    assert_eq!(got, value(seen), "a torn value");
+                    reads += 1;
+                }
+                reads
+            })
+        })
+        .collect();
+    for i in 1..=2000 {
+        block_on(engine.ac_put("", action(5), value(i))).unwrap();
+        acknowledged.store(i, Ordering::Release);
+    }
+    done.store(true, Ordering::Release);
+    for reader in readers {
+        assert!(reader.join().unwrap() > 0);
+    }
+    assert!(hits(&engine) > 0, "no read was served from memory");
+    block_on(engine.shutdown()).unwrap();
+}
+
 /// Many more blobs than the tier holds, read over and over: every read returns the
 /// blob's bytes, and the tier stays within its size.
 #[test]
