@@ -114,7 +114,7 @@ cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
 RESULTS=$WORK/results.jsonl
 : >"$RESULTS"
-for scenario in bs-write bs-write-blake3 bs-read batch-small find-missing ac bazel-like; do
+for scenario in bs-write bs-write-blake3 bs-read batch-small batch-read find-missing ac bazel-like; do
   for target in sink cairn; do
     port=$SINK_PORT
     [[ $scenario == bs-write* ]] && port=$DISCARD_PORT

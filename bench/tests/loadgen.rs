@@ -77,7 +77,7 @@ fn run_all(port: u16) -> String {
 
 fn check(report: &str) {
     let lines: Vec<&str> = report.lines().collect();
-    assert_eq!(lines.len(), 8, "one line per scenario phase:\n{report}");
+    assert_eq!(lines.len(), 9, "one line per scenario phase:\n{report}");
     for line in lines {
         assert!(line.contains(" 24 ops"), "every operation ran: {line}");
         assert!(line.contains("errors 0  verify-failures 0"), "{line}");

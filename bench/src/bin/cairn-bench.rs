@@ -24,7 +24,7 @@ struct Args {
     /// PEM CA certificates trusted for a `grpcs://` address.
     #[arg(long, value_name = "FILE")]
     tls_ca: Option<std::path::PathBuf>,
-    /// bs-write, bs-write-blake3, bs-read, batch-small, find-missing, ac, bazel-like, or all (each in
+    /// bs-write, bs-write-blake3, bs-read, batch-small, batch-read, find-missing, ac, bazel-like, or all (each in
     /// turn, each with the whole --duration or --ops).
     #[arg(long)]
     scenario: String,

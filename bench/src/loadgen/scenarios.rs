@@ -24,11 +24,12 @@ use super::report::{Report, Tally};
 use super::{Budget, Deadline, Options, MAX_MESSAGE};
 
 /// Every scenario, in the order `all` runs them.
-pub const ALL: [&str; 7] = [
+pub const ALL: [&str; 8] = [
     "bs-write",
     "bs-write-blake3",
     "bs-read",
     "batch-small",
+    "batch-read",
     "find-missing",
     "ac",
     "bazel-like",
@@ -41,6 +42,9 @@ const READ_WORKING_SET: usize = 8;
 /// Blob size and count per call of `batch-small`.
 const SMALL_BLOB: usize = 4 << 10;
 const SMALL_PER_CALL: usize = 100;
+/// Blobs `batch-read` draws its calls from: 8 MiB of 4 KiB blobs, a warm build's
+/// small outputs, and well inside the sink's budget.
+const SMALL_WORKING_SET: usize = 2000;
 /// Digests per FindMissingBlobs call, half of them present.
 const FIND_PER_CALL: usize = 1000;
 /// Outputs at most this large travel in batch calls in `bazel-like`.
@@ -131,6 +135,32 @@ pub async fn run(
         "batch-small" => {
             one_phase(name, options, &clients, move |task, clients, deadline| {
                 batch_small(clients, deadline, Rng::new(seed + task as u64))
+            })
+            .await
+        }
+        "batch-read" => {
+            let mut rng = Rng::new(seed);
+            let mut set = Vec::with_capacity(SMALL_WORKING_SET);
+            for _ in 0..SMALL_WORKING_SET / SMALL_PER_CALL {
+                let blobs: Vec<(Digest, Bytes)> = (0..SMALL_PER_CALL)
+                    .map(|_| {
+                        let blob = rng.bytes(SMALL_BLOB);
+                        (data::digest(&blob), blob)
+                    })
+                    .collect();
+                set.extend(blobs.iter().map(|(digest, _)| digest.clone()));
+                batch_update(&mut clients[0].clone(), blobs)
+                    .await
+                    .map_err(|error| format!("batch-read setup: {error}"))?;
+            }
+            let set = Arc::new(set);
+            one_phase(name, options, &clients, move |task, clients, deadline| {
+                batch_read_only(
+                    clients,
+                    deadline,
+                    Rng::new(seed + 1 + task as u64),
+                    Arc::clone(&set),
+                )
             })
             .await
         }
@@ -334,6 +364,24 @@ async fn batch_small(mut clients: Clients, deadline: Deadline, mut rng: Rng) -> 
         }
         .await;
         record(&mut tally, started, outcome.map(|read| 2 * read));
+    }
+    (tally, ())
+}
+
+async fn batch_read_only(
+    mut clients: Clients,
+    deadline: Deadline,
+    mut rng: Rng,
+    set: Arc<Vec<Digest>>,
+) -> (Tally, ()) {
+    let mut tally = Tally::default();
+    while deadline.next() {
+        let digests: Vec<Digest> = (0..SMALL_PER_CALL)
+            .map(|_| set[rng.below(set.len() as u64) as usize].clone())
+            .collect();
+        let started = Instant::now();
+        let outcome = batch_read(&mut clients, digests).await;
+        record(&mut tally, started, outcome);
     }
     (tally, ())
 }
