@@ -41,7 +41,7 @@ impl Partition {
         self.flush_to(target).await?;
         // Committed and indexed: what was just written is what is read next (an action
         // result, the outputs it names). A reinsertion is left to its next read.
-        if !if_absent {
+        if !if_absent && self.tier.lock().takes_written(payload.len() as u64) {
             self.admit(prefix(&key), loc, key, payload.len() as u64, || {
                 Bytes::copy_from_slice(payload)
             });

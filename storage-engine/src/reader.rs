@@ -107,9 +107,10 @@ impl Partition {
             let Some((found, payload)) = self.check_whole(prefix, loc, key, any_size, bytes) else {
                 return Ok(None);
             };
-            self.admit(prefix, loc, found, payload.len() as u64, || {
-                Bytes::copy_from_slice(&payload)
-            });
+            let len = payload.len() as u64;
+            if self.tier.lock().takes_read(self.id, prefix, len) {
+                self.admit(prefix, loc, found, len, || Bytes::copy_from_slice(&payload));
+            }
             return Ok(Some(whole(payload, offset, limit)));
         }
         let head = file.read(u64::from(loc.off), HEADER_LEN).await?;
@@ -181,9 +182,13 @@ impl Partition {
         };
         // A read of the whole payload gathers it for the memory tier as it goes, each
         // chunk after its check; admitted only once every chunk passed.
-        let mut gathered =
-            (offset == 0 && end == rec.payload_len && self.tier.lock().takes(rec.payload_len))
-                .then(|| BytesMut::with_capacity(rec.payload_len as usize));
+        let whole_read = offset == 0 && end == rec.payload_len;
+        let mut gathered = (whole_read
+            && self
+                .tier
+                .lock()
+                .takes_read(self.id, rec.prefix, rec.payload_len))
+        .then(|| BytesMut::with_capacity(rec.payload_len as usize));
         let mut chunk = offset / CRC_CHUNK;
         let mut ahead = (chunk * CRC_CHUNK < end).then(|| read_chunk(chunk));
         while let Some(pending) = ahead.take() {

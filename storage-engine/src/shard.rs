@@ -14,7 +14,7 @@ use crate::io;
 use crate::key::prefix;
 use crate::memory_tier::{MemoryTierStats, SharedTier};
 use crate::partition::Partition;
-use crate::reader::{Found, WHOLE_READ_MAX};
+use crate::reader::Found;
 use crate::reclaimer::OverflowPool;
 use crate::replication::{ReplicationBatch, Settlement};
 use crate::stream::BlobStream;
@@ -508,12 +508,13 @@ async fn upload(
             return;
         }
     };
-    // Blobs read whole in one I/O (up to 4 MiB: a build's larger outputs, read again
-    // by the next build) are gathered for the memory tier as they stream, and admitted
-    // once the digest matched and the record is committed. Larger ones (bs-write's
-    // 16 MiB) enter on their first read instead: a copy of every large upload would
-    // churn the tier with blobs that may never be read.
-    let mut gathered = (digest.size <= WHOLE_READ_MAX && part.tier.lock().takes(digest.size))
+    // Small blobs streamed in are gathered for the memory tier as they arrive, and
+    // admitted once the digest matched and the record is committed; larger ones enter
+    // on their second read (`memory_tier::ADMIT_AT_ONCE_MAX`).
+    let mut gathered = part
+        .tier
+        .lock()
+        .takes_written(digest.size)
         .then(|| BytesMut::with_capacity(digest.size as usize));
     loop {
         match chunks.recv_async().await {

@@ -31,6 +31,19 @@ fn entries(engine: &Engine) -> u64 {
     stats.memory_tiers.iter().map(|t| t.entries).sum()
 }
 
+/// One shard, one partition, a log of eight 1 MiB segments: writing 8 MiB reclaims
+/// every segment once; the tier takes records up to 4 KiB.
+fn small_log(dir: &std::path::Path) -> Engine {
+    start(EngineConfig {
+        shards: 1,
+        partitions: 1,
+        max_size: 8 * MIB,
+        segment_size: Some(MIB),
+        memory_cache: 16 * (4096 + ENTRY_OVERHEAD),
+        ..config(dir)
+    })
+}
+
 fn action(n: u8) -> Digest {
     Digest::of(DigestFunction::Sha256, &[n])
 }
@@ -95,14 +108,7 @@ fn memory_tier_never_serves_a_replaced_action_result() {
 #[test]
 fn memory_tier_never_serves_a_reclaimed_record() {
     let dir = tempfile::tempdir().unwrap();
-    let engine = start(EngineConfig {
-        shards: 1,
-        partitions: 1,
-        max_size: 8 * MIB,
-        segment_size: Some(MIB),
-        memory_cache: 16 * (4096 + ENTRY_OVERHEAD),
-        ..config(dir.path())
-    });
+    let engine = small_log(dir.path());
     let old = blob(5, 1000);
     block_on(engine.ac_put("", action(3), old.clone())).unwrap();
     assert_eq!(block_on(engine.ac_get("", action(3))).unwrap(), old);
@@ -128,14 +134,7 @@ fn memory_tier_never_serves_a_reclaimed_record() {
 #[test]
 fn a_record_served_only_from_memory_is_kept_by_the_reclaimer() {
     let dir = tempfile::tempdir().unwrap();
-    let engine = start(EngineConfig {
-        shards: 1,
-        partitions: 1,
-        max_size: 8 * MIB,
-        segment_size: Some(MIB),
-        memory_cache: 16 * (4096 + ENTRY_OVERHEAD),
-        ..config(dir.path())
-    });
+    let engine = small_log(dir.path());
     let hot = blob(7, 1000);
     block_on(engine.ac_put("", action(4), hot.clone())).unwrap();
     let before = hits(&engine);
@@ -289,27 +288,38 @@ fn memory_tier_admits_only_verified_bytes() {
     block_on(engine.shutdown()).unwrap();
 }
 
-/// A record larger than one read (4 MiB) is gathered chunk by chunk, each checked, and
-/// served whole or in part from memory afterwards.
+/// A record above 256 KiB enters memory neither on its write nor on its first read
+/// (one read saves less than the copy into fresh memory costs), but on its second;
+/// reads after that are served from memory, whole or in part. One of 1 MiB is read
+/// whole in one I/O, one over 4 MiB gathered chunk by chunk, each chunk checked.
 #[test]
-fn a_large_blob_read_whole_is_served_from_memory() {
+fn a_large_blob_enters_memory_on_its_second_read() {
     let dir = tempfile::tempdir().unwrap();
     let engine = start(with_tier(dir.path(), tier_for(8 * MIB)));
-    let data = blob(11, 5 * MIB as usize + 123);
-    let d = put(&engine, &data);
-    assert_eq!(block_on(engine.get_bytes(d)).unwrap(), data);
-    let before = hits(&engine);
-    assert_eq!(block_on(engine.get_bytes(d)).unwrap(), data);
-    let part = block_on(
-        block_on(engine.get(d, 4 * MIB + 7, Some(1000)))
-            .unwrap()
-            .collect_bytes(),
-    )
-    .unwrap();
-    assert_eq!(
-        part,
-        data.slice(4 * MIB as usize + 7..4 * MIB as usize + 1007)
-    );
-    assert_eq!(hits(&engine) - before, 2);
+    for (seed, len) in [(11, MIB as usize), (12, 5 * MIB as usize + 123)] {
+        let data = blob(seed, len);
+        let held = entries(&engine);
+        let d = put(&engine, &data);
+        assert_eq!(entries(&engine), held, "admitted on its write");
+        assert_eq!(block_on(engine.get_bytes(d)).unwrap(), data);
+        assert_eq!(entries(&engine), held, "admitted on its first read");
+        assert_eq!(block_on(engine.get_bytes(d)).unwrap(), data);
+        assert_eq!(
+            entries(&engine),
+            held + 1,
+            "not admitted on its second read"
+        );
+        let before = hits(&engine);
+        assert_eq!(block_on(engine.get_bytes(d)).unwrap(), data);
+        let at = len - 1007;
+        let part = block_on(
+            block_on(engine.get(d, at as u64, Some(1000)))
+                .unwrap()
+                .collect_bytes(),
+        )
+        .unwrap();
+        assert_eq!(part, data.slice(at..at + 1000));
+        assert_eq!(hits(&engine) - before, 2);
+    }
     block_on(engine.shutdown()).unwrap();
 }
