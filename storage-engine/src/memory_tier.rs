@@ -25,7 +25,8 @@
 //! just before that holds a copy of bytes that were the record at the moment of its
 //! lookup, never a view of a segment about to be reused. Only verified bytes enter:
 //! on a read after the CRC check passed, on a write after the digest was checked and
-//! the record committed (and indexed, hence durable under `Durability::Sync`). A hit
+//! the record committed (and indexed, hence durable under `Durability::Sync`);
+//! records above [`ADMIT_AT_ONCE_MAX`] only on their second read. A hit
 //! never reaches the index, so it cannot set the "accessed" mark the reclaimer
 //! reinserts by; the entry remembers it was served instead, and the sweep that
 //! forgets it counts that as an access.
