@@ -16,6 +16,7 @@ use crate::error::Result;
 use crate::format::{align_down, encode_small_record, Key, HEADER_LEN};
 use crate::index::Loc;
 use crate::key::prefix;
+use crate::memory_tier::ADMIT_AT_ONCE_MAX;
 use crate::partition::{Packed, Partition, Pending, SegKind};
 use bytes::Bytes;
 
@@ -41,7 +42,8 @@ impl Partition {
         self.flush_to(target).await?;
         // Committed and indexed: what was just written is what is read next (an action
         // result, the outputs it names). A reinsertion is left to its next read.
-        if !if_absent && self.tier.lock().takes_written(payload.len() as u64) {
+        // `admit` checks the tier's own limit; the threshold needs no lock of its own.
+        if !if_absent && payload.len() as u64 <= ADMIT_AT_ONCE_MAX {
             self.admit(prefix(&key), loc, key, payload.len() as u64, || {
                 Bytes::copy_from_slice(payload)
             });
