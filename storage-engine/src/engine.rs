@@ -13,6 +13,7 @@ use crate::index::Prefix;
 use crate::key::{ac_key, cas_key, partition_of, prefix};
 use crate::manifest::Manifest;
 use crate::memory_tier::SharedTier;
+use crate::reader::slice;
 use crate::reclaimer::OverflowPool;
 use crate::replication::ReplicationBatch;
 use crate::shard::{Accepted, Request, ShardRunner, Shared, UploadMsg};
@@ -35,10 +36,13 @@ pub struct Engine {
 
 struct Inner {
     shards: Vec<flume::Sender<Request>>,
-    /// Each shard's memory tier (`None`: off). A hit is served on the calling thread:
-    /// the hop to the owning shard and back (two cross-thread wake-ups) cost more
-    /// than the rest of a small read; see bench/README.md "Memory tier".
-    tiers: Option<Vec<SharedTier>>,
+    /// Each shard's memory tier. A hit is served on the calling thread: the hop to
+    /// the owning shard and back (two cross-thread wake-ups) cost more than the rest
+    /// of a small read; see bench/README.md "Memory tier".
+    tiers: Vec<SharedTier>,
+    /// Whether the tiers can hold anything (`memory_cache` above 0): if not, no read
+    /// looks there.
+    tiered: bool,
     partitions: u32,
     max_ac_value: u64,
     max_blob_size: u64,
@@ -97,7 +101,8 @@ impl Engine {
         let engine = Engine {
             inner: Arc::new(Inner {
                 shards: senders,
-                tiers: (tier_bytes > 0).then_some(tiers),
+                tiers,
+                tiered: tier_bytes > 0,
                 partitions: manifest.partitions,
                 max_ac_value: limits.max_ac_value,
                 max_blob_size: limits.max_blob_size(),
@@ -172,10 +177,14 @@ impl Engine {
     /// The payload the memory tier of `key`'s shard holds for it, counted as a hit or
     /// a miss there; `None` also when the tier is off.
     fn held(&self, key: &Key, any_size: bool) -> Option<Bytes> {
-        let tiers = self.inner.tiers.as_ref()?;
+        if !self.inner.tiered {
+            return None;
+        }
         let part = partition_of(key, self.inner.partitions);
-        let shard = part as usize % tiers.len();
-        tiers[shard].lock().get(part, prefix(key), key, any_size)
+        let shard = part as usize % self.inner.tiers.len();
+        self.inner.tiers[shard]
+            .lock()
+            .get(part, prefix(key), key, any_size)
     }
 
     async fn call<T>(
@@ -282,8 +291,8 @@ impl Engine {
         // What a shard's memory tier holds, its index holds too: a shard whose every
         // digest is in memory (an action result's outputs, read a moment ago) is not
         // asked at all.
-        if let Some(tiers) = &self.inner.tiers {
-            for ((items, keys), tier) in per_shard.iter_mut().zip(&keys).zip(tiers) {
+        if self.inner.tiered {
+            for ((items, keys), tier) in per_shard.iter_mut().zip(&keys).zip(&self.inner.tiers) {
                 if items.is_empty() {
                     continue;
                 }
@@ -341,11 +350,7 @@ impl Engine {
         }
         let key = cas_key(&digest);
         if let Some(payload) = self.held(&key, false) {
-            let start = offset.min(digest.size) as usize;
-            let end = limit.map_or(payload.len(), |l| {
-                (start as u64).saturating_add(l).min(digest.size) as usize
-            });
-            return Ok(BlobStream::once(payload.slice(start..end)));
+            return Ok(BlobStream::once(slice(payload, offset, limit)));
         }
         let (part, tx) = self.route(&key);
         self.call(tx, |reply| Request::Get {
@@ -465,13 +470,13 @@ impl Engine {
     pub async fn stats(&self) -> Result<Stats> {
         let mut partitions: Vec<PartitionStats> = Vec::new();
         let mut queue_depths = Vec::new();
-        let mut memory_tiers = Vec::new();
         for tx in &self.inner.shards {
             queue_depths.push(tx.len() as u64);
-            let (parts, tier) = self.call(tx, |reply| Request::Stats { reply }).await?;
-            partitions.extend(parts);
-            memory_tiers.push(tier);
+            partitions.extend(self.call(tx, |reply| Request::Stats { reply }).await?);
         }
+        let memory_tiers = (self.inner.tiers.iter().enumerate())
+            .map(|(shard, tier)| tier.lock().stats(shard))
+            .collect();
         partitions.sort_by_key(|p| p.partition);
         Ok(Stats {
             partitions,

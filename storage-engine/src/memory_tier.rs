@@ -423,7 +423,7 @@ impl MemoryTier {
     pub fn new(capacity: u64) -> MemoryTier {
         MemoryTier {
             cache: S3Fifo::new(capacity),
-            max_object: (capacity / 16).saturating_sub(ENTRY_OVERHEAD),
+            max_object: max_object(capacity),
             seen: HashMap::default(),
             seen_order: VecDeque::new(),
         }
@@ -431,13 +431,7 @@ impl MemoryTier {
 
     /// Whether a payload of `len` bytes fits the tier at all.
     pub fn takes(&self, len: u64) -> bool {
-        len > 0 && len <= self.max_object
-    }
-
-    /// Whether a record of `len` bytes just written should enter (see
-    /// [`ADMIT_AT_ONCE_MAX`]).
-    pub fn takes_written(&self, len: u64) -> bool {
-        len <= ADMIT_AT_ONCE_MAX && self.takes(len)
+        fits(len, self.max_object)
     }
 
     /// Whether the record at `prefix`, `len` bytes, being read should be kept: a small
@@ -570,19 +564,47 @@ impl MemoryTier {
 /// A shard's tier as every thread sees it: the shard admits and invalidates, any
 /// thread serves a hit. Cheap to clone.
 #[derive(Clone)]
-pub struct SharedTier(Arc<Mutex<MemoryTier>>);
+pub struct SharedTier {
+    tier: Arc<Mutex<MemoryTier>>,
+    /// The tier's fixed [`MemoryTier::takes`] limit, so that writers can skip copying
+    /// a payload it would refuse without taking the lock for it.
+    max_object: u64,
+}
 
 impl SharedTier {
     pub fn new(capacity: u64) -> SharedTier {
-        SharedTier(Arc::new(Mutex::new(MemoryTier::new(capacity))))
+        SharedTier {
+            tier: Arc::new(Mutex::new(MemoryTier::new(capacity))),
+            max_object: max_object(capacity),
+        }
     }
 
     /// The tier, locked. A thread that panicked while holding it cannot have left an
     /// entry half-made (every change is one map operation on owned values), so a
     /// poisoned lock is taken over rather than taking the node down with it.
     pub fn lock(&self) -> MutexGuard<'_, MemoryTier> {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+        self.tier.lock().unwrap_or_else(PoisonError::into_inner)
     }
+
+    /// [`MemoryTier::takes`], without the lock.
+    pub fn takes(&self, len: u64) -> bool {
+        fits(len, self.max_object)
+    }
+
+    /// Whether a record of `len` bytes just written should enter (see
+    /// [`ADMIT_AT_ONCE_MAX`]).
+    pub fn takes_written(&self, len: u64) -> bool {
+        len <= ADMIT_AT_ONCE_MAX && self.takes(len)
+    }
+}
+
+/// The largest payload a tier of `capacity` bytes takes (see [`MemoryTier::new`]).
+fn max_object(capacity: u64) -> u64 {
+    (capacity / 16).saturating_sub(ENTRY_OVERHEAD)
+}
+
+fn fits(len: u64, max_object: u64) -> bool {
+    len > 0 && len <= max_object
 }
 
 #[cfg(test)]
@@ -635,10 +657,11 @@ mod tests {
 
     #[test]
     fn a_large_record_is_taken_on_its_second_read_only() {
+        let shared = SharedTier::new(1 << 30);
         let mut t = MemoryTier::new(1 << 30);
         let big = ADMIT_AT_ONCE_MAX + 1;
-        assert!(t.takes_written(4096) && t.takes_read(0, Prefix::new(1), 4096));
-        assert!(!t.takes_written(big));
+        assert!(shared.takes_written(4096) && t.takes_read(0, Prefix::new(1), 4096));
+        assert!(!shared.takes_written(big) && shared.takes(big));
         assert!(!t.takes_read(0, Prefix::new(2), big));
         assert!(t.takes_read(0, Prefix::new(2), big));
         assert!(!t.takes_read(0, Prefix::new(3), big));

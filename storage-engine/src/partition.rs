@@ -277,7 +277,7 @@ impl Partition {
         len: u64,
         payload: impl FnOnce() -> Bytes,
     ) {
-        if !self.tier.lock().takes(len) {
+        if !self.tier.takes(len) {
             return;
         }
         let indexed = self.st.borrow().index.get(&prefix).is_some_and(|l| {

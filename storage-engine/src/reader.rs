@@ -22,9 +22,15 @@ use std::rc::Rc;
 /// `[offset, offset+limit)` of a whole verified payload.
 fn whole(payload: Bytes, offset: u64, limit: Option<u64>) -> Found {
     let len = payload.len() as u64;
+    Found::Whole(slice(payload, offset, limit), len)
+}
+
+/// `[offset, offset + limit)` of a payload, cut to its end.
+pub fn slice(payload: Bytes, offset: u64, limit: Option<u64>) -> Bytes {
+    let len = payload.len() as u64;
     let start = offset.min(len);
     let end = limit.map_or(len, |l| start.saturating_add(l).min(len));
-    Found::Whole(payload.slice(start as usize..end as usize), len)
+    payload.slice(start as usize..end as usize)
 }
 
 /// Records up to this length are read and verified in one piece.

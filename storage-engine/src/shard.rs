@@ -12,7 +12,7 @@ use crate::format::Key;
 use crate::index::Prefix;
 use crate::io;
 use crate::key::prefix;
-use crate::memory_tier::{MemoryTierStats, SharedTier};
+use crate::memory_tier::SharedTier;
 use crate::partition::Partition;
 use crate::reader::Found;
 use crate::reclaimer::OverflowPool;
@@ -79,7 +79,7 @@ pub(crate) enum Request {
         reply: oneshot::Sender<Result<()>>,
     },
     Stats {
-        reply: oneshot::Sender<(Vec<PartitionStats>, MemoryTierStats)>,
+        reply: oneshot::Sender<Vec<PartitionStats>>,
     },
     Checkpoint {
         reply: oneshot::Sender<Result<()>>,
@@ -151,9 +151,8 @@ type Parts = Rc<HashMap<u32, Rc<Partition>>>;
 impl ShardRunner {
     /// Recovers the shard's partitions, then serves requests until shutdown.
     pub async fn run(self) -> Result<()> {
-        let tier = self.tier.clone();
         let recovered = match io::prime_iopoll_probe(&self.shared.dir, self.shard).await {
-            Ok(()) => self.recover(&tier).await,
+            Ok(()) => self.recover().await,
             Err(e) => Err(e),
         };
         let recovered = match recovered {
@@ -195,7 +194,7 @@ impl ShardRunner {
                 reply_to = Some(reply);
                 break;
             }
-            dispatch(&parts, &tier, self.shard, req);
+            dispatch(&parts, req);
         }
         drop(stop);
         futures::future::join_all(loops).await;
@@ -211,7 +210,7 @@ impl ShardRunner {
 
     /// Recovers the shard's partitions concurrently, so that one partition's reads
     /// overlap with another's index building.
-    async fn recover(&self, tier: &SharedTier) -> Result<Parts> {
+    async fn recover(&self) -> Result<Parts> {
         let recovered = futures::future::join_all(self.partitions.iter().map(|&p| async move {
             let started = std::time::Instant::now();
             let dir = self.shared.dir.join(format!("p{p:03}"));
@@ -219,7 +218,8 @@ impl ShardRunner {
             let pool = self.shared.pool.clone();
             let nonce = self.shared.nonce;
             let res =
-                crate::recover::recover(p, &dir, nonce, limits, pool, tier.clone(), true).await;
+                crate::recover::recover(p, &dir, nonce, limits, pool, self.tier.clone(), true)
+                    .await;
             (p, started, res)
         }))
         .await;
@@ -310,7 +310,7 @@ fn partition(parts: &Parts, id: u32) -> Result<Rc<Partition>> {
 /// all: a future is as large as its largest state (a streaming upload's), and every
 /// spawn copied that whole size: 2.2% of the node's CPU under `cairn-bench --scenario
 /// batch-small`, 0.6% with per-kind tasks.
-fn dispatch(parts: &Parts, tier: &SharedTier, shard: usize, req: Request) {
+fn dispatch(parts: &Parts, req: Request) {
     match req {
         Request::PutWhole {
             part,
@@ -386,10 +386,7 @@ fn dispatch(parts: &Parts, tier: &SharedTier, shard: usize, req: Request) {
             }
         },
         Request::Stats { reply } => {
-            let _ = reply.send((
-                parts.values().map(|p| p.stats()).collect(),
-                tier.lock().stats(shard),
-            ));
+            let _ = reply.send(parts.values().map(|p| p.stats()).collect());
         }
         Request::Checkpoint { reply } => {
             let parts = parts.clone();
@@ -513,7 +510,6 @@ async fn upload(
     // on their second read (`memory_tier::ADMIT_AT_ONCE_MAX`).
     let mut gathered = part
         .tier
-        .lock()
         .takes_written(digest.size)
         .then(|| BytesMut::with_capacity(digest.size as usize));
     loop {
