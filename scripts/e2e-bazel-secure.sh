@@ -25,6 +25,10 @@
 #      with --remote_executor=grpcs://SCHEDULER --remote_cache=grpcs://NODE and a
 #      token that may execute but not write action results (the worker's principal
 #      writes them): exec-cold then exec-warm; a token without `execute` is refused.
+#   6. Remote execution on the single node over TLS with tokens: the node started
+#      without --no-execution runs its own scheduler and worker, which reach it on a
+#      loopback port of their own; Bazel with --remote_executor=grpcs://NODE alone
+#      and the `remote` token: exec-cold then exec-warm.
 # Bazel's TLS needs netty-tcnative's OpenSSL binding (scripts/install-deps.sh
 # installs libnetty-tcnative-jni): a copy named libnetty_tcnative.so goes into this
 # run's temporary directory, handed to Bazel's JVM as java.library.path. Bazel
@@ -176,11 +180,13 @@ e2e() {
 }
 
 # ---------------------------------------------------------------------------
-# The node: the same data directory and ports each time, with the mode's flags.
+# The node: the same data directory and ports each time, with the mode's flags; a
+# cache only unless NODE_MODE is emptied (phase 6).
+NODE_MODE=(--no-execution)
 start_cairn() { # extra flags...
   stop_cairn
   "$CAIRN" --listen "127.0.0.1:$GRPC_PORT" --http-listen "127.0.0.1:$HTTP_PORT" \
-    --data-dir "$WORK/data" --max-size 4GiB --no-execution \
+    --data-dir "$WORK/data" --max-size 4GiB "${NODE_MODE[@]}" \
     --tls-cert "$CERTS/server.pem" --tls-key "$CERTS/server.key" "$@" >>"$WORK/cairn.log" 2>&1 &
   PID=$!
   # Ready when /healthz answers over TLS (it needs no credentials; the client
@@ -254,6 +260,11 @@ BAZEL_E2E_FLAGS="--remote_executor=grpcs://$SCHEDULER" \
   e2e ci refused "$GRPCS" 'PERMISSION_DENIED: ci lacks the .execute. permission'
 BAZEL_E2E_EXEC_CACHE="$GRPCS" e2e remote exec "grpcs://$SCHEDULER"
 stop_exec
+
+log "6. remote execution on the single node over TLS with tokens"
+NODE_MODE=()
+start_cairn --auth "$AUTH"
+e2e remote exec "$GRPCS"
 
 stop_cairn
 log "all secure Bazel end-to-end phases passed in $((SECONDS - T0))s"

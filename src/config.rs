@@ -236,9 +236,8 @@ impl Config {
 
     /// Refuses settings that would expose execution or cannot work together: remote
     /// execution on a non-loopback listener without `auth` (unless
-    /// `allow_unauthenticated_execution`), and `read_only` or TLS with execution
-    /// (whose worker must upload outputs, in plaintext). Runs before anything binds or
-    /// starts.
+    /// `allow_unauthenticated_execution`), and `read_only` with execution (whose
+    /// worker must upload outputs). Runs before anything binds or starts.
     pub fn check_security(&self) -> Result<()> {
         if self.execution.is_none() {
             return Ok(());
@@ -247,14 +246,6 @@ impl Config {
             return Err(Error::invalid_argument(
                 "--read-only refuses the uploads remote execution makes; add --no-execution \
                  (or leave the `execution` section out of the config)",
-            ));
-        }
-        if self.tls_cert.is_some() {
-            // The node's scheduler and worker connect to it in plaintext; a TLS
-            // listener would refuse them.
-            return Err(Error::invalid_argument(
-                "TLS on a node that runs its own execution is not supported yet (its \
-                 scheduler and worker connect in plaintext); add --no-execution",
             ));
         }
         if self.auth.is_some() || self.allow_unauthenticated_execution {
@@ -461,14 +452,16 @@ mod tests {
         read_only.execution = None;
         read_only.check_security().unwrap();
 
+        // TLS with the node's own execution: on loopback as without TLS, and off it
+        // only with credentials, like any node that executes.
         let mut tls = Config {
             tls_cert: Some(PathBuf::from("cert.pem")),
             ..Config::default()
         };
-        let message = tls.check_security().unwrap_err().to_string();
-        assert!(message.contains("--no-execution"), "{message}");
-        tls.execution = None;
         tls.check_security().unwrap();
+        tls.listen = "0.0.0.0:50051".parse().unwrap();
+        let message = tls.check_security().unwrap_err().to_string();
+        assert!(message.contains("--auth"), "{message}");
     }
 
     #[test]

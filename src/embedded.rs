@@ -13,13 +13,14 @@
 //! the worker registers with it, offering as
 //! many concurrent tasks as the node has cores, works in `<data_dir>/worker` and writes
 //! `<data_dir>/worker.ready` once registered. Both use the node's gRPC listener as
-//! their cache. The node waits for both ready files before it starts serving, so an
+//! their cache, or behind TLS a loopback listener of their own
+//! (`runtime/internal.rs`). The node waits for both ready files before it starts serving, so an
 //! Execute that arrives as soon as the port accepts connections finds a worker.
 //!
-//! With `--auth`, both present a bearer token made for this process (see
-//! [`crate::auth`]), written to `<data_dir>/embedded.token` for them to read; it
-//! holds every permission, so the results the worker writes are the node's own, and
-//! clients that may only execute cannot forge them.
+//! With `--auth` or TLS, both present a bearer token made for this process (see
+//! [`crate::auth`]), written to `<data_dir>/embedded.token` for them to read; under
+//! `--auth` it holds every permission, so the results the worker writes are the
+//! node's own, and clients that may only execute cannot forge them.
 //!
 //! Each child gets a parent-death signal (SIGTERM), so a node killed outright does not
 //! leave them behind; the signal follows the thread that started the child, which is
@@ -52,23 +53,24 @@ pub struct Embedded {
 }
 
 impl Embedded {
-    /// Starts the scheduler and the worker for a node whose gRPC listener is `listen`,
-    /// with its data in `data_dir`, and waits until both are ready.
+    /// Starts the scheduler and the worker for a node they reach at `cache` (its gRPC
+    /// listener, or behind TLS its loopback one), with its data in `data_dir`, and
+    /// waits until both are ready.
     pub fn start(
-        listen: SocketAddr,
+        cache: SocketAddr,
         data_dir: &Path,
         settings: &ExecutionConfig,
         cores: usize,
         grace: Duration,
         token: Option<&str>,
     ) -> Result<Embedded> {
-        if listen.port() == 0 {
+        if cache.port() == 0 {
             return Err(Error::invalid_argument(
                 "execution needs a fixed gRPC port (its scheduler and worker connect to it); \
                  give --listen a port or run with --no-execution",
             ));
         }
-        let cache = format!("http://{}", loopback(listen));
+        let cache = format!("http://{}", loopback(cache));
         let scheduler_ready = data_dir.join("scheduler.addr");
         let scheduler_http_ready = data_dir.join("scheduler.http");
         let worker_ready = data_dir.join("worker.ready");

@@ -161,14 +161,27 @@ pub fn run(config: Config) -> Result<()> {
         .add_service(PushServer::new(assets));
     let mut execution = None;
     let mut scheduler_http = None;
+    let mut internal = None;
     if let Some(settings) = &config.execution {
+        // Behind TLS, the node's own scheduler and worker use a loopback port of their
+        // own, always with the node's token (see runtime/internal.rs).
+        let (cache, token) = match (&tls, internal_token) {
+            (Some(_), token) => {
+                let token = token.unwrap_or_else(new_token);
+                let listener = runtime::Internal::bind(&token)?;
+                let addr = listener.addr()?;
+                internal = Some(listener);
+                (addr, Some(token))
+            }
+            (None, token) => (config.listen, token),
+        };
         let embedded = Embedded::start(
-            config.listen,
+            cache,
             &config.data_dir,
             settings,
             runtime::available_cores(),
             config.shutdown_grace(),
-            internal_token.as_deref(),
+            token.as_deref(),
         )?;
         scheduler_http = Some(embedded.scheduler_http());
         let (forwarder, forwarding) = Forwarder::start(&embedded.scheduler_url())?;
@@ -204,6 +217,7 @@ pub fn run(config: Config) -> Result<()> {
         grpc: routes,
         http: HttpFront::new(store, access).with_status(status.board()),
         tls,
+        internal,
         engine,
         grace: config.shutdown_grace(),
         connections: metrics.connections(),
@@ -276,10 +290,15 @@ fn access_policy(config: &Config, metrics: &Metrics) -> Result<(Access, Option<S
         access.watch(metrics.auth_reloads())?;
         return Ok((access, None));
     }
-    let token = format!("{}{}", random_name(), random_name());
+    let token = new_token();
     let access = access.with_internal_token(&token);
     access.watch(metrics.auth_reloads())?;
     Ok((access, Some(token)))
+}
+
+/// A bearer token for the node's own scheduler and worker: random per process.
+fn new_token() -> String {
+    format!("{}{}", random_name(), random_name())
 }
 
 /// The TLS settings of `config`, read now so that unusable files stop the node

@@ -22,6 +22,7 @@ use cairn_proto::longrunning::operations_client::OperationsClient;
 use cairn_proto::longrunning::{CancelOperationRequest, GetOperationRequest, Operation};
 use cairn_proto::reapi::batch_update_blobs_request::Request as UpdateRequest;
 use cairn_proto::reapi::command::EnvironmentVariable;
+use cairn_proto::reapi::content_addressable_storage_client::ContentAddressableStorageClient;
 use cairn_proto::reapi::digest_function::Value as FunctionValue;
 use cairn_proto::reapi::execution_client::ExecutionClient;
 use cairn_proto::reapi::platform::Property;
@@ -32,11 +33,12 @@ use cairn_proto::reapi::{
 };
 use cairn_proto::worker::worker_api_client::WorkerApiClient;
 use cairn_proto::worker::{ListWorkersRequest, WorkerInfo};
+use common::certs::certificates;
 use common::exec::{response_of, stage_of, wait_for_file, Proc};
-use common::{exec_binary, sha256, wire, Node, SCHEDULER, WORKER};
+use common::{bearer, exec_binary, sha256, wire, Node, SCHEDULER, WORKER};
 use prost::Message;
 use tokio::task::JoinHandle;
-use tonic::transport::Channel;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 use tonic::{Code, Streaming};
 
 fn repo(path: &str) -> PathBuf {
@@ -120,6 +122,9 @@ struct Cluster {
     workers: Vec<(String, Proc)>,
     dir: tempfile::TempDir,
     seccomp: bool,
+    /// Behind mutual TLS: the directory of the certificates the test's client uses
+    /// (`common::certs::certificates`).
+    tls: Option<PathBuf>,
 }
 
 impl Cluster {
@@ -166,6 +171,7 @@ impl Cluster {
             workers: Vec::new(),
             dir,
             seccomp,
+            tls: None,
         }
     }
 
@@ -182,6 +188,39 @@ impl Cluster {
             workers: Vec::new(),
             dir,
             seccomp: false,
+            tls: None,
+        }
+    }
+
+    /// [`Cluster::single_node`] serving mutual TLS: every client of its public port
+    /// must present a certificate of the test CA, which its own scheduler and worker
+    /// have no key for.
+    fn single_mtls_node() -> Cluster {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let certs = dir.path().join("certs");
+        std::fs::create_dir(&certs).expect("certificate directory");
+        certificates(&certs);
+        let file = |name: &str| certs.join(name).to_str().expect("utf-8").to_string();
+        let node = Node::start_in(
+            &dir.path().join("node"),
+            &[
+                "--tls-cert",
+                &file("server.pem"),
+                "--tls-key",
+                &file("server.key"),
+                "--tls-client-ca",
+                &file("ca.pem"),
+            ],
+        );
+        let address = node.grpc;
+        Cluster {
+            node,
+            scheduler: Proc { child: None },
+            address,
+            workers: Vec::new(),
+            dir,
+            seccomp: false,
+            tls: Some(certs),
         }
     }
 
@@ -225,11 +264,34 @@ impl Cluster {
     }
 
     async fn channel(&self) -> Channel {
-        Channel::from_shared(format!("http://{}", self.address))
+        let Some(certs) = &self.tls else {
+            return Channel::from_shared(format!("http://{}", self.address))
+                .expect("endpoint")
+                .connect()
+                .await
+                .expect("connect to the scheduler");
+        };
+        let file = |name: &str| std::fs::read(certs.join(name)).expect("certificate file");
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(file("ca.pem")))
+            .domain_name("localhost")
+            .identity(Identity::from_pem(file("client.pem"), file("client.key")));
+        Channel::from_shared(format!("https://{}", self.address))
             .expect("endpoint")
+            .tls_config(tls)
+            .expect("TLS config")
             .connect()
             .await
-            .expect("connect to the scheduler")
+            .expect("connect over TLS")
+    }
+
+    /// The node's CAS: over [`Cluster::channel`] behind TLS (a single node, whose
+    /// address it is).
+    async fn cas(&self) -> ContentAddressableStorageClient<Channel> {
+        match &self.tls {
+            Some(_) => ContentAddressableStorageClient::new(self.channel().await),
+            None => self.node.cas().await,
+        }
     }
 
     async fn workers_info(&self) -> Vec<WorkerInfo> {
@@ -251,7 +313,6 @@ impl Cluster {
             })
             .collect();
         let response = self
-            .node
             .cas()
             .await
             .batch_update_blobs(BatchUpdateBlobsRequest {
@@ -268,7 +329,6 @@ impl Cluster {
 
     async fn read(&self, digest: &Digest) -> Vec<u8> {
         let response = self
-            .node
             .cas()
             .await
             .batch_read_blobs(BatchReadBlobsRequest {
@@ -1169,6 +1229,89 @@ async fn draining_finishes_running_work_then_exits() {
     assert!(status.success(), "{other}: {status}");
     worker.child = None;
     assert!(cluster.workers_info().await.is_empty());
+}
+
+#[tokio::test]
+async fn a_single_node_behind_mutual_tls_runs_its_own_execution() {
+    let cluster = Cluster::single_mtls_node();
+    let action = cluster
+        .action(Spec::script("echo secure > out/answer").outputs(&["out/answer"]))
+        .await;
+    let (_, response) = cluster.execute(&action, false).await;
+    assert_eq!(code_of(&response), Code::Ok, "{response:?}");
+    assert_eq!(
+        output_file(&cluster, &response, "out/answer").await,
+        b"secure\n"
+    );
+
+    // The worker uploaded those outputs through a loopback port of its own, in
+    // plaintext, which answers only calls carrying the node's token.
+    let internal = worker_cache_address(cluster.node.pid());
+    assert!(internal.starts_with("127.0.0.1:"), "{internal}");
+    assert_ne!(internal, cluster.node.grpc.to_string());
+    let channel = Channel::from_shared(format!("http://{internal}"))
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect to the loopback port");
+    let digest = wire(&sha256(b"secure\n"));
+    let request = || BatchReadBlobsRequest {
+        digests: vec![digest.clone()],
+        ..Default::default()
+    };
+    let mut cas = ContentAddressableStorageClient::new(channel);
+    for (refused, asked) in [
+        (cas.batch_read_blobs(request()).await, "no token"),
+        (
+            cas.batch_read_blobs(bearer(request(), "guess")).await,
+            "a wrong token",
+        ),
+    ] {
+        let status = refused.expect_err(asked);
+        assert_eq!(status.code(), Code::Unauthenticated, "{asked}: {status:?}");
+    }
+    let token = std::fs::read_to_string(cluster.node.data_dir.join("embedded.token"))
+        .expect("the children's token file");
+    let answer = cas
+        .batch_read_blobs(bearer(request(), token.trim()))
+        .await
+        .expect("a read with the node's token")
+        .into_inner();
+    assert_eq!(answer.responses[0].data, b"secure\n"[..]);
+}
+
+/// The `--cache` address node `node` gave its own `cairn-worker` (its command line).
+fn worker_cache_address(node: i32) -> String {
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmdline
+            .split(|byte| *byte == 0)
+            .map(|arg| String::from_utf8_lossy(arg).into_owned())
+            .collect();
+        if !args
+            .first()
+            .is_some_and(|arg| arg.ends_with("cairn-worker"))
+        {
+            continue;
+        }
+        // The parent's pid is the second field after the parenthesised name.
+        let parent = std::fs::read_to_string(entry.path().join("stat"))
+            .ok()
+            .and_then(|stat| {
+                let (_, rest) = stat.rsplit_once(')')?;
+                rest.split_whitespace().nth(1)?.parse::<i32>().ok()
+            });
+        if parent != Some(node) {
+            continue;
+        }
+        let cache = args.iter().position(|arg| arg == "--cache");
+        if let Some(value) = cache.and_then(|at| args.get(at + 1)) {
+            return value.trim_start_matches("http://").to_string();
+        }
+    }
+    panic!("no cairn-worker child of process {node}");
 }
 
 #[tokio::test]

@@ -30,6 +30,8 @@ use tokio::sync::mpsc;
 pub(super) enum Protocol {
     Grpc,
     Http,
+    /// gRPC from the node's own scheduler and worker (`internal.rs`).
+    Internal,
 }
 
 /// A connection on its way to another shard, already counted there.

@@ -20,30 +20,45 @@ use crate::error::{Error, Result};
 /// caps it): what glommio's own bind asked for.
 const BACKLOG: i32 = 1024;
 
-/// The gRPC socket and the HTTP one, if configured.
+/// The gRPC socket, the HTTP one if configured, and the loopback one of a TLS node's
+/// own scheduler and worker (`internal.rs`), bound before the node started them.
 pub(super) struct Listeners {
     grpc: std::net::TcpListener,
     http: Option<std::net::TcpListener>,
+    internal: Option<std::net::TcpListener>,
+}
+
+/// One shard's copies of [`Listeners`].
+pub(super) struct ShardListeners {
+    pub grpc: TcpListener,
+    pub http: Option<TcpListener>,
+    pub internal: Option<TcpListener>,
 }
 
 impl Listeners {
-    pub fn bind(grpc: SocketAddr, http: Option<SocketAddr>) -> Result<Self> {
+    pub fn bind(
+        grpc: SocketAddr,
+        http: Option<SocketAddr>,
+        internal: Option<std::net::TcpListener>,
+    ) -> Result<Self> {
         Ok(Listeners {
             grpc: listen(grpc)?,
             http: http.map(listen).transpose()?,
+            internal,
         })
     }
 
     /// This shard's duplicates of the sockets, as glommio listeners.
-    pub fn for_this_shard(&self) -> Result<(TcpListener, Option<TcpListener>)> {
-        Ok((
-            duplicate(&self.grpc)?,
-            self.http.as_ref().map(duplicate).transpose()?,
-        ))
+    pub fn for_this_shard(&self) -> Result<ShardListeners> {
+        Ok(ShardListeners {
+            grpc: duplicate(&self.grpc)?,
+            http: self.http.as_ref().map(duplicate).transpose()?,
+            internal: self.internal.as_ref().map(duplicate).transpose()?,
+        })
     }
 }
 
-fn listen(addr: SocketAddr) -> Result<std::net::TcpListener> {
+pub(super) fn listen(addr: SocketAddr) -> Result<std::net::TcpListener> {
     let failed =
         |error: std::io::Error| Error::internal(format!("cannot listen on {addr}: {error}"));
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))

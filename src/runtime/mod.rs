@@ -19,6 +19,7 @@ mod connections;
 pub mod fd_limit;
 mod hyper_glue;
 mod inbound;
+mod internal;
 mod linger;
 mod listener;
 mod shard;
@@ -28,6 +29,7 @@ mod tls;
 use crate::engine_errors::engine_error;
 use crate::tls::Tls;
 pub use inbound::ReceiveBudget;
+pub use internal::Internal;
 pub use timeouts::Timeouts;
 
 use std::net::SocketAddr;
@@ -53,6 +55,9 @@ pub struct Serve {
     pub http: HttpFront,
     /// TLS for both listeners; `None`: plaintext.
     pub tls: Option<Tls>,
+    /// The loopback listener of the node's own scheduler and worker, when the public
+    /// ones serve TLS (see `internal.rs`).
+    pub internal: Option<Internal>,
     /// The engine, shut down once every shard has drained.
     pub engine: Engine,
     /// How long in-flight requests may take to finish once a stop was asked for.
@@ -89,12 +94,20 @@ pub fn run(serve: Serve, runners: Vec<ShardRunner>, stop: watch::Sender<bool>) -
         .map_err(|error| Error::internal(format!("cannot start the timer thread: {error}")))?;
     let (balancer, inboxes) =
         balance::Balancer::new(runners.len(), serve.connections, serve.max_connections);
+    let (internal, internal_check) = match serve.internal {
+        Some(internal) => {
+            let check = internal.check();
+            (Some(internal.socket), Some(check))
+        }
+        None => (None, None),
+    };
     let shared = Arc::new(shard::Shared {
         grpc_addr: serve.grpc_addr,
         http_addr: serve.http_addr,
         grpc: serve.grpc,
         http: serve.http,
         tls: serve.tls,
+        internal_check,
         engine: serve.engine,
         grace: serve.grace,
         stop: stop.clone(),
@@ -133,7 +146,7 @@ pub fn run(serve: Serve, runners: Vec<ShardRunner>, stop: watch::Sender<bool>) -
     }
     let recovered = futures::executor::block_on(shared.engine.wait_ready())
         .map_err(engine_error)
-        .and_then(|()| listener::Listeners::bind(shared.grpc_addr, shared.http_addr));
+        .and_then(|()| listener::Listeners::bind(shared.grpc_addr, shared.http_addr, internal));
     let shards = handles.len();
     let ready = match (recovered, shared.listeners.lock()) {
         (Ok(listeners), Ok(mut held)) => {

@@ -15,7 +15,8 @@ use tokio_util::compat::FuturesAsyncReadCompatExt;
 use super::balance::{Balancer, Handoff, Protocol, Slot};
 use super::connections::Connections;
 use super::hyper_glue;
-use super::listener::Listeners;
+use super::internal::TokenCheck;
+use super::listener::{Listeners, ShardListeners};
 use super::tls::{Stream, WithPeer};
 use crate::engine_errors::engine_error;
 use crate::error::{Error, Result};
@@ -30,6 +31,8 @@ pub(super) struct Shared {
     pub http: HttpFront,
     /// TLS for both listeners, if configured.
     pub tls: Option<Tls>,
+    /// The token the internal listener's callers must present, if it is open.
+    pub internal_check: Option<TokenCheck>,
     pub engine: Engine,
     pub grace: Duration,
     pub stop: watch::Sender<bool>,
@@ -90,7 +93,11 @@ pub(super) async fn run(
     let listeners = if recovered { Some(bind(&shared)) } else { None };
     match listeners {
         None => {}
-        Some(Ok((grpc, http))) => {
+        Some(Ok(ShardListeners {
+            grpc,
+            http,
+            internal,
+        })) => {
             if index == 0 {
                 tracing::info!("serving gRPC on {}", shared.grpc_addr);
                 if let Some(addr) = shared.http_addr {
@@ -102,17 +109,17 @@ pub(super) async fn run(
                 shared: &shared,
                 connections: &connections,
             };
-            let grpc_loop = accept_loop(grpc, here, Protocol::Grpc);
-            let inbox_loop = inbox_loop(inbox, here);
-            match http {
-                Some(http) => {
-                    let http_loop = accept_loop(http, here, Protocol::Http);
-                    futures::join!(grpc_loop, http_loop, inbox_loop);
+            let optional = |listener: Option<TcpListener>, protocol| async move {
+                if let Some(listener) = listener {
+                    accept_loop(listener, here, protocol).await;
                 }
-                None => {
-                    futures::join!(grpc_loop, inbox_loop);
-                }
-            }
+            };
+            futures::join!(
+                accept_loop(grpc, here, Protocol::Grpc),
+                optional(http, Protocol::Http),
+                optional(internal, Protocol::Internal),
+                inbox_loop(inbox, here)
+            );
         }
         Some(Err(error)) => shared.record(error),
     }
@@ -129,7 +136,7 @@ pub(super) async fn run(
 /// This shard's copies of the listening sockets. The last shard to take its copies
 /// closes the originals, so that once every shard has stopped accepting, the ports
 /// refuse new connections instead of queueing them unserved.
-fn bind(shared: &Shared) -> Result<(TcpListener, Option<TcpListener>)> {
+fn bind(shared: &Shared) -> Result<ShardListeners> {
     let mut held = shared
         .listeners
         .lock()
@@ -248,9 +255,10 @@ fn serve(stream: TcpStream, here: Here<'_>, protocol: Protocol, slot: Slot) {
     let stop = stop_requested(here.shared.stop.subscribe());
     let shared = Arc::clone(here.shared);
     glommio::spawn_local(async move {
-        let stream = match &shared.tls {
-            None => Some(Stream::Plain(stream.compat())),
-            Some(tls) => handshake(tls, protocol, stream, &shared).await,
+        let stream = match (&shared.tls, protocol) {
+            (Some(tls), Protocol::Grpc) => handshake(tls.acceptors().grpc, stream, &shared).await,
+            (Some(tls), Protocol::Http) => handshake(tls.acceptors().http, stream, &shared).await,
+            (None, _) | (_, Protocol::Internal) => Some(Stream::Plain(stream.compat())),
         };
         let grace = shared.grace;
         let settings = &shared.connection_settings;
@@ -260,6 +268,19 @@ fn serve(stream: TcpStream, here: Here<'_>, protocol: Protocol, slot: Slot) {
                 let routes = WithPeer {
                     inner: shared.grpc.clone(),
                     peer: stream.peer_names(),
+                    require: None,
+                };
+                let (connection, watch) = hyper_glue::serve_http2(stream, routes, settings);
+                hyper_glue::drive(connection, watch, stop, grace).await;
+            }
+            (Some(stream), Protocol::Internal) => {
+                let Some(check) = shared.internal_check.clone() else {
+                    return;
+                };
+                let routes = WithPeer {
+                    inner: shared.grpc.clone(),
+                    peer: None,
+                    require: Some(check),
                 };
                 let (connection, watch) = hyper_glue::serve_http2(stream, routes, settings);
                 hyper_glue::drive(connection, watch, stop, grace).await;
@@ -279,16 +300,10 @@ fn serve(stream: TcpStream, here: Here<'_>, protocol: Protocol, slot: Slot) {
 /// HTTP-level handshake check starts only once it is done); `None` when it fails or
 /// times out.
 async fn handshake(
-    tls: &Tls,
-    protocol: Protocol,
+    acceptor: tokio_rustls::TlsAcceptor,
     stream: TcpStream,
     shared: &Shared,
 ) -> Option<Stream> {
-    let acceptors = tls.acceptors();
-    let acceptor = match protocol {
-        Protocol::Grpc => acceptors.grpc,
-        Protocol::Http => acceptors.http,
-    };
     let limit = shared.connection_settings.timeouts.handshake;
     let accept = Box::pin(acceptor.accept(stream.compat()));
     match select(accept, Box::pin(glommio::timer::sleep(limit))).await {

@@ -11,15 +11,18 @@
 //!
 //! [`HttpFront::with_peer`]: crate::http_cache::HttpFront::with_peer
 
+use std::future::{ready, Ready};
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use futures::future::Either;
 use glommio::net::TcpStream;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_rustls::server::TlsStream;
 use tokio_util::compat::Compat;
 
+use super::internal::{refusal, TokenCheck};
 use crate::auth::PeerNames;
 
 /// A connection's byte stream: plain, or TLS over the plain one.
@@ -49,30 +52,37 @@ impl Stream {
 }
 
 /// A gRPC service that attaches the connection's client-certificate names to each
-/// request it passes on.
+/// request it passes on; on the internal listener, only requests with the node's
+/// token pass (`internal.rs`).
 #[derive(Clone)]
 pub(crate) struct WithPeer<S> {
     pub inner: S,
     pub peer: Option<PeerNames>,
+    pub require: Option<TokenCheck>,
 }
 
 impl<S, B> tower_service::Service<http::Request<B>> for WithPeer<S>
 where
-    S: tower_service::Service<http::Request<B>>,
+    S: tower_service::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = S::Future;
+    type Future = Either<Ready<Result<S::Response, S::Error>>, S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        if let Some(check) = &self.require {
+            if !check.admits(&request) {
+                return Either::Left(ready(Ok(refusal())));
+            }
+        }
         if let Some(peer) = &self.peer {
             request.extensions_mut().insert(peer.clone());
         }
-        self.inner.call(request)
+        Either::Right(self.inner.call(request))
     }
 }
 
