@@ -20,7 +20,10 @@
 //! With `--auth` or TLS, both present a bearer token made for this process (see
 //! [`crate::auth`]), written to `<data_dir>/embedded.token` for them to read; under
 //! `--auth` it holds every permission, so the results the worker writes are the
-//! node's own, and clients that may only execute cannot forge them.
+//! node's own, and clients that may only execute cannot forge them. The scheduler
+//! then also serves only that token (its own auth file), which the node's forwarder
+//! and status sampler present too: its loopback port must not be a way around the
+//! node's credentials checks.
 //!
 //! Each child gets a parent-death signal (SIGTERM), so a node killed outright does not
 //! leave them behind; the signal follows the thread that started the child, which is
@@ -34,6 +37,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::auth::Permission;
 use crate::config::ExecutionConfig;
 use crate::error::{Error, Result};
 
@@ -109,8 +113,12 @@ impl Embedded {
             .arg("--http-ready-file")
             .arg(&scheduler_http_ready)
             .env(crate::logging::ENV, crate::logging::chosen().name());
-        if let Some(token_file) = &token_file {
-            scheduler.arg("--token-file").arg(token_file);
+        if let (Some(token_file), Some(token)) = (&token_file, token) {
+            scheduler
+                .arg("--token-file")
+                .arg(token_file)
+                .arg("--auth")
+                .arg(write_scheduler_auth(data_dir, token)?);
         }
         let mut child = spawn("cairn-scheduler", scheduler)?;
         let address = wait_for(&scheduler_ready, "cairn-scheduler", &mut child);
@@ -221,14 +229,38 @@ fn loopback(listen: SocketAddr) -> SocketAddr {
     SocketAddr::new(ip, listen.port())
 }
 
+/// Writes the scheduler's auth file: one principal, the node's token, with every
+/// permission. The node's forwarder, its status sampler and the worker present that
+/// token, and nobody else is served: without it, any local user who found the
+/// scheduler's loopback port could run commands past the node's own `--auth` or
+/// mutual TLS.
+fn write_scheduler_auth(data_dir: &Path, token: &str) -> Result<PathBuf> {
+    use sha2::Digest as _;
+    let hash = sha2::Sha256::digest(token.as_bytes());
+    let hex: String = hash.iter().map(|byte| format!("{byte:02x}")).collect();
+    let permissions: Vec<String> = Permission::ALL
+        .iter()
+        .map(|permission| format!("\"{}\"", permission.name()))
+        .collect();
+    let text = format!(
+        "{{ principals: [ {{ name: \"node\", token_sha256: \"{hex}\", permissions: [{}] }} ] }}\n",
+        permissions.join(", ")
+    );
+    write_private(&data_dir.join("scheduler-auth.json5"), text.as_bytes())
+}
+
 /// Writes the token the scheduler and worker present to the node (see `--auth`) to
 /// `<data_dir>/embedded.token`, readable by this user only, and returns its path.
 fn write_token(data_dir: &Path, token: &str) -> Result<PathBuf> {
+    write_private(&data_dir.join("embedded.token"), token.as_bytes())
+}
+
+/// Writes `contents` to a new file at `path` readable by this user only.
+fn write_private(path: &Path, contents: &[u8]) -> Result<PathBuf> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let path = data_dir.join("embedded.token");
     // A file left by an earlier run may have other permissions; it is recreated.
-    match std::fs::remove_file(&path) {
+    match std::fs::remove_file(path) {
         Ok(()) => {}
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
         Err(error) => {
@@ -242,11 +274,11 @@ fn write_token(data_dir: &Path, token: &str) -> Result<PathBuf> {
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .open(&path)
+        .open(path)
         .map_err(|error| Error::internal(format!("cannot write {}: {error}", path.display())))?;
-    file.write_all(token.as_bytes())
+    file.write_all(contents)
         .map_err(|error| Error::internal(format!("cannot write {}: {error}", path.display())))?;
-    Ok(path)
+    Ok(path.to_path_buf())
 }
 
 /// The path of the binary `name` in the directory of the running executable.

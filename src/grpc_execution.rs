@@ -29,6 +29,8 @@ use cairn_proto::reapi::execution_server::Execution;
 use cairn_proto::reapi::{ExecuteRequest, WaitExecutionRequest};
 use futures::Stream;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -47,6 +49,24 @@ const STREAM_BUFFER: usize = 16;
 pub struct Forwarder {
     runtime: tokio::runtime::Handle,
     scheduler: Channel,
+    token: NodeToken,
+}
+
+/// The node's own token on every forwarded call, when its scheduler asks for one
+/// (see `embedded.rs`): the client's credentials were checked here, and mean nothing
+/// to the scheduler.
+#[derive(Clone)]
+struct NodeToken(Option<MetadataValue<Ascii>>);
+
+impl tonic::service::Interceptor for NodeToken {
+    fn call(&mut self, mut request: Request<()>) -> std::result::Result<Request<()>, Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
 }
 
 /// Keeps the forwarder's runtime alive; dropping it stops the forwarding.
@@ -63,8 +83,16 @@ impl Drop for ForwarderRuntime {
 }
 
 impl Forwarder {
-    /// Starts the runtime and a (lazily connecting) channel to the scheduler at `url`.
-    pub fn start(url: &str) -> Result<(Forwarder, ForwarderRuntime)> {
+    /// Starts the runtime and a (lazily connecting) channel to the scheduler at `url`,
+    /// which is called with `token` if given.
+    pub fn start(url: &str, token: Option<&str>) -> Result<(Forwarder, ForwarderRuntime)> {
+        let token =
+            match token {
+                Some(token) => Some(format!("Bearer {token}").parse().map_err(|_| {
+                    Error::internal("the node's token is not a valid header value")
+                })?),
+                None => None,
+            };
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("exec-forward")
@@ -80,6 +108,7 @@ impl Forwarder {
         let forwarder = Forwarder {
             runtime: runtime.handle().clone(),
             scheduler,
+            token: NodeToken(token),
         };
         Ok((
             forwarder,
@@ -123,12 +152,12 @@ impl Forwarder {
         Box::pin(ReceiverStream::new(receiver))
     }
 
-    fn execution(&self) -> ExecutionClient<Channel> {
-        ExecutionClient::new(self.scheduler.clone())
+    fn execution(&self) -> ExecutionClient<InterceptedService<Channel, NodeToken>> {
+        ExecutionClient::with_interceptor(self.scheduler.clone(), self.token.clone())
     }
 
-    fn operations(&self) -> OperationsClient<Channel> {
-        OperationsClient::new(self.scheduler.clone())
+    fn operations(&self) -> OperationsClient<InterceptedService<Channel, NodeToken>> {
+        OperationsClient::with_interceptor(self.scheduler.clone(), self.token.clone())
     }
 }
 

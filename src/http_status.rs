@@ -58,6 +58,8 @@ pub struct StatusBoard {
     store: Store,
     started: Instant,
     scheduler: Option<SocketAddr>,
+    /// The token the scheduler asks of the node, if any (see `embedded.rs`).
+    scheduler_token: Option<String>,
     samples: Mutex<VecDeque<Sample>>,
     execution: Mutex<Option<Value>>,
 }
@@ -70,12 +72,17 @@ pub struct Sampler {
 
 impl Sampler {
     /// Starts sampling `store`, and the scheduler whose HTTP listener is `scheduler`
-    /// when the node runs execution.
-    pub fn start(store: Store, scheduler: Option<SocketAddr>) -> Result<Sampler> {
+    /// when the node runs execution, presenting `scheduler_token` to it if given.
+    pub fn start(
+        store: Store,
+        scheduler: Option<SocketAddr>,
+        scheduler_token: Option<String>,
+    ) -> Result<Sampler> {
         let board = Arc::new(StatusBoard {
             store,
             started: Instant::now(),
             scheduler,
+            scheduler_token,
             samples: Mutex::new(VecDeque::with_capacity(SAMPLES_KEPT)),
             execution: Mutex::new(None),
         });
@@ -108,7 +115,8 @@ impl Sampler {
 impl StatusBoard {
     fn sample(&self) {
         if let Some(address) = self.scheduler {
-            let status = fetch_scheduler_status(address).unwrap_or_else(|error| {
+            let token = self.scheduler_token.as_deref();
+            let status = fetch_scheduler_status(address, token).unwrap_or_else(|error| {
                 json!({ "error": format!("the scheduler at {address} did not answer: {error}") })
             });
             if let Ok(mut execution) = self.execution.lock() {
@@ -496,10 +504,13 @@ fn unix_ms() -> u64 {
         .map_or(0, |since| since.as_millis() as u64)
 }
 
-/// `GET /status` from the scheduler's HTTP listener at `address`, over a plain
-/// blocking connection (the sampler thread has no runtime, and one small request every
-/// few seconds needs none).
-fn fetch_scheduler_status(address: SocketAddr) -> std::result::Result<Value, String> {
+/// `GET /status` from the scheduler's HTTP listener at `address`, with `token` if
+/// given, over a plain blocking connection (the sampler thread has no runtime, and
+/// one small request every few seconds needs none).
+fn fetch_scheduler_status(
+    address: SocketAddr,
+    token: Option<&str>,
+) -> std::result::Result<Value, String> {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect_timeout(&address, SCHEDULER_TIMEOUT)
         .map_err(|error| error.to_string())?;
@@ -509,8 +520,13 @@ fn fetch_scheduler_status(address: SocketAddr) -> std::result::Result<Value, Str
         .map_err(|error| error.to_string())?;
     stream
         .write_all(
-            format!("GET /status HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n")
-                .as_bytes(),
+            format!(
+                "GET /status HTTP/1.1\r\nHost: {address}\r\n{}Connection: close\r\n\r\n",
+                token.map_or(String::new(), |token| format!(
+                    "Authorization: Bearer {token}\r\n"
+                ))
+            )
+            .as_bytes(),
         )
         .map_err(|error| error.to_string())?;
     let mut response = Vec::new();

@@ -162,6 +162,7 @@ pub fn run(config: Config) -> Result<()> {
     let mut execution = None;
     let mut scheduler_http = None;
     let mut internal = None;
+    let mut scheduler_token = None;
     if let Some(settings) = &config.execution {
         // Behind TLS, the node's own scheduler and worker use a loopback port of their
         // own, always with the node's token (see runtime/internal.rs).
@@ -184,7 +185,9 @@ pub fn run(config: Config) -> Result<()> {
             token.as_deref(),
         )?;
         scheduler_http = Some(embedded.scheduler_http());
-        let (forwarder, forwarding) = Forwarder::start(&embedded.scheduler_url())?;
+        let (forwarder, forwarding) =
+            Forwarder::start(&embedded.scheduler_url(), token.as_deref())?;
+        scheduler_token = token;
         routes = routes
             .add_service(ExecutionServer::new(ExecutionService::new(
                 forwarder.clone(),
@@ -210,7 +213,7 @@ pub fn run(config: Config) -> Result<()> {
         fd_limit.now
     );
     metrics.set_limits(max_connections, fd_limit.now);
-    let status = Sampler::start(store.clone(), scheduler_http)?;
+    let status = Sampler::start(store.clone(), scheduler_http, scheduler_token)?;
     let serve = runtime::Serve {
         grpc_addr: config.listen,
         http_addr: config.http_listen,

@@ -1278,6 +1278,25 @@ async fn a_single_node_behind_mutual_tls_runs_its_own_execution() {
         .expect("a read with the node's token")
         .into_inner();
     assert_eq!(answer.responses[0].data, b"secure\n"[..]);
+
+    // Its scheduler, on loopback in plaintext too, runs nothing for a caller without
+    // the node's token: the node's own credentials checks cannot be walked around.
+    let scheduler = std::fs::read_to_string(cluster.node.data_dir.join("scheduler.addr"))
+        .expect("the scheduler's address file");
+    let channel = Channel::from_shared(format!("http://{}", scheduler.trim()))
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect to the scheduler");
+    let status = ExecutionClient::new(channel)
+        .execute(ExecuteRequest {
+            action_digest: Some(action.clone()),
+            skip_cache_lookup: true,
+            ..Default::default()
+        })
+        .await
+        .expect_err("Execute on the scheduler without the node's token");
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
 }
 
 /// The `--cache` address node `node` gave its own `cairn-worker` (its command line).
