@@ -236,8 +236,7 @@ fn loopback(listen: SocketAddr) -> SocketAddr {
 /// mutual TLS.
 fn write_scheduler_auth(data_dir: &Path, token: &str) -> Result<PathBuf> {
     use sha2::Digest as _;
-    let hash = sha2::Sha256::digest(token.as_bytes());
-    let hex: String = hash.iter().map(|byte| format!("{byte:02x}")).collect();
+    let hex = hex::encode(sha2::Sha256::digest(token.as_bytes()));
     let permissions: Vec<String> = Permission::ALL
         .iter()
         .map(|permission| format!("\"{}\"", permission.name()))

@@ -179,17 +179,7 @@ impl Cluster {
     /// scheduler and worker, and its endpoint is the one Execute goes to.
     fn single_node() -> Cluster {
         let dir = tempfile::tempdir().expect("temporary directory");
-        let node = Node::start_in(&dir.path().join("node"), &[]);
-        let address = node.grpc;
-        Cluster {
-            node,
-            scheduler: Proc { child: None },
-            address,
-            workers: Vec::new(),
-            dir,
-            seccomp: false,
-            tls: None,
-        }
+        Cluster::single_node_in(dir, &[], None)
     }
 
     /// [`Cluster::single_node`] serving mutual TLS: every client of its public port
@@ -201,17 +191,21 @@ impl Cluster {
         std::fs::create_dir(&certs).expect("certificate directory");
         certificates(&certs);
         let file = |name: &str| certs.join(name).to_str().expect("utf-8").to_string();
-        let node = Node::start_in(
-            &dir.path().join("node"),
-            &[
-                "--tls-cert",
-                &file("server.pem"),
-                "--tls-key",
-                &file("server.key"),
-                "--tls-client-ca",
-                &file("ca.pem"),
-            ],
-        );
+        let args = [
+            "--tls-cert".to_string(),
+            file("server.pem"),
+            "--tls-key".to_string(),
+            file("server.key"),
+            "--tls-client-ca".to_string(),
+            file("ca.pem"),
+        ];
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Cluster::single_node_in(dir, &args, Some(certs))
+    }
+
+    /// A single node in `dir` with `args`; `tls` as in [`Cluster::tls`].
+    fn single_node_in(dir: tempfile::TempDir, args: &[&str], tls: Option<PathBuf>) -> Cluster {
+        let node = Node::start_in(&dir.path().join("node"), args);
         let address = node.grpc;
         Cluster {
             node,
@@ -220,7 +214,7 @@ impl Cluster {
             workers: Vec::new(),
             dir,
             seccomp: false,
-            tls: Some(certs),
+            tls,
         }
     }
 

@@ -18,12 +18,13 @@ use std::sync::Arc;
 use sha2::{Digest, Sha256};
 
 use super::listener;
-use crate::error::Result;
+use crate::auth::Credentials;
+use crate::error::{Error, Result};
 
 /// The bound loopback socket and the token its callers must present.
 pub struct Internal {
     pub(super) socket: std::net::TcpListener,
-    token: Arc<[u8; 32]>,
+    check: TokenCheck,
 }
 
 impl Internal {
@@ -31,19 +32,19 @@ impl Internal {
     pub fn bind(token: &str) -> Result<Internal> {
         Ok(Internal {
             socket: listener::listen(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))?,
-            token: Arc::new(Sha256::digest(token.as_bytes()).into()),
+            check: TokenCheck(Arc::new(Sha256::digest(token.as_bytes()).into())),
         })
     }
 
     /// The bound address, for the children's `--cache`.
     pub fn addr(&self) -> Result<SocketAddr> {
         self.socket.local_addr().map_err(|error| {
-            crate::error::Error::internal(format!("the loopback listener has no address: {error}"))
+            Error::internal(format!("the loopback listener has no address: {error}"))
         })
     }
 
     pub(super) fn check(&self) -> TokenCheck {
-        TokenCheck(Arc::clone(&self.token))
+        self.check.clone()
     }
 }
 
@@ -52,23 +53,10 @@ impl Internal {
 pub(super) struct TokenCheck(Arc<[u8; 32]>);
 
 impl TokenCheck {
-    /// Whether `request` carries `authorization: Bearer TOKEN`. Compared as SHA-256
-    /// digests, so the time taken says nothing about how much of a guess was right.
+    /// Whether `request` carries `authorization: Bearer TOKEN`, by the auth module's
+    /// parsing and constant-time comparison.
     pub(super) fn admits<B>(&self, request: &http::Request<B>) -> bool {
-        let Some(token) = request
-            .headers()
-            .get(http::header::AUTHORIZATION)
-            .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.strip_prefix("Bearer "))
-        else {
-            return false;
-        };
-        let presented: [u8; 32] = Sha256::digest(token.trim().as_bytes()).into();
-        presented
-            .iter()
-            .zip(self.0.iter())
-            .fold(0u8, |diff, (a, b)| diff | (a ^ b))
-            == 0
+        Credentials::from_headers(request.headers()).bears(&self.0)
     }
 }
 

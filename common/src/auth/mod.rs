@@ -145,6 +145,19 @@ impl Credentials {
         self.cert_names = names;
         self
     }
+
+    /// Whether these credentials are `Bearer TOKEN` for the one token whose SHA-256
+    /// is `expected`, compared in constant time (a node's own loopback listener, which
+    /// serves that token alone).
+    pub fn bears(&self, expected: &[u8; 32]) -> bool {
+        match &self.authorization {
+            Some(Ok(Presented::Bearer(token))) => {
+                let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+                bool::from(expected.ct_eq(&hash))
+            }
+            _ => false,
+        }
+    }
 }
 
 /// The access policy of a node. Cheap to clone: one per service.
